@@ -1,0 +1,135 @@
+"""The host side of the agent protocol: encoding requests, reading what the guest sends.
+
+The guest agent (guest/agent.sh) documents the wire format. Everything the guest sends
+is treated as data: status lines are bounded and parsed strictly, and output streams
+are only copied, never interpreted except to find the end-of-command token.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from enum import StrEnum
+
+from vmrun.errors import ChannelLost
+
+MAX_STATUS_LINE = 64
+_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789/._-+,:@%=")
+
+
+def escape(value: str) -> str:
+    """Encode VALUE for the agent's `printf %b`: every byte outside a safe set as \\0ooo."""
+    return "".join(chr(b) if b in _PLAIN else f"\\0{b:03o}" for b in value.encode())
+
+
+class StdinMode(StrEnum):
+    NULL = "null"
+    PORT = "port"  # streamed over the stdin port; EOF when the host closes it
+    FILE = "file"  # given up front: sent on the control port after the request
+
+
+@dataclass(frozen=True)
+class Mount:
+    kind: str  # 9p | virtiofs
+    tag: str
+    readonly: bool
+    path: str
+
+
+@dataclass(frozen=True)
+class Request:
+    argv: tuple[str, ...]
+    cwd: str
+    env: tuple[tuple[str, str], ...] = ()
+    token: str = ""
+    stdin: StdinMode = StdinMode.NULL
+    stdin_data: bytes = b""
+    tty: tuple[int, int] | None = None  # rows, cols
+    mounts: tuple[Mount, ...] = ()
+    net: bool = False
+
+
+def new_token() -> str:
+    # Printable, since a shell variable in the agent holds it; 128 random bits make a
+    # collision with real output practically impossible.
+    return "<<vmrun-end-" + secrets.token_hex(16) + ">>"
+
+
+def encode_request(request: Request) -> bytes:
+    lines: list[str] = []
+    for mount in request.mounts:
+        mode = "ro" if mount.readonly else "rw"
+        lines.append(f"mount {mount.kind} {mount.tag} {mode} {escape(mount.path)}")
+    if request.net:
+        lines.append("net user")
+    lines.append(f"cwd {escape(request.cwd)}")
+    lines += [f"env {escape(key + '=' + value)}" for key, value in request.env]
+    lines += [f"arg {escape(arg)}" for arg in request.argv]
+    lines.append(f"token {request.token}")
+    lines.append(f"stdin {request.stdin} {len(request.stdin_data)}")
+    if request.tty is not None:
+        lines.append(f"tty {request.tty[0]} {request.tty[1]}")
+    lines.append("run")
+    payload = ("\n".join(lines) + "\n").encode()
+    if request.stdin == StdinMode.FILE:
+        payload += request.stdin_data
+    return payload
+
+
+class TokenScanner:
+    """Passes a stream through until TOKEN; holds back bytes that might start it."""
+
+    def __init__(self, token: bytes) -> None:
+        self.token = token
+        self.held = b""
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        """Return the bytes that surely belong to the output; sets .done at the token."""
+        if self.done:
+            return b""
+        data = self.held + data
+        index = data.find(self.token)
+        if index >= 0:
+            self.done = True
+            self.held = b""
+            return data[:index]
+        keep = 0
+        for size in range(min(len(self.token) - 1, len(data)), 0, -1):
+            if self.token.startswith(data[-size:]):
+                keep = size
+                break
+        self.held = data[len(data) - keep:] if keep else b""
+        return data[: len(data) - keep]
+
+
+@dataclass
+class StatusReader:
+    """Splits the status port into bounded lines."""
+
+    buffer: bytes = b""
+
+    def feed(self, data: bytes) -> list[str]:
+        self.buffer += data
+        lines: list[str] = []
+        while b"\n" in self.buffer:
+            raw, self.buffer = self.buffer.split(b"\n", 1)
+            lines.append(parse_status_line(raw))
+        if len(self.buffer) > MAX_STATUS_LINE:
+            raise ChannelLost("the guest sent a malformed status message (too long)")
+        return lines
+
+
+def parse_status_line(raw: bytes) -> str:
+    if len(raw) > MAX_STATUS_LINE:
+        raise ChannelLost("the guest sent a malformed status message (too long)")
+    try:
+        line = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ChannelLost("the guest sent a malformed status message (not ASCII)") from None
+    if line in ("ready", "started"):
+        return line
+    word, _, number = line.partition(" ")
+    if word == "exit" and number.isdigit() and 0 <= int(number) <= 255:
+        return line
+    raise ChannelLost(f"the guest sent an unknown status message {line[:32]!r}")

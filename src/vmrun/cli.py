@@ -1,0 +1,204 @@
+"""The command line: parse, build a spec, call the library, map the result to an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any, NoReturn
+
+from vmrun import __version__
+from vmrun import cache as cachelib
+from vmrun.errors import (
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    GuestPanic,
+    QemuError,
+    UsageError,
+    VmrunError,
+)
+from vmrun.guest.build import ensure_guest
+from vmrun.qemu import accel as accellib
+from vmrun.qemu import process
+from vmrun.qemu.arch import host_arch, lookup_arch
+from vmrun.qemu.argv import kernel_cmdline
+from vmrun.run import Machine, _qemu_version, notice_stderr
+from vmrun.spec import Accel, Command, MachineSpec, Net, Share, parse_env, parse_memory
+
+EXIT_CODES = """\
+exit status:
+  the command's own exit status, unchanged (death by signal N gives 128+N), or one of
+  vmrun's reserved codes:
+  119  the guest vanished before reporting an exit status (channel lost)
+  120  the guest kernel panicked
+  121  the command ran longer than --timeout
+  122  the guest did not boot within --boot-timeout
+  123  QEMU is missing, failed to start or died
+  124  fetching or verifying the guest's kernel or busybox failed
+  125  bad usage
+  130  interrupted (SIGINT), 143 terminated (SIGTERM)
+"""
+
+
+class Terminated(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, hint=f"see {self.prog} --help")
+
+
+def run_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="vmrun",
+        description="Run COMMAND in a fresh, throwaway virtual machine. "
+        "Other subcommands: vmrun info [--json].",
+        usage="vmrun [run] [OPTIONS] -- COMMAND [ARGS...]",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"vmrun {__version__}")
+    parser.add_argument("--arch", help="guest architecture (default: the host's)")
+    parser.add_argument("--cpus", type=int, default=1, help="virtual CPUs (default 1)")
+    parser.add_argument("--memory", default="1G", help="guest memory, like 512M or 2G")
+    parser.add_argument("--timeout", type=float, help="seconds the command may run")
+    parser.add_argument("--boot-timeout", type=float, default=120.0,
+                        help="seconds until the guest agent must be ready (default 120)")
+    parser.add_argument("--env", "-e", action="append", default=[], metavar="K[=V]",
+                        help="set K=V in the guest, or pass the host's K")
+    parser.add_argument("--share", choices=[s.value for s in Share], default="rw",
+                        help="share the working directory read-write, read-only or not")
+    parser.add_argument("--share-via", choices=["auto", "9p", "virtiofs"], default="auto",
+                        help="how to share it (auto: virtiofs where virtiofsd runs, else 9p)")
+    parser.add_argument("--net", choices=[n.value for n in Net], default="user",
+                        help="user: outbound network through QEMU; none: no network")
+    parser.add_argument("--accel", choices=[a.value for a in Accel], default="auto",
+                        help="accelerator (auto: KVM or HVF where they work, else TCG)")
+    parser.add_argument("--mirror", help="Debian mirror (default $VMRUN_DEBIAN_MIRROR or "
+                        "http://deb.debian.org/debian)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the run directory (serial log, QEMU log, argv)")
+    parser.add_argument("--console", action="store_true", help="show the guest's console")
+    parser.add_argument("-t", "--tty", action="store_true",
+                        help="give the command a terminal (interactive use)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print the QEMU argv and the time of each phase")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
+    return parser
+
+
+def machine_spec(args: argparse.Namespace) -> MachineSpec:
+    return MachineSpec(
+        arch=args.arch, cpus=args.cpus, memory_mib=parse_memory(args.memory),
+        boot_timeout=args.boot_timeout, share=Share(args.share), net=Net(args.net),
+        accel=Accel(args.accel), keep=args.keep, console=args.console, verbose=args.verbose,
+        mirror=args.mirror,
+    )
+
+
+def cmd_run(argv: Sequence[str]) -> int:
+    args = run_parser().parse_args(argv)
+    command_argv = list(args.command)
+    if command_argv[:1] == ["--"]:
+        command_argv = command_argv[1:]
+    if args.tty and not os.isatty(0):
+        raise UsageError("-t needs a terminal on stdin")
+    command = Command(
+        argv=tuple(command_argv), env=parse_env(args.env, dict(os.environ)),
+        timeout=args.timeout, tty=args.tty, stdin_stream=not os.isatty(0),
+    )
+    if args.tty and "TERM" in os.environ:
+        command = Command(argv=command.argv, env=(("TERM", os.environ["TERM"]), *command.env),
+                          timeout=command.timeout, tty=True)
+    spec = machine_spec(args)
+    with Machine(spec, stdout_fd=1, stderr_fd=2, share_via=args.share_via) as machine:
+        result = machine.run(command)
+    if spec.verbose:
+        phases = ", ".join(f"{k} {v:.3f}s" for k, v in machine.timings.items())
+        notice_stderr(f"phases: {phases}")
+    return result.exit_code
+
+
+def cmd_info(argv: Sequence[str]) -> int:
+    parser = Parser(prog="vmrun info", description="What vmrun would use on this machine.")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--arch")
+    parser.add_argument("--mirror")
+    args = parser.parse_args(argv)
+    arch = lookup_arch(args.arch or host_arch())
+    qemu = process.find_qemu(arch)
+    guest = ensure_guest(arch, mirror=args.mirror, notice=notice_stderr)
+
+    def kvm_problem() -> str | None:
+        return accellib.kvm_usable(qemu, _qemu_version(qemu), guest.kernel, guest.initrd,
+                                   kernel_cmdline(arch, console=False, probe=True),
+                                   arch.machine, cachelib.cache_dir())
+
+    choice = accellib.choose_accel(Accel.AUTO, arch, kvm_problem=kvm_problem)
+    info: dict[str, Any] = {
+        "vmrun_version": __version__,
+        "qemu": qemu,
+        "qemu_version": _qemu_version(qemu),
+        "accel": str(choice.accel),
+        "accel_reason": choice.reason,
+        "host_arch": host_arch(),
+        "host_os": platform.system(),
+        "arch": arch.name,
+        "kernel": str(guest.kernel),
+        "kernel_release": guest.release,
+        "initrd": str(guest.initrd),
+        "cache_dir": str(cachelib.cache_dir()),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+def report(error: VmrunError) -> None:
+    print(f"vmrun: error: {error}", file=sys.stderr)
+    if isinstance(error, GuestPanic) and error.serial_tail:
+        print("--- guest console (tail) ---", file=sys.stderr)
+        print(error.serial_tail, file=sys.stderr)
+    if isinstance(error, QemuError) and error.log_tail:
+        print("--- QEMU log (tail) ---", file=sys.stderr)
+        print(error.log_tail, file=sys.stderr)
+    if error.hint:
+        print(f"hint: {error.hint}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        if args[:1] == ["info"]:
+            return cmd_info(args[1:])
+        if args[:1] == ["run"]:
+            args = args[1:]
+        return cmd_run(args)
+    except KeyboardInterrupt:
+        print("vmrun: interrupted", file=sys.stderr)
+        return EXIT_SIGINT
+    except Terminated:
+        print("vmrun: terminated", file=sys.stderr)
+        return EXIT_SIGTERM
+    except VmrunError as error:
+        report(error)
+        return error.exit_code
+
+
+def entry() -> NoReturn:
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The default guest: a Debian kernel, busybox-static and vmrun's agent as PID 1.
+
+Everything is fetched from the Debian archive through its chain of hashes, unpacked in
+Python and cached by content, so later uses need no network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from vmrun import cache as cachelib
+from vmrun.debian import archive
+from vmrun.debian.deb import extract_deb
+from vmrun.errors import FetchError, VmrunError
+from vmrun.guest import kernel as kernellib
+from vmrun.guest import modules as modlib
+from vmrun.guest.cpio import CpioWriter
+from vmrun.qemu.arch import Arch, Transport
+
+# Bump when the layout of the initramfs changes in a way the agent depends on.
+INITRD_FORMAT = "3"
+
+# Module sets the agent loads: at boot, and when a request needs them.
+MODULE_SETS: dict[str, tuple[str, ...]] = {
+    "boot": ("virtio_console", "virtio_rng"),
+    "9p": ("9pnet_virtio", "9p"),
+    "virtiofs": ("virtiofs",),
+    "net": ("virtio_net",),
+}
+TRANSPORT_MODULE = {Transport.MMIO: "virtio_mmio", Transport.PCI: "virtio_pci", Transport.CCW: ""}
+
+# Only these parts of the kernel's module tree are unpacked: the closure of the sets
+# above lies inside them (checked when the closure is computed).
+MODULE_DIRS = (
+    "drivers/virtio/", "drivers/char/virtio_console", "drivers/char/hw_random/",
+    "drivers/net/virtio_net", "drivers/net/net_failover", "net/core/failover",
+    "net/9p/", "fs/9p/", "fs/fuse/", "fs/netfs/", "fs/fscache/", "drivers/s390/virtio/",
+)
+
+Notice = Callable[[str], None]
+Progress = Callable[[str, int, int | None], None]
+
+
+@dataclass(frozen=True)
+class Guest:
+    arch: Arch
+    kernel: Path  # as booted: an ELF vmlinux where PVH boot is possible
+    initrd: Path
+    release: str
+    key: str  # content key of kernel + initrd, for anything cached on top of them
+
+
+def _agent_script() -> bytes:
+    return resources.files("vmrun.guest").joinpath("agent.sh").read_bytes()
+
+
+def _pointer(cache: Path, arch: Arch) -> Path:
+    return cache / "guests" / f"{arch.name}-{arch.suite}.json"
+
+
+def _resolve_kernel(index: archive.PackageIndex, name: str) -> archive.PackageRecord:
+    """Follow a metapackage like linux-image-amd64 to the package holding the kernel."""
+    record = index.lookup(name)
+    for _ in range(4):
+        following = [
+            alt for group in record.depends for alt in group
+            if alt.startswith("linux-image-") and alt != record.name
+        ]
+        if not following:
+            return record
+        record = index.lookup(following[0])
+    return record
+
+
+def _fetch_debs(arch: Arch, *, mirror: str, cache: Path, notice: Notice,
+                progress: Progress | None) -> dict[str, str]:
+    index = archive.load_index(
+        mirror=mirror, suite=arch.suite, arch=arch.debian_arch, cache=cache,
+        notice=notice, progress=progress,
+    )
+    kernel = _resolve_kernel(index, arch.kernel_package)
+    busybox = index.lookup("busybox-static")
+    notice(f"fetching {kernel.name} {kernel.version} and busybox-static {busybox.version} "
+           f"for {arch.debian_arch} from {mirror}")
+    debs = {
+        "kernel": archive.fetch_deb(index, kernel, cache=cache, progress=progress),
+        "busybox": archive.fetch_deb(index, busybox, cache=cache, progress=progress),
+    }
+    return {role: str(path) for role, path in debs.items()}
+
+
+def _wanted_member(name: str) -> bool:
+    if name.startswith("boot/vmlinu") or name.startswith("boot/config-"):
+        return True
+    if "/kernel/" in name and name.startswith(("lib/modules/", "usr/lib/modules/")):
+        rel = name.split("/kernel/", 1)[1]
+        return rel.startswith(MODULE_DIRS)
+    return False
+
+
+def _unpack_kernel(deb: Path, arch: Arch, cache: Path) -> Path:
+    """Unpack the kernel .deb's kernel image and the needed modules (once per .deb)."""
+    final = cache / "kernels" / cachelib.sha256_file(deb)
+    if (final / "vmlinuz").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=final.parent))
+    try:
+        extract_deb(deb, staging / "root", select=_wanted_member)
+        images = sorted((staging / "root").glob(arch.kernel_glob))
+        if not images:
+            raise FetchError(f"{deb.name} holds no kernel image matching {arch.kernel_glob}")
+        shutil.move(str(images[0]), staging / "vmlinuz")
+        image = (staging / "vmlinuz").read_bytes()
+        if arch.name == "x86_64":
+            # An XZ kernel spends seconds decompressing itself under TCG; unpacked once
+            # here, its ELF boots straight through the PVH entry.
+            vmlinux = kernellib.extract_vmlinux(image)
+            if kernellib.has_pvh_note(vmlinux):
+                (staging / "vmlinux").write_bytes(vmlinux)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(final)
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _modules_root(kernel_dir: Path) -> Path:
+    for base in ("root/lib/modules", "root/usr/lib/modules"):
+        releases = sorted((kernel_dir / base).glob("*"))
+        if releases:
+            return releases[0]
+    raise FetchError(f"no kernel modules found under {kernel_dir}")
+
+
+def _write_initrd(out: io.BufferedWriter, *, busybox: bytes, agent: bytes, release: str,
+                  module_sets: dict[str, list[modlib.Module]]) -> None:
+    cpio = CpioWriter(out)
+    for directory in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp",
+                      "run", "root", "mnt", "etc/vmrun", f"lib/modules/{release}"):
+        cpio.directory(directory)
+    cpio.char_device("dev/console", 5, 1)
+    cpio.char_device("dev/null", 1, 3, mode=0o666)
+    cpio.file("bin/busybox", busybox, mode=0o755)
+    cpio.symlink("bin/sh", "busybox")
+    cpio.file("init", agent, mode=0o755)
+    cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+    cpio.file("etc/group", b"root:x:0:\ntty:x:5:\n")
+    written: set[str] = set()
+    for set_name, mods in module_sets.items():
+        paths = []
+        for module in mods:
+            target = f"lib/modules/{release}/{module.name}.ko"
+            if target not in written:
+                cpio.file(target, modlib.read_module_bytes(module.path))
+                written.add(target)
+            paths.append("/" + target)
+        cpio.file(f"etc/vmrun/modules.{set_name}", ("\n".join(paths) + "\n").encode())
+    cpio.finish()
+
+
+def _build_initrd(kernel_dir: Path, busybox_root: Path, arch: Arch, cache: Path) -> Path:
+    modules_root = _modules_root(kernel_dir)
+    release = modules_root.name
+    available = modlib.scan_modules(modules_root)
+    boot_wanted = [TRANSPORT_MODULE[arch.transport], *MODULE_SETS["boot"]]
+    boot = modlib.closure([m for m in boot_wanted if m], available, missing_ok=True)
+    sets = {"boot": boot}
+    loaded = {m.name for m in boot}
+    for name, wanted in MODULE_SETS.items():
+        if name != "boot":
+            sets[name] = [m for m in modlib.closure(wanted, available, missing_ok=True)
+                          if m.name not in loaded]
+    busybox_path = next(
+        (p for p in (busybox_root / "bin/busybox", busybox_root / "usr/bin/busybox")
+         if p.exists()), None)
+    if busybox_path is None:
+        raise FetchError("the busybox-static package holds no busybox binary")
+    busybox = busybox_path.read_bytes()
+    agent = _agent_script()
+    key = cachelib.key_of(
+        INITRD_FORMAT, agent, busybox, release,
+        *[f"{n}:{m.name}:{cachelib.sha256_file(m.path)}" for n, ms in sets.items() for m in ms],
+    )
+    final = cache / "initrd" / f"{key}.cpio"
+    if final.exists():
+        return final
+    with cachelib.staged(final) as tmp, open(tmp, "wb") as out:
+        _write_initrd(out, busybox=busybox, agent=agent, release=release, module_sets=sets)
+    return final
+
+
+def _unpack_busybox(deb: Path, cache: Path) -> Path:
+    final = cache / "busybox" / cachelib.sha256_file(deb)
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=final.parent))
+    try:
+        extract_deb(deb, staging, select=lambda n: n.endswith("bin/busybox"))
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def ensure_guest(arch: Arch, *, mirror: str | None = None, cache: Path | None = None,
+                 notice: Notice = lambda _: None, progress: Progress | None = None,
+                 refresh: bool = False) -> Guest:
+    """The default guest for ARCH, fetched and built on first use, cached afterwards."""
+    cache = cache or cachelib.cache_dir()
+    mirror = mirror or archive.mirror_from_env()
+    pointer = _pointer(cache, arch)
+    with cachelib.locked(pointer.with_suffix(".lock")):
+        debs: dict[str, str] | None = None
+        if pointer.exists() and not refresh:
+            recorded = json.loads(pointer.read_text())
+            if recorded.get("mirror") == mirror and all(
+                Path(recorded.get(role, "")).is_file() for role in ("kernel", "busybox")
+            ):
+                debs = {role: recorded[role] for role in ("kernel", "busybox")}
+        if debs is None:
+            debs = _fetch_debs(arch, mirror=mirror, cache=cache, notice=notice,
+                               progress=progress)
+            with cachelib.staged(pointer) as tmp:
+                tmp.write_text(json.dumps({**debs, "mirror": mirror}))
+        kernel_dir = _unpack_kernel(Path(debs["kernel"]), arch, cache)
+        busybox_root = _unpack_busybox(Path(debs["busybox"]), cache)
+        initrd = _build_initrd(kernel_dir, busybox_root, arch, cache)
+    kernel = kernel_dir / "vmlinux"
+    if not kernel.exists():
+        kernel = kernel_dir / "vmlinuz"
+    release = _modules_root(kernel_dir).name
+    if not initrd.exists():
+        raise VmrunError(f"initramfs {initrd} vanished")
+    return Guest(arch=arch, kernel=kernel, initrd=initrd, release=release,
+                 key=cachelib.key_of(str(kernel), initrd.name))

@@ -1,0 +1,115 @@
+"""Choosing the accelerator: KVM or HVF where they really work, TCG otherwise."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmrun import cache as cachelib
+from vmrun.errors import UsageError
+from vmrun.qemu.arch import Arch, host_arch
+from vmrun.spec import Accel
+
+PROBE_DEADLINE = 1.5  # seconds a working KVM needs, with room, to boot the guest to init
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    accel: Accel
+    reason: str
+    fell_back: bool = False  # auto wanted hardware acceleration but could not have it
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def probe_kvm(qemu: str, kernel: Path, initrd: Path, cmdline: str, machine: str) -> str | None:
+    """Boot the guest under KVM with a deadline; None if it reached init, else why not.
+
+    /dev/kvm can exist and open yet be unable to run a stock kernel (nested setups that
+    hang or abort on MSR writes), so only a real boot to the agent proves it works.
+    """
+    with tempfile.TemporaryDirectory(prefix="vmrun-kvm-probe-") as tmp:
+        serial = Path(tmp) / "serial"
+        argv = [
+            qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-machine", machine, "-accel", "kvm", "-cpu", "host", "-m", "256M",
+            "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
+            "-serial", f"file:{serial}",
+        ]
+        try:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=PROBE_DEADLINE, check=False)
+        except subprocess.TimeoutExpired:
+            return f"a test boot under KVM did not finish within {PROBE_DEADLINE}s"
+        except OSError as exc:
+            return f"cannot run {qemu}: {exc.strerror}"
+        if done.returncode != 0:
+            lines = done.stderr.decode(errors="replace").strip().splitlines()
+            detail = lines[-1] if lines else f"exit status {done.returncode}"
+            return f"a test boot under KVM failed ({detail[:120]})"
+        if b"vmrun-probe-ok" not in serial.read_bytes():
+            return "a test boot under KVM did not reach the guest agent"
+    return None
+
+
+def kvm_usable(qemu: str, qemu_version: str, kernel: Path, initrd: Path, cmdline: str,
+               machine: str, cache: Path) -> str | None:
+    """Like probe_kvm, but remembered for this host boot, QEMU and kernel."""
+    key = cachelib.key_of(_boot_id(), qemu, qemu_version, str(kernel), str(initrd), machine)
+    memo = cache / "accel" / f"kvm-{key}.json"
+    if memo.exists():
+        try:
+            return json.loads(memo.read_text())["problem"]  # type: ignore[no-any-return]
+        except (ValueError, KeyError):
+            pass
+    problem = probe_kvm(qemu, kernel, initrd, cmdline, machine)
+    with cachelib.staged(memo) as tmp:
+        tmp.write_text(json.dumps({"problem": problem}))
+    return problem
+
+
+def choose_accel(
+    requested: Accel, arch: Arch, *, kvm_problem: Callable[[], str | None]
+) -> AccelChoice:
+    """Decide the accelerator; KVM_PROBLEM is called only when a KVM probe is needed."""
+    native = arch.name == host_arch()
+    system = platform.system()
+    if requested == Accel.TCG:
+        return AccelChoice(Accel.TCG, "TCG requested")
+    if requested == Accel.HVF:
+        if system != "Darwin" or not native:
+            raise UsageError("--accel hvf needs macOS and a guest of the host's architecture")
+        return AccelChoice(Accel.HVF, "HVF requested")
+    if requested == Accel.KVM:
+        if system != "Linux" or not native:
+            raise UsageError("--accel kvm needs Linux and a guest of the host's architecture")
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            raise UsageError("--accel kvm: /dev/kvm is missing or not accessible",
+                             hint="add yourself to the kvm group, or use --accel tcg")
+        return AccelChoice(Accel.KVM, "KVM requested")
+    if not native:
+        return AccelChoice(Accel.TCG, f"{arch.name} guest on a {host_arch()} host: emulated")
+    if system == "Darwin":
+        return AccelChoice(Accel.HVF, "macOS: Hypervisor.framework")
+    if system != "Linux":
+        return AccelChoice(Accel.TCG, f"no accelerator known for {system}", fell_back=True)
+    if not os.path.exists("/dev/kvm"):
+        return AccelChoice(Accel.TCG, "no /dev/kvm", fell_back=True)
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return AccelChoice(Accel.TCG, "/dev/kvm is not accessible to this user", fell_back=True)
+    problem = kvm_problem()
+    if problem is not None:
+        return AccelChoice(Accel.TCG, f"/dev/kvm is present but unusable: {problem}",
+                           fell_back=True)
+    return AccelChoice(Accel.KVM, "/dev/kvm works")

@@ -1,0 +1,132 @@
+"""QEMU's argv as a pure function of a boot plan: no I/O, so every line is unit-testable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from vmrun.qemu.arch import Arch, Transport
+from vmrun.spec import Accel
+
+# The chardevs vmrun connects to the guest agent's virtio-serial ports, in this order.
+PORTS = ("control", "status", "stdout", "stderr", "stdin")
+SHARE_TAG = "vmrun0"
+
+
+class ShareKind(StrEnum):
+    NINEP = "9p"
+    VIRTIOFS = "virtiofs"
+
+
+@dataclass(frozen=True)
+class ShareDevice:
+    kind: ShareKind
+    path: Path
+    readonly: bool
+    socket: Path | None = None  # virtiofs: virtiofsd's vhost-user socket
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    arch: Arch
+    accel: Accel  # resolved: never AUTO
+    cpus: int
+    memory_mib: int
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    fds: dict[str, int]  # chardev id -> fd QEMU inherits: PORTS, "tty", "serial", "qmp"
+    share: ShareDevice | None = None
+    net: bool = True
+    sandbox: bool = True  # -sandbox needs QEMU built with seccomp
+
+
+def kernel_cmdline(arch: Arch, *, console: bool, probe: bool = False) -> str:
+    words = [f"console={arch.console}", "panic=-1", "rdinit=/init"]
+    # Quiet boots are faster under TCG: every console byte is an emulated UART write.
+    words += ["loglevel=4"] if console else ["quiet", "loglevel=1"]
+    words += ["tsc=reliable", "no_timer_check", "random.trust_cpu=on"]
+    if probe:
+        words.append("vmrun.probe")
+    return " ".join(words)
+
+
+def accel_args(plan: BootPlan) -> list[str]:
+    match plan.accel:
+        case Accel.KVM:
+            return ["-accel", "kvm", "-cpu", "host"]
+        case Accel.HVF:
+            return ["-accel", "hvf", "-cpu", "host"]
+        case _:
+            return ["-accel", "tcg", "-cpu", plan.arch.cpu_tcg]
+
+
+def machine_args(plan: BootPlan) -> list[str]:
+    machine = plan.arch.machine
+    if machine == "microvm":
+        # The PIT stays: without it (and with no HPET) the kernel cannot calibrate the TSC.
+        machine += ",isa-serial=on,rtc=on"
+    if plan.arch.name == "aarch64" and plan.accel == Accel.TCG:
+        machine += ",gic-version=max"
+    if plan.share is not None and plan.share.kind == ShareKind.VIRTIOFS:
+        machine += ",memory-backend=mem"
+    return ["-machine", machine]
+
+
+def share_args(plan: BootPlan) -> list[str]:
+    share = plan.share
+    if share is None:
+        return []
+    if share.kind == ShareKind.NINEP:
+        fsdev = f"local,id=share0,path={share.path},security_model=none,multidevs=remap"
+        if share.readonly:
+            fsdev += ",readonly=on"
+        return [
+            "-fsdev", fsdev,
+            "-device", f"{plan.arch.device('9p')},fsdev=share0,mount_tag={SHARE_TAG}",
+        ]
+    assert share.socket is not None
+    return [
+        "-object",
+        f"memory-backend-memfd,id=mem,size={plan.memory_mib}M,share=on",
+        "-chardev", f"socket,id=vfs0,path={share.socket}",
+        "-device", f"vhost-user-fs-{plan.arch.device_suffix},chardev=vfs0,tag={SHARE_TAG}",
+    ]
+
+
+def build_argv(plan: BootPlan, qemu: str | None = None) -> list[str]:
+    """The complete argv that boots PLAN."""
+    arch = plan.arch
+    argv = [qemu or arch.qemu_binary]
+    argv += ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+    if plan.sandbox:
+        argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny"]
+    argv += machine_args(plan)
+    if arch.transport == Transport.MMIO:
+        # QEMU's virtio-mmio defaults to the legacy interface, which vhost-user
+        # back ends (virtiofsd) refuse.
+        argv += ["-global", "virtio-mmio.force-legacy=false"]
+    argv += accel_args(plan)
+    argv += ["-smp", str(plan.cpus), "-m", f"{plan.memory_mib}M"]
+    argv += ["-kernel", str(plan.kernel), "-initrd", str(plan.initrd), "-append", plan.cmdline]
+    # Every chardev is a socket vmrun created and handed over as an fd: no path races.
+    argv += ["-chardev", f"socket,id=qmp,fd={plan.fds['qmp']}", "-mon", "chardev=qmp,mode=control"]
+    argv += ["-chardev", f"socket,id=serial,fd={plan.fds['serial']}", "-serial", "chardev:serial"]
+    argv += ["-device", f"{arch.device('serial')},max_ports={len(PORTS) + 2}"]
+    for port in PORTS:
+        argv += [
+            "-chardev", f"socket,id={port},fd={plan.fds[port]}",
+            "-device", f"virtserialport,chardev={port},name=vmrun.{port}",
+        ]
+    if "tty" in plan.fds:
+        argv += ["-chardev", f"socket,id=tty,fd={plan.fds['tty']}"]
+        argv += ["-device", "virtconsole,chardev=tty,name=vmrun.tty"]
+    argv += [
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", f"{arch.device('rng')},rng=rng0",
+    ]
+    if plan.net:
+        argv += ["-netdev", "user,id=net0", "-device", f"{arch.device('net')},netdev=net0"]
+    argv += share_args(plan)
+    return argv

@@ -1,0 +1,115 @@
+"""Starting QEMU so that it never outlives vmrun, and stopping it by a ladder."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmrun.errors import QemuError
+from vmrun.qemu.arch import Arch
+from vmrun.qemu.qmp import Qmp
+
+PR_SET_PDEATHSIG = 1
+
+
+def find_qemu(arch: Arch) -> str:
+    path = shutil.which(arch.qemu_binary)
+    if path is None:
+        raise QemuError(
+            f"{arch.qemu_binary} not found",
+            hint=f"install it: apt-get install {arch.qemu_package}",
+        )
+    return path
+
+
+def _child_setup(parent: int) -> None:
+    # Runs in the child between fork and exec: die with vmrun, and never dump core
+    # (a QEMU core file holds guest RAM).
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def log_tail(path: Path, limit: int = 2000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+@dataclass
+class Qemu:
+    argv: list[str]
+    process: subprocess.Popen[bytes]
+    pidfd: int
+    log: Path
+
+    def exited(self) -> bool:
+        return self.process.poll() is not None
+
+    def failure(self, message: str) -> QemuError:
+        return QemuError(message, argv=self.argv, log_tail=log_tail(self.log))
+
+
+def spawn(argv: list[str], *, log: Path, pass_fds: tuple[int, ...]) -> Qemu:
+    parent = os.getpid()
+    log_file = open(log, "wb")  # noqa: SIM115 - handed to the child, closed right after
+    try:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            pass_fds=pass_fds,
+            start_new_session=True,  # a terminal's Ctrl-C reaches vmrun, which stops QEMU
+            preexec_fn=lambda: _child_setup(parent),
+        )
+    except OSError as exc:
+        raise QemuError(f"cannot start {argv[0]}: {exc.strerror}", argv=argv) from exc
+    finally:
+        log_file.close()
+    return Qemu(argv=argv, process=process, pidfd=os.pidfd_open(process.pid), log=log)
+
+
+def stop(qemu: Qemu, qmp: Qmp | None, *, grace: float = 3.0) -> None:
+    """The shutdown ladder: wait briefly, ask QEMU to quit over QMP, then SIGKILL."""
+    try:
+        if qemu.exited():
+            return
+        if qmp is not None and not qmp.closed:
+            with contextlib.suppress(Exception):
+                qmp.send("quit")
+        try:
+            qemu.process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        qemu.process.send_signal(signal.SIGKILL)
+        qemu.process.wait(timeout=10)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(qemu.pidfd)
+
+
+def wait_exit(qemu: Qemu, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            qemu.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            return True
+        except subprocess.TimeoutExpired:
+            break
+    return qemu.exited()

@@ -1,0 +1,655 @@
+"""Running commands in a VM: a Machine boots once and runs commands one after another."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import select
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import termios
+import time
+import tty
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from vmrun import cache as cachelib
+from vmrun.channel import (
+    Mount,
+    Request,
+    StatusReader,
+    StdinMode,
+    TokenScanner,
+    encode_request,
+    new_token,
+)
+from vmrun.errors import (
+    BootTimeout,
+    ChannelLost,
+    CommandTimeout,
+    GuestPanic,
+    QemuError,
+    UsageError,
+)
+from vmrun.guest.build import Guest, ensure_guest
+from vmrun.qemu import accel as accellib
+from vmrun.qemu import process
+from vmrun.qemu.arch import Arch, host_arch, lookup_arch
+from vmrun.qemu.argv import (
+    PORTS,
+    SHARE_TAG,
+    BootPlan,
+    ShareDevice,
+    ShareKind,
+    build_argv,
+    kernel_cmdline,
+)
+from vmrun.qemu.qmp import Qmp
+from vmrun.spec import Command, MachineSpec, Net, Share
+
+Notice = Callable[[str], None]
+
+SERIAL_LOG_LIMIT = 1 << 20
+SERIAL_TAIL = 16 << 10
+PENDING_LIMIT = 256 << 10
+PANIC_MARKERS = (b"Kernel panic - not syncing", b"kernel BUG at", b"Oops: ")
+
+
+def notice_stderr(message: str) -> None:
+    print(f"vmrun: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Result:
+    """What a command in the guest did."""
+
+    exit_code: int
+    stdout: bytes | None = None
+    stderr: bytes | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ---- the per-run directory ------------------------------------------------------------
+
+def runs_root() -> Path:
+    return cachelib.cache_dir() / "runs"
+
+
+def remove_dead_runs(root: Path) -> None:
+    """Remove run directories whose owner died: their lock is free (never a guess by age)."""
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if not entry.is_dir() or (entry / "kept").exists():
+            continue
+        try:
+            fd = os.open(entry / "lock", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        finally:
+            os.close(fd)
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_directory(*, keep: Callable[[], bool], notice: Notice) -> Iterator[Path]:
+    root = runs_root()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    remove_dead_runs(root)
+    path = Path(tempfile.mkdtemp(prefix="run-", dir=root))
+    lock = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        yield path
+    finally:
+        if keep():
+            (path / "kept").touch()
+            notice(f"kept the run directory {path} (serial.log, qemu.log, qemu.argv)")
+            os.close(lock)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            os.close(lock)
+
+
+# ---- the shared directory -----------------------------------------------------------
+
+def find_virtiofsd() -> str | None:
+    for candidate in (shutil.which("virtiofsd"), "/usr/libexec/virtiofsd",
+                      "/usr/lib/qemu/virtiofsd"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def choose_share_kind(share: Share, via: str) -> ShareKind:
+    """virtiofs where the host has virtiofsd (and can run it), else 9p; ro always 9p,
+    because only QEMU's 9p server enforces read-only on the host side."""
+    if via == "9p" or share == Share.RO:
+        return ShareKind.NINEP
+    daemon = find_virtiofsd()
+    if via == "virtiofs":
+        if daemon is None:
+            raise UsageError("--share-via virtiofs: virtiofsd not found",
+                             hint="apt-get install virtiofsd (or qemu-system-common)")
+        return ShareKind.VIRTIOFS
+    # The C virtiofsd shipped with QEMU <= 7 sandboxes itself with namespaces: root only.
+    if daemon is not None and (os.geteuid() == 0 or not daemon.startswith("/usr/lib/qemu")):
+        return ShareKind.VIRTIOFS
+    return ShareKind.NINEP
+
+
+@contextlib.contextmanager
+def virtiofsd(path: Path, rundir: Path) -> Iterator[Path]:
+    daemon = find_virtiofsd()
+    assert daemon is not None
+    sock_path = rundir / "virtiofs.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen(1)
+    argv = [daemon, f"--fd={listener.fileno()}", "-o", f"source={path}", "-o", "cache=auto"]
+    if daemon.startswith("/usr/lib/qemu"):
+        argv += ["-o", "sandbox=chroot"]
+    else:
+        argv += ["--sandbox", "none"]
+    log = rundir / "virtiofsd.log"
+    daemon_proc = process.spawn(argv, log=log, pass_fds=(listener.fileno(),))
+    listener.close()
+    try:
+        yield sock_path
+    finally:
+        try:
+            daemon_proc.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            daemon_proc.process.kill()
+            daemon_proc.process.wait()
+        os.close(daemon_proc.pidfd)
+
+
+# ---- output plumbing --------------------------------------------------------------------
+
+class Output:
+    """One guest output port: read, cut at the token, then captured or written to a host fd."""
+
+    def __init__(self, sock: socket.socket, sink_fd: int | None) -> None:
+        self.sock = sock
+        self.sink_fd = sink_fd
+        self.scanner: TokenScanner | None = None
+        self.capture: bytearray | None = None
+        self.pending = bytearray()
+        self.chunk = 4096
+        if sink_fd is not None and stat.S_ISREG(os.fstat(sink_fd).st_mode):
+            self.chunk = 1 << 20
+
+    def begin(self, token: bytes, capture: bool) -> None:
+        self.scanner = TokenScanner(token)
+        self.capture = bytearray() if capture else None
+
+    @property
+    def done(self) -> bool:
+        return self.scanner is None or (self.scanner.done and not self.pending)
+
+    def wants_read(self) -> bool:
+        if self.scanner is None or self.scanner.done:
+            return True  # stray bytes between commands are read and dropped
+        return len(self.pending) < PENDING_LIMIT
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(1 << 16)
+        except BlockingIOError:
+            return
+        if not data:
+            raise ChannelLost("the guest's output channel closed")
+        if self.scanner is None:
+            return
+        data = self.scanner.feed(data)
+        if self.capture is not None:
+            self.capture += data
+        elif self.sink_fd is not None:
+            self.pending += data
+
+    def on_writable(self) -> None:
+        assert self.sink_fd is not None
+        try:
+            written = os.write(self.sink_fd, self.pending[: self.chunk])
+        except BrokenPipeError:
+            written = len(self.pending)  # nobody reads: drop, the exit code still matters
+        del self.pending[:written]
+
+
+# ---- the machine -----------------------------------------------------------------------
+
+class Machine:
+    """A booted VM that runs commands one after another; use it as a context manager.
+
+    >>> with Machine(MachineSpec(share=Share.NONE)) as vm:
+    ...     vm.run(Command(("uname", "-r")), capture=True).stdout
+    """
+
+    def __init__(self, spec: MachineSpec | None = None, *, notice: Notice = notice_stderr,
+                 stdout_fd: int | None = None, stderr_fd: int | None = None,
+                 share_via: str = "auto") -> None:
+        self.spec = spec or MachineSpec()
+        self.notice = notice
+        self.stdout_fd = stdout_fd
+        self.stderr_fd = stderr_fd
+        self.share_via = share_via
+        self.stack = contextlib.ExitStack()
+        self.timings: dict[str, float] = {}
+        self.failed = False
+        self.first_request = True
+        self.rundir: Path | None = None
+        self.qemu: process.Qemu | None = None
+        self.qmp: Qmp | None = None
+        self.argv: list[str] = []
+        self.accel: accellib.AccelChoice | None = None
+        self.guest: Guest | None = None
+        self.arch: Arch = lookup_arch(self.spec.arch or host_arch())
+        self.share_path = (self.spec.share_dir or Path.cwd()).resolve()
+        self.socks: dict[str, socket.socket] = {}
+        self.status = StatusReader()
+        self.events: list[str] = []
+        self.serial_log: Path | None = None
+        self.serial_written = 0
+        self.serial_tail = bytearray()
+        self.outputs: dict[str, Output] = {}
+        self.to_guest: dict[str, bytearray] = {}
+        self.stdin_fd: int | None = None
+        self.tty_mode = False
+
+    # -- lifecycle
+
+    def __enter__(self) -> Machine:
+        try:
+            self.start()
+        except BaseException:
+            self.failed = True
+            self.stack.close()
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if kind is not None:
+            self.failed = True
+        self.close()
+
+    def _phase(self, name: str, since: float) -> float:
+        now = time.monotonic()
+        self.timings[name] = now - since
+        if self.spec.verbose:
+            self.notice(f"{name}: {now - since:.3f}s")
+        return now
+
+    def start(self) -> None:
+        t = time.monotonic()
+        spec = self.spec
+        qemu_binary = process.find_qemu(self.arch)
+        self.guest = ensure_guest(self.arch, mirror=spec.mirror, notice=self.notice,
+                                  progress=_progress_printer() if sys.stderr.isatty() else None)
+        t = self._phase("fetch", t)
+        self.accel = accellib.choose_accel(spec.accel, self.arch, kvm_problem=self._kvm_problem)
+        if self.accel.fell_back:
+            self.notice(f"{self.accel.reason}; using TCG (slower)")
+        self.rundir = self.stack.enter_context(
+            run_directory(keep=lambda: spec.keep, notice=self.notice))
+        share = self._share_device()
+        fds = self._make_sockets()
+        plan = BootPlan(
+            arch=self.arch, accel=self.accel.accel, cpus=spec.cpus, memory_mib=spec.memory_mib,
+            kernel=self.guest.kernel, initrd=self.guest.initrd,
+            cmdline=kernel_cmdline(self.arch, console=spec.console),
+            fds=fds, share=share, net=spec.net == Net.USER,
+        )
+        self.argv = build_argv(plan, qemu_binary)
+        (self.rundir / "qemu.argv").write_text(shlex.join(self.argv) + "\n")
+        if spec.verbose:
+            self.notice("qemu argv: " + shlex.join(self.argv))
+        self.serial_log = self.rundir / "serial.log"
+        self.serial_log.touch()
+        t = self._phase("prepare", t)
+        self.qemu = process.spawn(self.argv, log=self.rundir / "qemu.log",
+                                  pass_fds=tuple(fds.values()))
+        self.stack.callback(self._stop)
+        for child_fd in fds.values():
+            os.close(child_fd)
+        self.qmp = Qmp(self.socks["qmp"])
+        self.qmp.send("qmp_capabilities")
+        self._pump(lambda: "ready" in self.events, spec.boot_timeout, BootTimeout(
+            f"the guest agent was not ready within {spec.boot_timeout:.0f}s (--boot-timeout)"))
+        self._phase("boot", t)
+
+    def _kvm_problem(self) -> str | None:
+        assert self.guest is not None
+        qemu = process.find_qemu(self.arch)
+        return accellib.kvm_usable(
+            qemu, _qemu_version(qemu), self.guest.kernel, self.guest.initrd,
+            kernel_cmdline(self.arch, console=False, probe=True), self.arch.machine,
+            cachelib.cache_dir())
+
+    def _share_device(self) -> ShareDevice | None:
+        if self.spec.share == Share.NONE:
+            return None
+        if not self.share_path.is_dir():
+            raise UsageError(f"cannot share {self.share_path}: not a directory")
+        kind = choose_share_kind(self.spec.share, self.share_via)
+        readonly = self.spec.share == Share.RO
+        if kind == ShareKind.VIRTIOFS:
+            assert self.rundir is not None
+            sock = self.stack.enter_context(virtiofsd(self.share_path, self.rundir))
+            return ShareDevice(kind, self.share_path, readonly, sock)
+        return ShareDevice(kind, self.share_path, readonly)
+
+    def _make_sockets(self) -> dict[str, int]:
+        child_fds: dict[str, int] = {}
+        for name in (*PORTS, "tty", "serial", "qmp"):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            ours.setblocking(False)
+            self.stack.callback(ours.close)
+            self.socks[name] = ours
+            child_fds[name] = theirs.detach()
+        for name, fd in (("stdout", self.stdout_fd), ("stderr", self.stderr_fd)):
+            self.outputs[name] = Output(self.socks[name], fd)
+        self.outputs["tty"] = Output(self.socks["tty"], self.stdout_fd)
+        return child_fds
+
+    def _stop(self) -> None:
+        if self.qemu is None:
+            return
+        t = time.monotonic()
+        if not self.failed and not self.qemu.exited():
+            with contextlib.suppress(OSError):
+                self.socks["control"].setblocking(True)
+                self.socks["control"].settimeout(1)
+                self.socks["control"].sendall(b"poweroff\n")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.qemu.process.wait(timeout=5)
+        process.stop(self.qemu, self.qmp)
+        self._phase("shutdown", t)
+
+    def close(self) -> None:
+        self.stack.close()
+
+    # -- running commands
+
+    def run(self, command: Command, *, capture: bool = False) -> Result:
+        """Run COMMAND in the guest; returns its exit code (and output when captured)."""
+        if self.qemu is None:
+            raise UsageError("the machine is not started (use it in a with statement)")
+        t = time.monotonic()
+        token = new_token()
+        stdin_mode = StdinMode.NULL
+        if command.input is not None:
+            stdin_mode = StdinMode.FILE
+        elif command.stdin_stream and not command.tty:
+            stdin_mode = StdinMode.PORT
+        mounts: tuple[Mount, ...] = ()
+        if self.first_request and self.spec.share != Share.NONE:
+            kind = choose_share_kind(self.spec.share, self.share_via)
+            mounts = (Mount(str(kind), SHARE_TAG, self.spec.share == Share.RO,
+                            str(self.share_path)),)
+        size: tuple[int, int] | None = None
+        if command.tty:
+            columns, lines = shutil.get_terminal_size()
+            size = (lines, columns)
+        request = Request(
+            argv=command.argv, cwd=command.cwd or str(self.share_path), env=command.env,
+            token=token, stdin=stdin_mode, stdin_data=command.input or b"", tty=size,
+            mounts=mounts, net=self.first_request and self.spec.net == Net.USER,
+        )
+        self.first_request = False
+        self.events.clear()
+        self.to_guest["control"] = bytearray(encode_request(request))
+        streams = ("tty", "stdout", "stderr") if command.tty else ("stdout", "stderr")
+        for name in ("stdout", "stderr"):
+            self.outputs[name].begin(token.encode(), capture)
+        self.tty_mode = command.tty
+        if command.tty:
+            self.outputs["tty"].begin(b"\0never\0", False)
+        self.stdin_fd = 0 if stdin_mode == StdinMode.PORT or command.tty else None
+        exit_code: int | None = None
+
+        def finished() -> bool:
+            nonlocal exit_code
+            if exit_code is None:
+                exit_code = next((int(e.split()[1]) for e in self.events
+                                  if e.startswith("exit ")), None)
+            if exit_code is None:
+                return False
+            return all(self.outputs[n].done for n in ("stdout", "stderr")) and not (
+                self.outputs["tty"].pending)
+
+        timeout = command.timeout
+        with _raw_terminal(command.tty):
+            self._pump(lambda: "started" in self.events, 60.0, ChannelLost(
+                "the guest agent did not start the command"))
+            t = self._phase("start", t)
+            self._pump(finished, timeout, CommandTimeout(
+                f"the command ran longer than {timeout}s (--timeout)"))
+            if command.tty:
+                self._drain_tty()
+        self._phase("command", t)
+        self.stdin_fd = None
+        result = Result(exit_code=exit_code if exit_code is not None else 255,
+                        timings=dict(self.timings))
+        _ = streams
+        if capture:
+            result.stdout = bytes(self.outputs["stdout"].capture or b"")
+            result.stderr = bytes(self.outputs["stderr"].capture or b"")
+        return result
+
+    def _drain_tty(self) -> None:
+        sock = self.socks["tty"]
+        while True:
+            ready, _, _ = select.select([sock], [], [], 0.05)
+            if not ready:
+                break
+            self.outputs["tty"].scanner = None
+            data = sock.recv(1 << 16)
+            if not data or self.stdout_fd is None:
+                break
+            os.write(self.stdout_fd, data)
+
+    # -- the event loop
+
+    def _pump(self, until: Callable[[], bool], timeout: float | None,
+              on_timeout: Exception) -> None:
+        """Move bytes between host and guest until UNTIL() holds; no polling, no threads."""
+        assert self.qemu is not None and self.qmp is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        serial = self.socks["serial"]
+        while not until():
+            readers: list[int] = [self.qemu.pidfd, serial.fileno(), self.qmp.fileno(),
+                                  self.socks["status"].fileno()]
+            writers: list[int] = []
+            for name, output in self.outputs.items():
+                if name == "tty" and not self.tty_mode:
+                    continue
+                if output.wants_read():
+                    readers.append(output.sock.fileno())
+                if output.pending and output.sink_fd is not None:
+                    writers.append(output.sink_fd)
+            for name, pending in self.to_guest.items():
+                if pending:
+                    writers.append(self.socks[name].fileno())
+            if self.stdin_fd is not None and not self.to_guest.get(self._stdin_target()):
+                readers.append(self.stdin_fd)
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            readable, writable, _ = select.select(readers, writers, [], wait)
+            if not readable and not writable:
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.failed = True
+                    raise on_timeout
+                continue
+            if serial.fileno() in readable:
+                self._read_serial()
+            if self.qmp.fileno() in readable:
+                self.qmp.read_available()
+                self._check_qmp_events()
+            if self.socks["status"].fileno() in readable:
+                self._read_status()
+            for output in self.outputs.values():
+                if output.sock.fileno() in readable:
+                    output.on_readable()
+                if output.sink_fd is not None and output.sink_fd in writable and output.pending:
+                    output.on_writable()
+            for name, pending in self.to_guest.items():
+                if pending and self.socks[name].fileno() in writable:
+                    try:
+                        sent = self.socks[name].send(pending)
+                    except BlockingIOError:
+                        sent = 0
+                    del pending[:sent]
+            if self.stdin_fd is not None and self.stdin_fd in readable:
+                self._read_host_stdin()
+            if self.qemu.pidfd in readable:
+                self._guest_gone()
+
+    def _stdin_target(self) -> str:
+        return "tty" if self.tty_mode else "stdin"
+
+    def _read_host_stdin(self) -> None:
+        assert self.stdin_fd is not None
+        data = os.read(self.stdin_fd, 1 << 16)
+        target = self._stdin_target()
+        if data:
+            self.to_guest.setdefault(target, bytearray()).extend(data)
+            return
+        self.stdin_fd = None
+        if target == "stdin":
+            # EOF: closing our end makes QEMU close the port, and the guest reads EOF.
+            with contextlib.suppress(OSError):
+                self.socks["stdin"].shutdown(socket.SHUT_WR)
+
+    def _read_status(self) -> None:
+        try:
+            data = self.socks["status"].recv(4096)
+        except BlockingIOError:
+            return
+        if not data:
+            raise ChannelLost("the guest's status channel closed")
+        self.events += self.status.feed(data)
+
+    def _read_serial(self) -> None:
+        try:
+            data = self.socks["serial"].recv(1 << 16)
+        except BlockingIOError:
+            return
+        if not data:
+            return
+        self.serial_tail += data
+        del self.serial_tail[:-SERIAL_TAIL]
+        if self.spec.console:
+            os.write(2, data)
+        assert self.serial_log is not None
+        if self.serial_written < SERIAL_LOG_LIMIT:
+            with open(self.serial_log, "ab") as log:
+                room = SERIAL_LOG_LIMIT - self.serial_written
+                log.write(data[:room])
+                if len(data) > room:
+                    log.write(b"\n[vmrun: serial log truncated here]\n")
+            self.serial_written += len(data)
+
+    def _check_qmp_events(self) -> None:
+        assert self.qmp is not None
+        for event in self.qmp.events:
+            if event.get("event") == "GUEST_PANICKED":
+                self._raise_panic()
+
+    def _raise_panic(self) -> None:
+        self.failed = True
+        tail = bytes(self.serial_tail).decode(errors="replace")
+        lines = "\n".join(tail.strip().splitlines()[-25:])
+        raise GuestPanic("the guest kernel panicked", serial_tail=lines)
+
+    def _guest_gone(self) -> None:
+        """QEMU exited while vmrun still waited for the guest: say why, never succeed."""
+        assert self.qemu is not None
+        self.failed = True
+        # Whatever the guest wrote before it went is still in the sockets.
+        for _ in range(64):
+            ready, _, _ = select.select([self.socks["serial"]], [], [], 0)
+            if not ready:
+                break
+            before = len(self.serial_tail)
+            self._read_serial()
+            if len(self.serial_tail) == before:
+                break
+        code = self.qemu.process.wait()
+        if any(marker in self.serial_tail for marker in PANIC_MARKERS):
+            self._raise_panic()
+        if code != 0:
+            raise self.qemu.failure(f"QEMU exited with status {code}")
+        tail = bytes(self.serial_tail).decode(errors="replace").strip().splitlines()[-10:]
+        raise ChannelLost("the VM stopped before the command reported its exit status",
+                          hint="serial console tail:\n" + "\n".join(tail) if tail else None)
+
+
+@contextlib.contextmanager
+def _raw_terminal(enabled: bool) -> Iterator[None]:
+    if not enabled or not os.isatty(0):
+        yield
+        return
+    saved = termios.tcgetattr(0)
+    tty.setraw(0)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+def _qemu_version(qemu: str) -> str:
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=10,
+                             check=False).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise QemuError(f"cannot run {qemu} --version: {exc}") from exc
+    first = out.splitlines()[0] if out else ""
+    return first.removeprefix("QEMU emulator version ").strip()
+
+
+def _progress_printer() -> Callable[[str, int, int | None], None]:
+    last = [0.0]
+
+    def show(label: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.2 and (total is None or done < total):
+            return
+        last[0] = now
+        amount = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+        end = "\n" if total is not None and done >= total else ""
+        print(f"\r\x1b[Kvmrun: {label}: {amount}", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+def run(argv: Sequence[str], *, spec: MachineSpec | None = None, capture: bool = False,
+        input: bytes | None = None, env: dict[str, str] | None = None,
+        timeout: float | None = None, cwd: str | None = None,
+        notice: Notice = notice_stderr) -> Result:
+    """Boot a fresh VM, run ARGV in it, power it off; the Result holds the exit code.
+
+    With capture=False the guest's output goes to this process's stdout and stderr.
+    """
+    command = Command(argv=tuple(argv), env=tuple((env or {}).items()), cwd=cwd,
+                      timeout=timeout, input=input)
+    fds = (None, None) if capture else (sys.stdout.fileno(), sys.stderr.fileno())
+    with Machine(spec, notice=notice, stdout_fd=fds[0], stderr_fd=fds[1]) as machine:
+        result = machine.run(command, capture=capture)
+    result.timings = dict(machine.timings)
+    return result
+
+
+
