@@ -7,6 +7,7 @@ are only copied, never interpreted except to find the end-of-command token.
 
 from __future__ import annotations
 
+import os
 import secrets
 from dataclasses import dataclass
 from enum import StrEnum
@@ -19,7 +20,7 @@ _PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456
 
 def escape(value: str) -> str:
     """Encode VALUE for the agent's `printf %b`: every byte outside a safe set as \\0ooo."""
-    return "".join(chr(b) if b in _PLAIN else f"\\0{b:03o}" for b in value.encode())
+    return "".join(chr(b) if b in _PLAIN else f"\\0{b:03o}" for b in os.fsencode(value))
 
 
 class StdinMode(StrEnum):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 import select
 import shlex
 import shutil
@@ -12,7 +13,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import termios
 import time
 import tty
@@ -42,7 +42,7 @@ from vmrun.errors import (
 from vmrun.guest.build import Guest, ensure_guest
 from vmrun.qemu import accel as accellib
 from vmrun.qemu import process
-from vmrun.qemu.arch import Arch, host_arch, lookup_arch
+from vmrun.qemu.arch import Arch, host_arch, host_tsc_khz, lookup_arch
 from vmrun.qemu.argv import (
     PORTS,
     SHARE_TAG,
@@ -53,7 +53,7 @@ from vmrun.qemu.argv import (
     kernel_cmdline,
 )
 from vmrun.qemu.qmp import Qmp
-from vmrun.spec import Command, MachineSpec, Net, Share
+from vmrun.spec import Accel, Command, MachineSpec, Net, Share
 
 Notice = Callable[[str], None]
 
@@ -84,23 +84,48 @@ def runs_root() -> Path:
 
 
 def remove_dead_runs(root: Path) -> None:
-    """Remove run directories whose owner died: their lock is free (never a guess by age)."""
+    """Remove what dead runs left: their lock file is free (never a guess by age).
+
+    A run locks ROOT/NAME.lock before it creates ROOT/NAME, and the remover deletes the
+    directory before the lock file, so a directory whose lock can be taken is dead.
+    """
     if not root.is_dir():
         return
-    for entry in root.iterdir():
-        if not entry.is_dir() or (entry / "kept").exists():
+    for lock_path in root.glob("*.lock"):
+        run_dir = lock_path.with_suffix("")
+        if (run_dir / "kept").exists():
             continue
         try:
-            fd = os.open(entry / "lock", os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
         except OSError:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()
         except BlockingIOError:
-            continue
+            pass
         finally:
             os.close(fd)
-        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _take_run_lock(root: Path) -> tuple[Path, int]:
+    while True:
+        path = root / f"run-{secrets.token_hex(6)}"
+        lock_path = path.with_suffix(".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # A remover may have taken and deleted the lock file between create and lock.
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                return path, fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -108,19 +133,19 @@ def run_directory(*, keep: Callable[[], bool], notice: Notice) -> Iterator[Path]
     root = runs_root()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     remove_dead_runs(root)
-    path = Path(tempfile.mkdtemp(prefix="run-", dir=root))
-    lock = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    path, lock = _take_run_lock(root)
+    path.mkdir(mode=0o700)
     try:
         yield path
     finally:
         if keep():
             (path / "kept").touch()
             notice(f"kept the run directory {path} (serial.log, qemu.log, qemu.argv)")
-            os.close(lock)
         else:
             shutil.rmtree(path, ignore_errors=True)
-            os.close(lock)
+            with contextlib.suppress(FileNotFoundError):
+                path.with_suffix(".lock").unlink()
+        os.close(lock)
 
 
 # ---- the shared directory -----------------------------------------------------------
@@ -205,20 +230,22 @@ class Output:
             return True  # stray bytes between commands are read and dropped
         return len(self.pending) < PENDING_LIMIT
 
-    def on_readable(self) -> None:
+    def on_readable(self) -> bool:
+        """Read what is there; False when the channel closed (QEMU is going away)."""
         try:
             data = self.sock.recv(1 << 16)
         except BlockingIOError:
-            return
+            return True
         if not data:
-            raise ChannelLost("the guest's output channel closed")
+            return False
         if self.scanner is None:
-            return
+            return True
         data = self.scanner.feed(data)
         if self.capture is not None:
             self.capture += data
         elif self.sink_fd is not None:
             self.pending += data
+        return True
 
     def on_writable(self) -> None:
         assert self.sink_fd is not None
@@ -310,7 +337,10 @@ class Machine:
         plan = BootPlan(
             arch=self.arch, accel=self.accel.accel, cpus=spec.cpus, memory_mib=spec.memory_mib,
             kernel=self.guest.kernel, initrd=self.guest.initrd,
-            cmdline=kernel_cmdline(self.arch, console=spec.console),
+            cmdline=kernel_cmdline(
+                self.arch, console=spec.console, extra=os.environ.get("VMRUN_KERNEL_APPEND", ""),
+                tsc_khz=self._tsc_khz(),
+            ),
             fds=fds, share=share, net=spec.net == Net.USER,
         )
         self.argv = build_argv(plan, qemu_binary)
@@ -330,6 +360,12 @@ class Machine:
         self._pump(lambda: "ready" in self.events, spec.boot_timeout, BootTimeout(
             f"the guest agent was not ready within {spec.boot_timeout:.0f}s (--boot-timeout)"))
         self._phase("boot", t)
+
+    def _tsc_khz(self) -> int | None:
+        assert self.accel is not None
+        if self.accel.accel == Accel.TCG and self.arch.name == "x86_64":
+            return host_tsc_khz()
+        return None
 
     def _kvm_problem(self) -> str | None:
         assert self.guest is not None
@@ -412,7 +448,6 @@ class Machine:
         self.first_request = False
         self.events.clear()
         self.to_guest["control"] = bytearray(encode_request(request))
-        streams = ("tty", "stdout", "stderr") if command.tty else ("stdout", "stderr")
         for name in ("stdout", "stderr"):
             self.outputs[name].begin(token.encode(), capture)
         self.tty_mode = command.tty
@@ -444,7 +479,6 @@ class Machine:
         self.stdin_fd = None
         result = Result(exit_code=exit_code if exit_code is not None else 255,
                         timings=dict(self.timings))
-        _ = streams
         if capture:
             result.stdout = bytes(self.outputs["stdout"].capture or b"")
             result.stderr = bytes(self.outputs["stderr"].capture or b"")
@@ -498,11 +532,12 @@ class Machine:
             if self.qmp.fileno() in readable:
                 self.qmp.read_available()
                 self._check_qmp_events()
+            closed = self.qemu.pidfd in readable
             if self.socks["status"].fileno() in readable:
-                self._read_status()
+                closed |= not self._read_status()
             for output in self.outputs.values():
                 if output.sock.fileno() in readable:
-                    output.on_readable()
+                    closed |= not output.on_readable()
                 if output.sink_fd is not None and output.sink_fd in writable and output.pending:
                     output.on_writable()
             for name, pending in self.to_guest.items():
@@ -514,7 +549,7 @@ class Machine:
                     del pending[:sent]
             if self.stdin_fd is not None and self.stdin_fd in readable:
                 self._read_host_stdin()
-            if self.qemu.pidfd in readable:
+            if closed:
                 self._guest_gone()
 
     def _stdin_target(self) -> str:
@@ -533,14 +568,15 @@ class Machine:
             with contextlib.suppress(OSError):
                 self.socks["stdin"].shutdown(socket.SHUT_WR)
 
-    def _read_status(self) -> None:
+    def _read_status(self) -> bool:
         try:
             data = self.socks["status"].recv(4096)
         except BlockingIOError:
-            return
+            return True
         if not data:
-            raise ChannelLost("the guest's status channel closed")
+            return False
         self.events += self.status.feed(data)
+        return True
 
     def _read_serial(self) -> None:
         try:
@@ -570,9 +606,14 @@ class Machine:
 
     def _raise_panic(self) -> None:
         self.failed = True
-        tail = bytes(self.serial_tail).decode(errors="replace")
-        lines = "\n".join(tail.strip().splitlines()[-25:])
-        raise GuestPanic("the guest kernel panicked", serial_tail=lines)
+        tail = bytes(self.serial_tail).decode(errors="replace").strip().splitlines()
+        # Show from the panic's own message on (the stack dump follows it), else the end.
+        start = max(0, len(tail) - 25)
+        for index in range(len(tail) - 1, -1, -1):
+            if any(marker.decode() in tail[index] for marker in PANIC_MARKERS):
+                start = max(index, len(tail) - 60)
+                break
+        raise GuestPanic("the guest kernel panicked", serial_tail="\n".join(tail[start:]))
 
     def _guest_gone(self) -> None:
         """QEMU exited while vmrun still waited for the guest: say why, never succeed."""
@@ -587,7 +628,12 @@ class Machine:
             self._read_serial()
             if len(self.serial_tail) == before:
                 break
-        code = self.qemu.process.wait()
+        try:
+            code = self.qemu.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            # A channel closed but QEMU lives on: nothing good can come of it.
+            self.qemu.process.kill()
+            code = self.qemu.process.wait()
         if any(marker in self.serial_tail for marker in PANIC_MARKERS):
             self._raise_panic()
         if code != 0:

@@ -84,7 +84,7 @@ def parse_memory(text: str) -> int:
     stripped = text.strip().lower()
     number = stripped.rstrip("kmgib")
     unit = stripped[len(number):]
-    if not number.isdigit() or unit not in units:
+    if not (number.isascii() and number.isdigit()) or unit not in units:
         raise UsageError(f"bad memory size {text!r}", hint="use a number with M or G, like 512M")
     return int(number) * units[unit]
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import platform
+import re
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 from vmrun.errors import UsageError
 
@@ -79,6 +81,34 @@ ARCHES: dict[str, Arch] = {
 def host_arch() -> str:
     machine = platform.machine().lower()
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
+    """The host's TSC rate in kHz, which a TCG x86 guest's TSC runs at; None if unknown."""
+    if host_arch() != "x86_64" and cpuinfo is None:
+        return None
+    try:
+        tsc_sysfs = Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz")
+        if cpuinfo is None and tsc_sysfs.exists():
+            return int(tsc_sysfs.read_text())
+        text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
+    except (OSError, ValueError):
+        return None
+    first_cpu = text.split("\n\n", 1)[0]
+    fields = dict(
+        (key.strip(), value.strip())
+        for key, _, value in (line.partition(":") for line in first_cpu.splitlines())
+    )
+    if "constant_tsc" not in fields.get("flags", "").split():
+        return None
+    # Intel's brand string names the nominal clock, which is the TSC rate.
+    nominal = re.search(r"@ *([0-9.]+) *GHz", fields.get("model name", ""))
+    if nominal:
+        return round(float(nominal.group(1)) * 1_000_000)
+    try:
+        return round(float(fields["cpu MHz"]) * 1000)
+    except (KeyError, ValueError):
+        return None
 
 
 def lookup_arch(name: str) -> Arch:

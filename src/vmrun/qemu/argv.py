@@ -42,13 +42,20 @@ class BootPlan:
     sandbox: bool = True  # -sandbox needs QEMU built with seccomp
 
 
-def kernel_cmdline(arch: Arch, *, console: bool, probe: bool = False) -> str:
+def kernel_cmdline(arch: Arch, *, console: bool, probe: bool = False, extra: str = "",
+                   tsc_khz: int | None = None) -> str:
     words = [f"console={arch.console}", "panic=-1", "rdinit=/init"]
+    if tsc_khz:
+        # Under TCG the guest's TSC runs at the host's rate, and calibrating it against the
+        # emulated PIT fails now and then on a busy host (the boot then hangs): say it.
+        words.append(f"tsc_early_khz={tsc_khz}")
     # Quiet boots are faster under TCG: every console byte is an emulated UART write.
     words += ["loglevel=4"] if console else ["quiet", "loglevel=1"]
     words += ["tsc=reliable", "no_timer_check", "random.trust_cpu=on"]
     if probe:
         words.append("vmrun.probe")
+    if extra:
+        words.append(extra)  # last, so it overrides: a debugging aid (VMRUN_KERNEL_APPEND)
     return " ".join(words)
 
 
@@ -74,12 +81,18 @@ def machine_args(plan: BootPlan) -> list[str]:
     return ["-machine", machine]
 
 
+def option_value(value: object) -> str:
+    """Quote VALUE for QEMU's comma-separated options: a literal comma is written twice."""
+    return str(value).replace(",", ",,")
+
+
 def share_args(plan: BootPlan) -> list[str]:
     share = plan.share
     if share is None:
         return []
     if share.kind == ShareKind.NINEP:
-        fsdev = f"local,id=share0,path={share.path},security_model=none,multidevs=remap"
+        fsdev = f"local,id=share0,path={option_value(share.path)}"
+        fsdev += ",security_model=none,multidevs=remap"
         if share.readonly:
             fsdev += ",readonly=on"
         return [
@@ -90,7 +103,7 @@ def share_args(plan: BootPlan) -> list[str]:
     return [
         "-object",
         f"memory-backend-memfd,id=mem,size={plan.memory_mib}M,share=on",
-        "-chardev", f"socket,id=vfs0,path={share.socket}",
+        "-chardev", f"socket,id=vfs0,path={option_value(share.socket)}",
         "-device", f"vhost-user-fs-{plan.arch.device_suffix},chardev=vfs0,tag={SHARE_TAG}",
     ]
 

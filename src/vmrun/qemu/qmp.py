@@ -38,7 +38,7 @@ class Qmp:
         """Read what the socket has now (call when it is readable) and parse whole lines."""
         try:
             data = self.sock.recv(65536)
-        except BlockingIOError:
+        except (BlockingIOError, TimeoutError):
             return
         except OSError:
             data = b""
@@ -80,10 +80,7 @@ class Qmp:
                 if time.monotonic() > deadline:
                     raise QmpError(f"no reply to QMP {command} within {timeout:.0f}s")
                 self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-                try:
-                    self.read_available()
-                except TimeoutError:
-                    continue
+                self.read_available()
         finally:
             self.sock.setblocking(False)
         reply = self.replies.pop(0)

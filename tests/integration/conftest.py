@@ -1,0 +1,3 @@
+from tests.integration.vmtools import guest, workdir
+
+__all__ = ["guest", "workdir"]

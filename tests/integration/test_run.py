@@ -1,0 +1,237 @@
+"""Real VMs under QEMU (TCG here): the behaviour a user of `vmrun -- CMD` relies on."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.vmtools import alive, qemu_children, run_cli, vmrun_argv, vmrun_env
+from vmrun import Command, Machine, MachineSpec, Share
+from vmrun.errors import CommandTimeout
+from vmrun.guest.build import Guest
+from vmrun.run import runs_root
+
+pytestmark = pytest.mark.vm
+
+
+def leftover_runs() -> set[str]:
+    root = runs_root()
+    return {p.name for p in root.iterdir()} if root.is_dir() else set()
+
+
+def test_exit_codes_output_and_input_in_one_machine(guest: Guest, workdir: Path) -> None:
+    spec = MachineSpec(share_dir=workdir)
+    with Machine(spec) as vm:
+        for code in (0, 1, 42, 255):
+            assert vm.run(Command(("sh", "-c", f"exit {code}"))).exit_code == code
+        # Death by a signal N gives 128+N.
+        assert vm.run(Command(("sh", "-c", "kill -9 $$"))).exit_code == 137
+        assert vm.run(Command(("sh", "-c", "kill -TERM $$"))).exit_code == 143
+        split = vm.run(Command(("sh", "-c", "echo out; echo err >&2; echo more")),
+                       capture=True)
+        assert (split.stdout, split.stderr) == (b"out\nmore\n", b"err\n")
+        fed = vm.run(Command(("sh", "-c", "tr a-z A-Z; echo done"), input=b"hello\n"),
+                     capture=True)
+        assert fed.stdout == b"HELLO\ndone\n"
+        where = vm.run(Command(("pwd",)), capture=True)
+        assert where.stdout == f"{workdir}\n".encode()
+        env = vm.run(Command(("sh", "-c", 'printf %s "$GREETING"'),
+                             env=(("GREETING", "it's a \"test\"\n$HOME"),)), capture=True)
+        assert env.stdout == b"it's a \"test\"\n$HOME"
+        missing = vm.run(Command(("no-such-command",)), capture=True)
+        assert missing.exit_code == 127
+
+
+def test_cli_streams_stdin_and_passes_exit_code(guest: Guest, workdir: Path) -> None:
+    done = run_cli("--", "sh", "-c", "wc -c; echo to-stderr >&2; exit 7", cwd=workdir,
+                   input=b"x" * 100_000)
+    assert done.returncode == 7, done.stderr
+    assert done.stdout.strip() == b"100000"
+    assert b"to-stderr" in done.stderr
+    assert b"using TCG" in done.stderr or b"KVM" not in done.stderr
+
+
+def test_share_rw_and_ro(guest: Guest, workdir: Path) -> None:
+    (workdir / "input.txt").write_text("from the host\n")
+    done = run_cli("--", "sh", "-c", "cat input.txt > copy.txt; echo guest > made.txt",
+                   cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert (workdir / "copy.txt").read_text() == "from the host\n"
+    assert (workdir / "made.txt").read_text() == "guest\n"
+
+    done = run_cli("--share", "ro", "--", "sh", "-c",
+                   "cat input.txt && echo x > refused.txt", cwd=workdir)
+    assert done.returncode != 0
+    assert done.stdout == b"from the host\n"
+    assert b"Read-only file system" in done.stderr
+    assert not (workdir / "refused.txt").exists()
+
+
+def test_virtiofs_share(guest: Guest, workdir: Path) -> None:
+    done = run_cli("--share-via", "virtiofs", "--", "sh", "-c",
+                   "grep -q ' virtiofs ' /proc/mounts && echo via-virtiofs > made.txt",
+                   cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert (workdir / "made.txt").read_text() == "via-virtiofs\n"
+
+
+def test_large_output_keeps_memory_bounded(guest: Guest, workdir: Path) -> None:
+    # 50 MB through a pipe: vmrun must stream it, not hold it.
+    script = (
+        "import resource, sys\n"
+        "from vmrun.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(f'peak-kib={peak}', file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    argv = [vmrun_argv()[0], "-c", script, "--share", "none", "--", "sh", "-c",
+            "head -c 50000000 /dev/zero; exit 3"]
+    proc = subprocess.Popen(argv, cwd=workdir, env=vmrun_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    total = 0
+    while chunk := proc.stdout.read(1 << 16):
+        total += len(chunk)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err
+    assert total == 50_000_000
+    peak_kib = int(err.decode().split("peak-kib=")[1].split()[0])
+    assert peak_kib < 100_000, f"vmrun's peak RSS was {peak_kib} KiB for 50 MB of output"
+
+
+def test_command_timeout(guest: Guest, workdir: Path) -> None:
+    started = time.monotonic()
+    done = run_cli("--timeout", "2", "--share", "none", "--", "sleep", "600", cwd=workdir)
+    assert done.returncode == CommandTimeout.exit_code, done.stderr
+    assert b"--timeout" in done.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_guest_panic_is_reported_quickly(guest: Guest, workdir: Path) -> None:
+    started = time.monotonic()
+    done = run_cli("--share", "none", "--", "sh", "-c", "echo c > /proc/sysrq-trigger",
+                   cwd=workdir)
+    assert done.returncode == 120, done.stderr
+    assert b"panicked" in done.stderr
+    assert b"Kernel panic" in done.stderr  # the serial console's tail is shown
+    assert time.monotonic() - started < 60
+
+
+def wait_for(predicate: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def start_and_wait_for_output(workdir: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(vmrun_argv("--share", "none", "--", "sh", "-c",
+                                       "echo running; exec sleep 600"),
+                            cwd=workdir, env=vmrun_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 120)
+    assert ready, "the command never started"
+    assert proc.stdout.readline() == b"running\n"
+    return proc
+
+
+def test_sigint_stops_the_vm_and_cleans_up(guest: Guest, workdir: Path) -> None:
+    before = leftover_runs()
+    proc = start_and_wait_for_output(workdir)
+    qemus = qemu_children(proc.pid)
+    assert len(qemus) == 1
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    assert proc.returncode == 130
+    assert not alive(qemus[0])
+    assert leftover_runs() <= before
+
+
+def test_sigterm_exits_143(guest: Guest, workdir: Path) -> None:
+    proc = start_and_wait_for_output(workdir)
+    qemus = qemu_children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert proc.returncode == 143
+    assert qemus and not alive(qemus[0])
+
+
+def test_sigkill_of_vmrun_leaves_no_qemu(guest: Guest, workdir: Path) -> None:
+    before = leftover_runs()
+    proc = start_and_wait_for_output(workdir)
+    qemus = qemu_children(proc.pid)
+    assert len(qemus) == 1
+    proc.kill()
+    proc.wait()
+    assert wait_for(lambda: not alive(qemus[0]), 10), "QEMU outlived vmrun"
+    dead = leftover_runs() - before
+    assert dead, "the killed run left no directory to clean (test is not testing)"
+    # The next run removes what the killed one left behind.
+    done = run_cli("--share", "none", "--", "true", cwd=workdir)
+    assert done.returncode == 0
+    assert not (dead & leftover_runs())
+
+
+def test_tty_gives_an_interactive_shell(guest: Guest, workdir: Path) -> None:
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: vmrun on a terminal
+        os.chdir(workdir)
+        os.execve(vmrun_argv()[0], vmrun_argv("-t", "--share", "none", "--", "sh"),
+                  vmrun_env())
+    output = b""
+    sent = False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1)
+        if not ready:
+            continue
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        output += data
+        if not sent and b"#" in output:
+            os.write(fd, b"tty; test -t 0 && echo IS-A-TTY; exit 5\r")
+            sent = True
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 5, output
+    assert b"IS-A-TTY" in output
+    assert b"/dev/hvc0" in output
+
+
+def test_keep_leaves_logs(guest: Guest, workdir: Path) -> None:
+    done = run_cli("--keep", "-v", "--share", "none", "--", "true", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stderr.decode().splitlines() if "kept the run directory" in x)
+    kept = Path(line.split("kept the run directory ")[1].split()[0])
+    try:
+        assert (kept / "serial.log").exists()
+        assert (kept / "qemu.log").exists()
+        assert "qemu-system" in (kept / "qemu.argv").read_text()
+        for phase in ("fetch", "boot", "command", "shutdown"):
+            assert f"{phase}:" in done.stderr.decode()
+    finally:
+        import shutil
+
+        shutil.rmtree(kept)
+
+
+def test_share_none_and_spec_validation(guest: Guest, workdir: Path) -> None:
+    with Machine(MachineSpec(share=Share.NONE)) as vm:
+        result = vm.run(Command(("sh", "-c", "grep -c vmrun0 /proc/mounts || true")),
+                        capture=True)
+    assert result.stdout == b"0\n"

@@ -1,0 +1,406 @@
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vmrun.channel import (
+    MAX_STATUS_LINE,
+    Mount,
+    Request,
+    StatusReader,
+    StdinMode,
+    TokenScanner,
+    encode_request,
+    escape,
+    new_token,
+    parse_status_line,
+)
+from vmrun.errors import ChannelLost
+
+
+def find_busybox() -> str | None:
+    if Path("/bin/busybox").exists():
+        return "/bin/busybox"
+    found = sorted(glob.glob("/tmp/vmcache/busybox/*/bin/busybox"))
+    return found[0] if found else None
+
+
+BUSYBOX = find_busybox()
+needs_busybox = pytest.mark.skipif(BUSYBOX is None, reason="no busybox on this host")
+
+# Exactly what the agent's unescape() does with a value.
+UNESCAPE = 'v=$(printf "%bx" "$1"); printf %s "${v%x}"'
+
+
+def unescape_in_busybox(escaped: str) -> bytes:
+    assert BUSYBOX is not None
+    done = subprocess.run([BUSYBOX, "sh", "-c", UNESCAPE, "sh", escaped],
+                          capture_output=True, check=True, env={"PATH": "/usr/bin:/bin"})
+    return done.stdout
+
+
+def unescape_many_in_busybox(escaped: list[str]) -> list[bytes]:
+    """One shell for many values: each result is framed by its length."""
+    assert BUSYBOX is not None
+    script = 'for a; do v=$(printf "%bx" "$a"); v=${v%x}; printf "%s\\n%s" "${#v}" "$v"; done'
+    done = subprocess.run([BUSYBOX, "sh", "-c", script, "sh", *escaped],
+                          capture_output=True, check=True,
+                          env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+    out = done.stdout
+    results: list[bytes] = []
+    while out:
+        length, out = out.split(b"\n", 1)
+        results.append(out[: int(length)])
+        out = out[int(length):]
+    return results
+
+
+# --- escape() against busybox's printf %b --------------------------------------------
+
+
+@needs_busybox
+def test_escape_every_code_point_1_to_255_round_trips() -> None:
+    values = [chr(b) for b in range(1, 256)]
+    assert unescape_many_in_busybox([escape(v) for v in values]) == [v.encode() for v in values]
+
+
+@needs_busybox
+def test_escape_all_code_points_in_one_value() -> None:
+    value = "".join(chr(b) for b in range(1, 256))
+    assert unescape_in_busybox(escape(value)) == value.encode()
+
+
+TRICKY = [
+    "",
+    "plain",
+    "with space",
+    "  leading and trailing  ",
+    "tab\there",
+    "single'quote",
+    'double"quote',
+    "back\\slash",
+    "\\n not a newline",
+    "\\0101 not an octal",
+    "\\c stops printf %b",
+    "trailing backslash\\",
+    "new\nline",
+    "ends with newlines\n\n",
+    "\r\n",
+    "$(touch /tmp/pwned)",
+    "`touch /tmp/pwned`",
+    "${HOME}",
+    "$HOME",
+    "%s %d %b %%",
+    "*",
+    "[a-z]?",
+    "-n",
+    "-e",
+    "--",
+    "a=b=c",
+    "x",
+    "ends with x",
+    "héllo wörld",
+    "日本語",
+    "emoji 🎉",
+    "\u00a0nbsp",
+    "\x7f del",
+    "\x01\x02\x1b[31m",
+    ";|&<>(){}!#~",
+]
+
+
+@needs_busybox
+@pytest.mark.parametrize("value", TRICKY)
+def test_escape_tricky_strings_round_trip(value: str) -> None:
+    assert unescape_in_busybox(escape(value)) == value.encode()
+
+
+@needs_busybox
+@settings(deadline=None, max_examples=60)  # one busybox process per example
+@given(st.text(alphabet=st.characters(blacklist_characters="\0", codec="utf-8"), max_size=40))
+def test_escape_round_trips_any_text(value: str) -> None:
+    assert unescape_in_busybox(escape(value)) == value.encode()
+
+
+@pytest.mark.parametrize("value", TRICKY)
+def test_escaped_values_are_one_safe_word(value: str) -> None:
+    escaped = escape(value)
+    assert escaped.isascii()
+    for forbidden in " \t\n\r'\"`$*?[;|&<>()":
+        assert forbidden not in escaped
+    # Only our own \0ooo sequences use a backslash.
+    assert escaped.count("\\") == escaped.count("\\0")
+
+
+@needs_busybox
+def test_escape_non_utf8_argument() -> None:
+    value = os.fsdecode(b"caf\xe9")
+    assert unescape_in_busybox(escape(value)) == b"caf\xe9"
+
+
+# --- encode_request ------------------------------------------------------------------
+
+
+def full_request(stdin: StdinMode = StdinMode.NULL, data: bytes = b"") -> Request:
+    return Request(
+        argv=("sh", "-c", "echo $HOME\nexit 3", "multi\nline arg", ""),
+        cwd="/work dir/x",
+        env=(("A", "1 2"), ("B", "line\nbreak"), ("C", "")),
+        token="<<vmrun-end-00ff>>",
+        stdin=stdin,
+        stdin_data=data,
+        tty=(24, 80),
+        mounts=(Mount("9p", "vmrun0", True, "/mnt/my share"),),
+        net=True,
+    )
+
+
+def test_encode_request_snapshot() -> None:
+    encoded = encode_request(full_request())
+    assert encoded.decode().splitlines() == [
+        "mount 9p vmrun0 ro /mnt/my\\0040share",
+        "net user",
+        "cwd /work\\0040dir/x",
+        "env A=1\\00402",
+        "env B=line\\0012break",
+        "env C=",
+        "arg sh",
+        "arg -c",
+        "arg echo\\0040\\0044HOME\\0012exit\\00403",
+        "arg multi\\0012line\\0040arg",
+        "arg ",
+        "token <<vmrun-end-00ff>>",
+        "stdin null 0",
+        "tty 24 80",
+        "run",
+    ]
+    assert encoded.endswith(b"\nrun\n")
+
+
+@pytest.mark.parametrize("stdin", list(StdinMode))
+def test_encode_request_one_field_per_line(stdin: StdinMode) -> None:
+    data = b"stdin\ndata\nrun\n" if stdin == StdinMode.FILE else b""
+    encoded = encode_request(full_request(stdin, data))
+    head, sep, tail = encoded.partition(b"run\n")
+    assert sep
+    lines = head.decode("ascii").split("\n")
+    assert lines[-1] == ""  # the head ends with a newline, right before "run"
+    keys = [line.split(" ", 1)[0] for line in lines[:-1]]
+    allowed = {"mount", "net", "cwd", "env", "arg", "token", "stdin", "tty"}
+    assert set(keys) <= allowed
+    assert keys.count("arg") == 5 and keys.count("env") == 3
+    assert keys.count("cwd") == keys.count("token") == keys.count("stdin") == 1
+    for line in lines[:-1]:
+        assert "\r" not in line and "\0" not in line
+        assert " " in line  # every field has a value part, even an empty one
+    assert tail == data
+
+
+def test_encode_request_stdin_file_appends_data_after_run() -> None:
+    data = bytes(range(256)) * 3
+    encoded = encode_request(full_request(StdinMode.FILE, data))
+    assert encoded.endswith(b"stdin file 768\ntty 24 80\nrun\n" + data)
+
+
+def test_encode_request_stdin_port_sends_no_data() -> None:
+    request = Request(argv=("cat",), cwd="/", token="T", stdin=StdinMode.PORT)
+    assert encode_request(request) == b"cwd /\narg cat\ntoken T\nstdin port 0\nrun\n"
+
+
+def test_encode_request_minimal() -> None:
+    request = Request(argv=("true",), cwd="/", token="T")
+    assert encode_request(request) == b"cwd /\narg true\ntoken T\nstdin null 0\nrun\n"
+
+
+@needs_busybox
+def test_encoded_arguments_unescape_to_the_originals() -> None:
+    request = full_request()
+    lines = encode_request(request).decode().splitlines()
+    args = [line.split(" ", 1)[1] for line in lines if line.startswith("arg ")]
+    assert unescape_many_in_busybox(args) == [a.encode() for a in request.argv]
+
+
+def test_new_token_is_printable_and_fresh() -> None:
+    tokens = {new_token() for _ in range(100)}
+    assert len(tokens) == 100
+    for token in tokens:
+        assert token.isascii() and token.isprintable() and " " not in token
+
+
+# --- TokenScanner --------------------------------------------------------------------
+
+TOKEN = b"<<vmrun-end-abc>>"
+
+
+def scan(chunks: list[bytes], token: bytes = TOKEN) -> tuple[bytes, bool]:
+    scanner = TokenScanner(token)
+    out = b"".join(scanner.feed(chunk) for chunk in chunks)
+    return out, scanner.done
+
+
+def test_token_split_at_every_boundary() -> None:
+    stream = b"hello world\n" + TOKEN + b"after"
+    for i in range(len(stream) + 1):
+        for j in range(i, len(stream) + 1):
+            out, done = scan([stream[:i], stream[i:j], stream[j:]])
+            assert (out, done) == (b"hello world\n", True), (i, j)
+
+
+def test_token_byte_by_byte() -> None:
+    stream = b"abc" + TOKEN + b"xyz"
+    out, done = scan([bytes([b]) for b in stream])
+    assert (out, done) == (b"abc", True)
+
+
+def test_token_prefix_is_held_back_then_released() -> None:
+    scanner = TokenScanner(TOKEN)
+    assert scanner.feed(b"data<<vmrun-") == b"data"
+    assert scanner.held == b"<<vmrun-"
+    assert scanner.feed(b"oops") == b"<<vmrun-oops"
+    assert scanner.held == b""
+    assert not scanner.done
+
+
+def test_partial_prefix_held_again_after_release() -> None:
+    scanner = TokenScanner(TOKEN)
+    assert scanner.feed(b"<<") == b""
+    # "<<<" : the first "<" is surely output, "<<" might still start the token
+    assert scanner.feed(b"<") == b"<"
+    assert scanner.feed(TOKEN[2:]) == b""
+    assert scanner.done
+
+
+def test_data_after_token_ignored() -> None:
+    scanner = TokenScanner(TOKEN)
+    assert scanner.feed(b"a" + TOKEN + b"b") == b"a"
+    assert scanner.done
+    assert scanner.feed(b"more") == b""
+    assert scanner.feed(TOKEN) == b""
+
+
+def test_token_only() -> None:
+    assert scan([TOKEN]) == (b"", True)
+
+
+def test_binary_data_with_partial_prefixes() -> None:
+    noise = b"\x00\xff<\x00<<v\xfe<<vmrun-end-ab\x00<<vmrun-end-abc>\n\x80"
+    out, done = scan([noise[:7], noise[7:20], noise[20:]])
+    assert (out, done) == (noise, False)
+    out, done = scan([noise, TOKEN[:5], TOKEN[5:], b"tail"])
+    assert (out, done) == (noise, True)
+
+
+def test_held_bytes_are_lost_only_if_token_follows() -> None:
+    # At the end of a stream without the token, the caller flushes .held.
+    scanner = TokenScanner(TOKEN)
+    out = scanner.feed(b"x<<vmrun-end-ab")
+    assert out + scanner.held == b"x<<vmrun-end-ab"
+
+
+@st.composite
+def chunked(draw: st.DrawFn, data: bytes) -> list[bytes]:
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=10)))
+    bounds = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+# Bytes from the token's own alphabet make partial matches frequent.
+TOKEN_HEAVY = st.lists(
+    st.one_of(st.binary(max_size=4), st.sampled_from([TOKEN[:n] for n in range(1, len(TOKEN))])),
+    max_size=12,
+).map(b"".join)
+
+
+@given(st.data(), st.one_of(st.binary(max_size=200), TOKEN_HEAVY))
+def test_scanner_passes_everything_without_token(data: st.DataObject, payload: bytes) -> None:
+    if TOKEN in payload:
+        payload = payload.replace(TOKEN, b"")
+    if TOKEN in payload:  # replacing can create a new occurrence
+        return
+    chunks = data.draw(chunked(payload))
+    scanner = TokenScanner(TOKEN)
+    out = b"".join(scanner.feed(chunk) for chunk in chunks)
+    assert not scanner.done
+    assert out + scanner.held == payload
+    # What is held back is never more than a proper prefix of the token.
+    assert len(scanner.held) < len(TOKEN)
+    assert TOKEN.startswith(scanner.held)
+
+
+@given(st.data(), TOKEN_HEAVY, st.binary(max_size=30))
+def test_scanner_stops_at_first_token(data: st.DataObject, before: bytes, after: bytes) -> None:
+    if TOKEN in before:
+        return
+    stream = before + TOKEN + after
+    if stream.find(TOKEN) != len(before):
+        return  # the token starts earlier, inside "before" + token overlap
+    out, done = scan(data.draw(chunked(stream)))
+    assert (out, done) == (before, True)
+
+
+# --- status lines --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line", ["ready", "started", *(f"exit {n}" for n in range(256))])
+def test_status_accepts(line: str) -> None:
+    assert parse_status_line(line.encode()) == line
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"exit 256", b"exit -1", b"exit 1000", b"exit", b"exit ", b"exit +1", b"exit 1 2",
+        b"exit 0x1", b"exit 1.0", b" exit 0", b"exit  0", b"exit 0\r", b"ready\r", b"READY",
+        b"ready ", b"", b"garbage", b"started now", b"exit \xd9\xa3", b"r\xe9ady",
+        b"\xff\xfe", b"ready\x00",
+    ],
+)
+def test_status_rejects(raw: bytes) -> None:
+    with pytest.raises(ChannelLost):
+        parse_status_line(raw)
+
+
+def test_status_rejects_over_long_line() -> None:
+    with pytest.raises(ChannelLost, match="too long"):
+        parse_status_line(b"exit " + b"0" * MAX_STATUS_LINE)
+
+
+def test_status_reader_splits_lines_across_feeds() -> None:
+    reader = StatusReader()
+    assert reader.feed(b"rea") == []
+    assert reader.feed(b"dy\nstar") == ["ready"]
+    assert reader.feed(b"ted\nexit 4") == ["started"]
+    assert reader.feed(b"2\nexit 0\nexit 255\n") == ["exit 42", "exit 0", "exit 255"]
+    assert reader.buffer == b""
+
+
+def test_status_reader_byte_by_byte() -> None:
+    reader = StatusReader()
+    lines: list[str] = []
+    for byte in b"ready\nstarted\nexit 7\n":
+        lines += reader.feed(bytes([byte]))
+    assert lines == ["ready", "started", "exit 7"]
+
+
+def test_status_reader_bounds_an_unterminated_line() -> None:
+    reader = StatusReader()
+    reader.feed(b"x" * MAX_STATUS_LINE)  # at the limit: still waiting for the newline
+    with pytest.raises(ChannelLost, match="too long"):
+        reader.feed(b"x")
+
+
+def test_status_reader_rejects_long_line_in_one_feed() -> None:
+    with pytest.raises(ChannelLost):
+        StatusReader().feed(b"ready\n" + b"9" * 200 + b"\n")
+
+
+def test_status_reader_rejects_garbage_line() -> None:
+    reader = StatusReader()
+    with pytest.raises(ChannelLost):
+        reader.feed(b"ready\nexit 256\n")
