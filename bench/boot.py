@@ -80,7 +80,9 @@ def baseline_argv(workdir: Path) -> tuple[list[str], accellib.AccelChoice]:
     spec = MachineSpec()
     plan = BootPlan(
         arch=arch, accel=choice.accel, cpus=spec.cpus, memory_mib=spec.memory_mib,
-        kernel=guest.kernel, initrd=initrd, cmdline=kernel_cmdline(arch, console=False),
+        kernel=guest.kernel, initrd=initrd,
+        cmdline=kernel_cmdline(arch, console=False,
+                               tsc_khz=accellib.tcg_tsc_khz(arch, choice.accel)),
         fds={}, net=False,
     )
     argv = [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
@@ -97,7 +99,7 @@ def baseline_argv(workdir: Path) -> tuple[list[str], accellib.AccelChoice]:
 def timed(argv: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> float:
     start = time.monotonic()
     done = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                          capture_output=True, timeout=300, check=False)
+                          capture_output=True, timeout=120, check=False)
     elapsed = time.monotonic() - start
     if done.returncode != 0:
         tail = done.stderr.decode(errors="replace").strip()[-2000:]

@@ -98,7 +98,7 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
         arch=args.arch, cpus=args.cpus, memory_mib=parse_memory(args.memory),
         boot_timeout=args.boot_timeout, share=Share(args.share), net=Net(args.net),
         accel=Accel(args.accel), keep=args.keep, console=args.console, verbose=args.verbose,
-        mirror=args.mirror,
+        mirror=args.mirror, tty=args.tty,
     )
 
 

@@ -42,7 +42,7 @@ from vmrun.errors import (
 from vmrun.guest.build import Guest, ensure_guest
 from vmrun.qemu import accel as accellib
 from vmrun.qemu import process
-from vmrun.qemu.arch import Arch, host_arch, host_tsc_khz, lookup_arch
+from vmrun.qemu.arch import Arch, host_arch, lookup_arch
 from vmrun.qemu.argv import (
     PORTS,
     SHARE_TAG,
@@ -53,7 +53,7 @@ from vmrun.qemu.argv import (
     kernel_cmdline,
 )
 from vmrun.qemu.qmp import Qmp
-from vmrun.spec import Accel, Command, MachineSpec, Net, Share
+from vmrun.spec import Command, MachineSpec, Net, Share
 
 Notice = Callable[[str], None]
 
@@ -339,7 +339,7 @@ class Machine:
             kernel=self.guest.kernel, initrd=self.guest.initrd,
             cmdline=kernel_cmdline(
                 self.arch, console=spec.console, extra=os.environ.get("VMRUN_KERNEL_APPEND", ""),
-                tsc_khz=self._tsc_khz(),
+                tsc_khz=accellib.tcg_tsc_khz(self.arch, self.accel.accel),
             ),
             fds=fds, share=share, net=spec.net == Net.USER,
         )
@@ -360,12 +360,6 @@ class Machine:
         self._pump(lambda: "ready" in self.events, spec.boot_timeout, BootTimeout(
             f"the guest agent was not ready within {spec.boot_timeout:.0f}s (--boot-timeout)"))
         self._phase("boot", t)
-
-    def _tsc_khz(self) -> int | None:
-        assert self.accel is not None
-        if self.accel.accel == Accel.TCG and self.arch.name == "x86_64":
-            return host_tsc_khz()
-        return None
 
     def _kvm_problem(self) -> str | None:
         assert self.guest is not None
@@ -390,7 +384,8 @@ class Machine:
 
     def _make_sockets(self) -> dict[str, int]:
         child_fds: dict[str, int] = {}
-        for name in (*PORTS, "tty", "serial", "qmp"):
+        extra = ("tty",) if self.spec.tty else ()
+        for name in (*PORTS, *extra, "serial", "qmp"):
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             ours.setblocking(False)
             self.stack.callback(ours.close)
@@ -398,7 +393,8 @@ class Machine:
             child_fds[name] = theirs.detach()
         for name, fd in (("stdout", self.stdout_fd), ("stderr", self.stderr_fd)):
             self.outputs[name] = Output(self.socks[name], fd)
-        self.outputs["tty"] = Output(self.socks["tty"], self.stdout_fd)
+        if self.spec.tty:
+            self.outputs["tty"] = Output(self.socks["tty"], self.stdout_fd)
         return child_fds
 
     def _stop(self) -> None:
@@ -424,6 +420,8 @@ class Machine:
         """Run COMMAND in the guest; returns its exit code (and output when captured)."""
         if self.qemu is None:
             raise UsageError("the machine is not started (use it in a with statement)")
+        if command.tty and not self.spec.tty:
+            raise UsageError("this machine has no terminal", hint="use MachineSpec(tty=True)")
         t = time.monotonic()
         token = new_token()
         stdin_mode = StdinMode.NULL
@@ -463,8 +461,9 @@ class Machine:
                                   if e.startswith("exit ")), None)
             if exit_code is None:
                 return False
+            tty = self.outputs.get("tty")
             return all(self.outputs[n].done for n in ("stdout", "stderr")) and not (
-                self.outputs["tty"].pending)
+                tty is not None and tty.pending)
 
         timeout = command.timeout
         with _raw_terminal(command.tty):

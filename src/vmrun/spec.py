@@ -43,6 +43,7 @@ class MachineSpec:
     console: bool = False
     verbose: bool = False
     mirror: str | None = None
+    tty: bool = False  # give the VM a terminal port, for commands run with tty=True
 
     def __post_init__(self) -> None:
         if self.cpus < 1 or self.cpus > 64:

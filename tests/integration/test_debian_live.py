@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vmrun.debian.archive import DEFAULT_KEYRING, DEFAULT_MIRROR, fetch_deb, load_index
+from vmrun.debian import DEFAULT_MIRROR
+from vmrun.debian.archive import DEFAULT_KEYRING, fetch_deb, load_index
 from vmrun.debian.deb import extract_deb, read_control
 
 pytestmark = pytest.mark.network

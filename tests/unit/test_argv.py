@@ -58,8 +58,6 @@ def channel_args() -> list[str]:
 
 
 TAIL = [
-    "-object", "rng-random,id=rng0,filename=/dev/urandom",
-    "-device", "virtio-rng-device,rng=rng0",
     "-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0",
 ]
 
@@ -128,8 +126,6 @@ def test_argv_snapshot_x86_64_kvm_9p_ro_tty_no_net_no_sandbox() -> None:
         *channel_args(),
         "-chardev", "socket,id=tty,fd=17",
         "-device", "virtconsole,chardev=tty,name=vmrun.tty",
-        "-object", "rng-random,id=rng0,filename=/dev/urandom",
-        "-device", "virtio-rng-device,rng=rng0",
         "-fsdev",
         "local,id=share0,path=/home/me/project,security_model=none,multidevs=remap,readonly=on",
         "-device", "virtio-9p-device,fsdev=share0,mount_tag=vmrun0",

@@ -20,13 +20,12 @@ from typing import Any
 
 import pytest
 
+from vmrun.debian import DEFAULT_MIRROR, mirror_from_env
 from vmrun.debian.archive import (
-    DEFAULT_MIRROR,
     PackageIndex,
     compare_versions,
     fetch_deb,
     load_index,
-    mirror_from_env,
     parse_relations,
     strip_clearsign,
 )

@@ -31,7 +31,6 @@ from vmrun.cache import key_of, locked, remove_stale_parts, sha256_bytes, sha256
 from vmrun.debian.deb import parse_stanzas
 from vmrun.errors import FetchError, VerificationError
 
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 
 Progress = Callable[[str, int, int | None], None]
@@ -88,11 +87,6 @@ class _Unreachable(FetchError):
 
 def _ignore(message: str) -> None:
     pass
-
-
-def mirror_from_env() -> str:
-    """$VMRUN_DEBIAN_MIRROR, else DEFAULT_MIRROR."""
-    return os.environ.get("VMRUN_DEBIAN_MIRROR") or DEFAULT_MIRROR
 
 
 # -- Debian version comparison (as dpkg does it) --

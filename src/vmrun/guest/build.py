@@ -14,24 +14,27 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from vmrun import cache as cachelib
-from vmrun.debian import archive
-from vmrun.debian.deb import extract_deb
-from vmrun.errors import FetchError, VmrunError
-from vmrun.guest import kernel as kernellib
-from vmrun.guest import modules as modlib
-from vmrun.guest.cpio import CpioWriter
+from vmrun.debian import mirror_from_env
+from vmrun.errors import FetchError
 from vmrun.qemu.arch import Arch, Transport
 
+if TYPE_CHECKING:
+    from vmrun.debian.archive import PackageIndex, PackageRecord
+    from vmrun.guest.modules import Module
+
+# The fetching and building machinery is imported where it is used: a cached guest is
+# found without it, and every run's start-up time counts.
+
 # Bump when the layout of the initramfs changes in a way the agent depends on.
-INITRD_FORMAT = "3"
+INITRD_FORMAT = "5"
 
 # Module sets the agent loads: at boot, and when a request needs them.
 MODULE_SETS: dict[str, tuple[str, ...]] = {
-    "boot": ("virtio_console", "virtio_rng"),
+    "boot": ("virtio_console",),
     "9p": ("9pnet_virtio", "9p"),
     "virtiofs": ("virtiofs",),
     "net": ("virtio_net",),
@@ -45,6 +48,15 @@ MODULE_DIRS = (
     "drivers/net/virtio_net", "drivers/net/net_failover", "net/core/failover",
     "net/9p/", "fs/9p/", "fs/fuse/", "fs/netfs/", "fs/fscache/", "drivers/s390/virtio/",
 )
+
+FSTAB = b"""\
+proc /proc proc nosuid,nodev,noexec 0 0
+sys /sys sysfs nosuid,nodev,noexec 0 0
+tmp /tmp tmpfs nosuid,nodev,mode=1777 0 0
+run /run tmpfs nosuid,nodev,mode=755 0 0
+devpts /dev/pts devpts nosuid,noexec,gid=5,mode=620,ptmxmode=666 0 0
+shm /dev/shm tmpfs nosuid,nodev,mode=1777 0 0
+"""
 
 Notice = Callable[[str], None]
 Progress = Callable[[str, int, int | None], None]
@@ -60,14 +72,14 @@ class Guest:
 
 
 def _agent_script() -> bytes:
-    return resources.files("vmrun.guest").joinpath("agent.sh").read_bytes()
+    return Path(__file__).with_name("agent.sh").read_bytes()
 
 
 def _pointer(cache: Path, arch: Arch) -> Path:
     return cache / "guests" / f"{arch.name}-{arch.suite}.json"
 
 
-def _resolve_kernel(index: archive.PackageIndex, name: str) -> archive.PackageRecord:
+def _resolve_kernel(index: PackageIndex, name: str) -> PackageRecord:
     """Follow a metapackage like linux-image-amd64 to the package holding the kernel."""
     record = index.lookup(name)
     for _ in range(4):
@@ -83,6 +95,8 @@ def _resolve_kernel(index: archive.PackageIndex, name: str) -> archive.PackageRe
 
 def _fetch_debs(arch: Arch, *, mirror: str, cache: Path, notice: Notice,
                 progress: Progress | None) -> dict[str, str]:
+    from vmrun.debian import archive
+
     index = archive.load_index(
         mirror=mirror, suite=arch.suite, arch=arch.debian_arch, cache=cache,
         notice=notice, progress=progress,
@@ -109,6 +123,9 @@ def _wanted_member(name: str) -> bool:
 
 def _unpack_kernel(deb: Path, arch: Arch, cache: Path) -> Path:
     """Unpack the kernel .deb's kernel image and the needed modules (once per .deb)."""
+    from vmrun.debian.deb import extract_deb
+    from vmrun.guest import kernel as kernellib
+
     final = cache / "kernels" / cachelib.sha256_file(deb)
     if (final / "vmlinuz").exists():
         return final
@@ -145,7 +162,10 @@ def _modules_root(kernel_dir: Path) -> Path:
 
 
 def _write_initrd(out: io.BufferedWriter, *, busybox: bytes, agent: bytes, release: str,
-                  module_sets: dict[str, list[modlib.Module]]) -> None:
+                  module_sets: dict[str, list[Module]]) -> None:
+    from vmrun.guest import modules as modlib
+    from vmrun.guest.cpio import CpioWriter
+
     cpio = CpioWriter(out)
     for directory in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp",
                       "run", "root", "mnt", "etc/vmrun", f"lib/modules/{release}"):
@@ -155,6 +175,7 @@ def _write_initrd(out: io.BufferedWriter, *, busybox: bytes, agent: bytes, relea
     cpio.file("bin/busybox", busybox, mode=0o755)
     cpio.symlink("bin/sh", "busybox")
     cpio.file("init", agent, mode=0o755)
+    cpio.file("etc/fstab", FSTAB)
     cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     cpio.file("etc/group", b"root:x:0:\ntty:x:5:\n")
     written: set[str] = set()
@@ -171,6 +192,8 @@ def _write_initrd(out: io.BufferedWriter, *, busybox: bytes, agent: bytes, relea
 
 
 def _build_initrd(kernel_dir: Path, busybox_root: Path, arch: Arch, cache: Path) -> Path:
+    from vmrun.guest import modules as modlib
+
     modules_root = _modules_root(kernel_dir)
     release = modules_root.name
     available = modlib.scan_modules(modules_root)
@@ -202,6 +225,8 @@ def _build_initrd(kernel_dir: Path, busybox_root: Path, arch: Arch, cache: Path)
 
 
 def _unpack_busybox(deb: Path, cache: Path) -> Path:
+    from vmrun.debian.deb import extract_deb
+
     final = cache / "busybox" / cachelib.sha256_file(deb)
     if final.is_dir():
         return final
@@ -221,12 +246,20 @@ def ensure_guest(arch: Arch, *, mirror: str | None = None, cache: Path | None = 
                  refresh: bool = False) -> Guest:
     """The default guest for ARCH, fetched and built on first use, cached afterwards."""
     cache = cache or cachelib.cache_dir()
-    mirror = mirror or archive.mirror_from_env()
+    mirror = mirror or mirror_from_env()
     pointer = _pointer(cache, arch)
+    # What this vmrun's initramfs depends on besides the packages: checked on every use.
+    build_key = cachelib.key_of(INITRD_FORMAT, _agent_script(), mirror)
     with cachelib.locked(pointer.with_suffix(".lock")):
         debs: dict[str, str] | None = None
+        recorded: dict[str, Any] = {}
         if pointer.exists() and not refresh:
             recorded = json.loads(pointer.read_text())
+            built = recorded.get("built", {}).get(build_key)
+            if built and all(Path(built[k]).exists() for k in ("kernel", "initrd")):
+                return Guest(arch=arch, kernel=Path(built["kernel"]),
+                             initrd=Path(built["initrd"]), release=built["release"],
+                             key=cachelib.key_of(built["kernel"], built["initrd"]))
             if recorded.get("mirror") == mirror and all(
                 Path(recorded.get(role, "")).is_file() for role in ("kernel", "busybox")
             ):
@@ -234,16 +267,19 @@ def ensure_guest(arch: Arch, *, mirror: str | None = None, cache: Path | None = 
         if debs is None:
             debs = _fetch_debs(arch, mirror=mirror, cache=cache, notice=notice,
                                progress=progress)
-            with cachelib.staged(pointer) as tmp:
-                tmp.write_text(json.dumps({**debs, "mirror": mirror}))
         kernel_dir = _unpack_kernel(Path(debs["kernel"]), arch, cache)
         busybox_root = _unpack_busybox(Path(debs["busybox"]), cache)
         initrd = _build_initrd(kernel_dir, busybox_root, arch, cache)
-    kernel = kernel_dir / "vmlinux"
-    if not kernel.exists():
-        kernel = kernel_dir / "vmlinuz"
-    release = _modules_root(kernel_dir).name
-    if not initrd.exists():
-        raise VmrunError(f"initramfs {initrd} vanished")
+        kernel = kernel_dir / "vmlinux"
+        if not kernel.exists():
+            kernel = kernel_dir / "vmlinuz"
+        release = _modules_root(kernel_dir).name
+        # Remember the result, so later uses hash nothing and touch no index.
+        with cachelib.staged(pointer) as tmp:
+            tmp.write_text(json.dumps({
+                **debs, "mirror": mirror,
+                "built": {build_key: {"kernel": str(kernel), "initrd": str(initrd),
+                                      "release": release}},
+            }))
     return Guest(arch=arch, kernel=kernel, initrd=initrd, release=release,
-                 key=cachelib.key_of(str(kernel), initrd.name))
+                 key=cachelib.key_of(str(kernel), str(initrd)))

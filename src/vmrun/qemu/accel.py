@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vmrun import cache as cachelib
 from vmrun.errors import UsageError
-from vmrun.qemu.arch import Arch, host_arch
+from vmrun.qemu.arch import Arch, host_arch, host_tsc_khz
 from vmrun.spec import Accel
 
 PROBE_DEADLINE = 1.5  # seconds a working KVM needs, with room, to boot the guest to init
@@ -113,3 +113,10 @@ def choose_accel(
         return AccelChoice(Accel.TCG, f"/dev/kvm is present but unusable: {problem}",
                            fell_back=True)
     return AccelChoice(Accel.KVM, "/dev/kvm works")
+
+
+def tcg_tsc_khz(arch: Arch, accel: Accel) -> int | None:
+    """The TSC rate to tell an x86 guest under TCG (see kernel_cmdline), else None."""
+    if accel == Accel.TCG and arch.name == "x86_64":
+        return host_tsc_khz()
+    return None

@@ -135,10 +135,6 @@ def build_argv(plan: BootPlan, qemu: str | None = None) -> list[str]:
     if "tty" in plan.fds:
         argv += ["-chardev", f"socket,id=tty,fd={plan.fds['tty']}"]
         argv += ["-device", "virtconsole,chardev=tty,name=vmrun.tty"]
-    argv += [
-        "-object", "rng-random,id=rng0,filename=/dev/urandom",
-        "-device", f"{arch.device('rng')},rng=rng0",
-    ]
     if plan.net:
         argv += ["-netdev", "user,id=net0", "-device", f"{arch.device('net')},netdev=net0"]
     argv += share_args(plan)
