@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.vmtools import alive, qemu_children, run_cli, vmrun_argv, vmrun_env
-from vmrun import Command, Machine, MachineSpec, Share
+from vmrun import Command, Machine, MachineSpec, Net, Share
 from vmrun.errors import CommandTimeout
 from vmrun.guest.build import Guest
 from vmrun.run import runs_root
@@ -47,6 +48,10 @@ def test_exit_codes_output_and_input_in_one_machine(guest: Guest, workdir: Path)
         assert env.stdout == b"it's a \"test\"\n$HOME"
         missing = vm.run(Command(("no-such-command",)), capture=True)
         assert missing.exit_code == 127
+        # --net user (the default): the guest has QEMU's user-mode network configured.
+        net = vm.run(Command(("sh", "-c", "ip -4 addr show eth0; ip route")), capture=True)
+        assert net.stdout is not None
+        assert b"10.0.2.15/24" in net.stdout and b"default via 10.0.2.2" in net.stdout
 
 
 def test_cli_streams_stdin_and_passes_exit_code(guest: Guest, workdir: Path) -> None:
@@ -230,8 +235,20 @@ def test_keep_leaves_logs(guest: Guest, workdir: Path) -> None:
         shutil.rmtree(kept)
 
 
-def test_share_none_and_spec_validation(guest: Guest, workdir: Path) -> None:
-    with Machine(MachineSpec(share=Share.NONE)) as vm:
-        result = vm.run(Command(("sh", "-c", "grep -c vmrun0 /proc/mounts || true")),
+def test_share_none_and_net_none(guest: Guest, workdir: Path) -> None:
+    with Machine(MachineSpec(share=Share.NONE, net=Net.NONE)) as vm:
+        result = vm.run(Command(("sh", "-c", "grep -c vmrun0 /proc/mounts; ls /sys/class/net")),
                         capture=True)
-    assert result.stdout == b"0\n"
+    assert result.stdout == b"0\nlo\n"
+
+
+def test_info_json(guest: Guest, workdir: Path) -> None:
+    done = run_cli("info", "--json", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    for key in ("qemu_version", "accel", "arch", "kernel", "initrd", "cache_dir"):
+        assert info[key], key
+    assert info["kernel"] == str(guest.kernel)
+    assert info["initrd"] == str(guest.initrd)
+    assert info["accel"] in ("kvm", "tcg", "hvf")
+    assert info["accel_reason"]
