@@ -23,14 +23,12 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))  # benchmark this checkout, installed or not
 
-from vmrun import cache as cachelib  # noqa: E402
 from vmrun.guest.build import ensure_guest  # noqa: E402
 from vmrun.guest.cpio import CpioWriter  # noqa: E402
 from vmrun.qemu import accel as accellib  # noqa: E402
 from vmrun.qemu import process  # noqa: E402
 from vmrun.qemu.arch import Transport, host_arch, lookup_arch  # noqa: E402
 from vmrun.qemu.argv import BootPlan, accel_args, kernel_cmdline, machine_args  # noqa: E402
-from vmrun.run import _qemu_version  # noqa: E402
 from vmrun.spec import Accel, MachineSpec  # noqa: E402
 
 TARGET = 1.15
@@ -70,13 +68,7 @@ def baseline_argv(workdir: Path) -> tuple[list[str], accellib.AccelChoice]:
         cpio.file("init", POWEROFF_INIT, mode=0o755)
         cpio.finish()
 
-    def kvm_problem() -> str | None:
-        return accellib.kvm_usable(
-            qemu, _qemu_version(qemu), guest.kernel, guest.initrd,
-            kernel_cmdline(arch, console=False, probe=True), arch.machine,
-            cachelib.cache_dir())
-
-    choice = accellib.choose_accel(Accel.AUTO, arch, kvm_problem=kvm_problem)
+    choice = accellib.choose_for_guest(Accel.AUTO, arch, guest.kernel, guest.initrd)
     spec = MachineSpec()
     plan = BootPlan(
         arch=arch, accel=choice.accel, cpus=spec.cpus, memory_mib=spec.memory_mib,

@@ -26,8 +26,7 @@ from vmrun.guest.build import ensure_guest
 from vmrun.qemu import accel as accellib
 from vmrun.qemu import process
 from vmrun.qemu.arch import host_arch, lookup_arch
-from vmrun.qemu.argv import kernel_cmdline
-from vmrun.run import Machine, _qemu_version, notice_stderr
+from vmrun.run import Machine, notice_stderr
 from vmrun.spec import Accel, Command, MachineSpec, Net, Share, parse_env, parse_memory
 
 EXIT_CODES = """\
@@ -135,16 +134,11 @@ def cmd_info(argv: Sequence[str]) -> int:
     qemu = process.find_qemu(arch)
     guest = ensure_guest(arch, mirror=args.mirror, notice=notice_stderr)
 
-    def kvm_problem() -> str | None:
-        return accellib.kvm_usable(qemu, _qemu_version(qemu), guest.kernel, guest.initrd,
-                                   kernel_cmdline(arch, console=False, probe=True),
-                                   arch.machine, cachelib.cache_dir())
-
-    choice = accellib.choose_accel(Accel.AUTO, arch, kvm_problem=kvm_problem)
+    choice = accellib.choose_for_guest(Accel.AUTO, arch, guest.kernel, guest.initrd)
     info: dict[str, Any] = {
         "vmrun_version": __version__,
         "qemu": qemu,
-        "qemu_version": _qemu_version(qemu),
+        "qemu_version": process.qemu_version(qemu),
         "accel": str(choice.accel),
         "accel_reason": choice.reason,
         "host_arch": host_arch(),

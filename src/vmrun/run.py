@@ -36,7 +36,6 @@ from vmrun.errors import (
     ChannelLost,
     CommandTimeout,
     GuestPanic,
-    QemuError,
     UsageError,
 )
 from vmrun.guest.build import Guest, ensure_guest
@@ -205,11 +204,16 @@ def virtiofsd(path: Path, rundir: Path) -> Iterator[Path]:
 # ---- output plumbing --------------------------------------------------------------------
 
 class Output:
-    """One guest output port: read, cut at the token, then captured or written to a host fd."""
+    """One guest output port: read, cut at the token, then captured or written to a host fd.
+
+    Between commands nothing is forwarded; with a token, bytes up to it are; a port that
+    is a terminal (tty=True commands) forwards everything while a command runs.
+    """
 
     def __init__(self, sock: socket.socket, sink_fd: int | None) -> None:
         self.sock = sock
         self.sink_fd = sink_fd
+        self.active = False
         self.scanner: TokenScanner | None = None
         self.capture: bytearray | None = None
         self.pending = bytearray()
@@ -217,16 +221,21 @@ class Output:
         if sink_fd is not None and stat.S_ISREG(os.fstat(sink_fd).st_mode):
             self.chunk = 1 << 20
 
-    def begin(self, token: bytes, capture: bool) -> None:
-        self.scanner = TokenScanner(token)
+    def begin(self, token: bytes | None, capture: bool) -> None:
+        self.active = True
+        self.scanner = None if token is None else TokenScanner(token)
         self.capture = bytearray() if capture else None
+
+    def end(self) -> None:
+        self.active = False
 
     @property
     def done(self) -> bool:
-        return self.scanner is None or (self.scanner.done and not self.pending)
+        finished = not self.active or (self.scanner is not None and self.scanner.done)
+        return finished and not self.pending
 
     def wants_read(self) -> bool:
-        if self.scanner is None or self.scanner.done:
+        if not self.active or (self.scanner is not None and self.scanner.done):
             return True  # stray bytes between commands are read and dropped
         return len(self.pending) < PENDING_LIMIT
 
@@ -238,9 +247,10 @@ class Output:
             return True
         if not data:
             return False
-        if self.scanner is None:
+        if not self.active:
             return True
-        data = self.scanner.feed(data)
+        if self.scanner is not None:
+            data = self.scanner.feed(data)
         if self.capture is not None:
             self.capture += data
         elif self.sink_fd is not None:
@@ -325,9 +335,10 @@ class Machine:
         spec = self.spec
         qemu_binary = process.find_qemu(self.arch)
         self.guest = ensure_guest(self.arch, mirror=spec.mirror, notice=self.notice,
-                                  progress=_progress_printer() if sys.stderr.isatty() else None)
+                                  progress=progress_printer() if sys.stderr.isatty() else None)
         t = self._phase("fetch", t)
-        self.accel = accellib.choose_accel(spec.accel, self.arch, kvm_problem=self._kvm_problem)
+        self.accel = accellib.choose_for_guest(spec.accel, self.arch, self.guest.kernel,
+                                               self.guest.initrd)
         if self.accel.fell_back:
             self.notice(f"{self.accel.reason}; using TCG (slower)")
         self.rundir = self.stack.enter_context(
@@ -360,14 +371,6 @@ class Machine:
         self._pump(lambda: "ready" in self.events, spec.boot_timeout, BootTimeout(
             f"the guest agent was not ready within {spec.boot_timeout:.0f}s (--boot-timeout)"))
         self._phase("boot", t)
-
-    def _kvm_problem(self) -> str | None:
-        assert self.guest is not None
-        qemu = process.find_qemu(self.arch)
-        return accellib.kvm_usable(
-            qemu, _qemu_version(qemu), self.guest.kernel, self.guest.initrd,
-            kernel_cmdline(self.arch, console=False, probe=True), self.arch.machine,
-            cachelib.cache_dir())
 
     def _share_device(self) -> ShareDevice | None:
         if self.spec.share == Share.NONE:
@@ -450,7 +453,7 @@ class Machine:
             self.outputs[name].begin(token.encode(), capture)
         self.tty_mode = command.tty
         if command.tty:
-            self.outputs["tty"].begin(b"\0never\0", False)
+            self.outputs["tty"].begin(None, False)
         self.stdin_fd = 0 if stdin_mode == StdinMode.PORT or command.tty else None
         exit_code: int | None = None
 
@@ -484,16 +487,14 @@ class Machine:
         return result
 
     def _drain_tty(self) -> None:
-        sock = self.socks["tty"]
-        while True:
-            ready, _, _ = select.select([sock], [], [], 0.05)
-            if not ready:
+        """A terminal has no end marker: forward what arrives until it has been quiet."""
+        tty = self.outputs["tty"]
+        while select.select([tty.sock], [], [], 0.05)[0]:
+            if not tty.on_readable():
                 break
-            self.outputs["tty"].scanner = None
-            data = sock.recv(1 << 16)
-            if not data or self.stdout_fd is None:
-                break
-            os.write(self.stdout_fd, data)
+            while tty.pending and tty.sink_fd is not None:
+                tty.on_writable()
+        tty.end()
 
     # -- the event loop
 
@@ -655,17 +656,7 @@ def _raw_terminal(enabled: bool) -> Iterator[None]:
         termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
 
-def _qemu_version(qemu: str) -> str:
-    try:
-        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=10,
-                             check=False).stdout
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise QemuError(f"cannot run {qemu} --version: {exc}") from exc
-    first = out.splitlines()[0] if out else ""
-    return first.removeprefix("QEMU emulator version ").strip()
-
-
-def _progress_printer() -> Callable[[str, int, int | None], None]:
+def progress_printer() -> Callable[[str, int, int | None], None]:
     last = [0.0]
 
     def show(label: str, done: int, total: int | None) -> None:

@@ -88,12 +88,14 @@ def test_virtiofs_share(guest: Guest, workdir: Path) -> None:
 
 
 def test_large_output_keeps_memory_bounded(guest: Guest, workdir: Path) -> None:
-    # 50 MB through a pipe: vmrun must stream it, not hold it.
+    # 50 MB through a pipe: vmrun must stream it, not hold it. VmHWM is this process's
+    # own peak (ru_maxrss would include the forking parent's peak, inherited over exec).
     script = (
-        "import resource, sys\n"
+        "import re, sys\n"
         "from vmrun.cli import main\n"
         "code = main(sys.argv[1:])\n"
-        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "status = open('/proc/self/status').read()\n"
+        "peak = re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1)\n"
         "print(f'peak-kib={peak}', file=sys.stderr)\n"
         "sys.exit(code)\n"
     )
@@ -109,7 +111,8 @@ def test_large_output_keeps_memory_bounded(guest: Guest, workdir: Path) -> None:
     assert proc.returncode == 3, err
     assert total == 50_000_000
     peak_kib = int(err.decode().split("peak-kib=")[1].split()[0])
-    assert peak_kib < 100_000, f"vmrun's peak RSS was {peak_kib} KiB for 50 MB of output"
+    # vmrun itself needs about 21 MB here; holding the output would add 50 MB.
+    assert peak_kib < 60_000, f"vmrun's peak RSS was {peak_kib} KiB for 50 MB of output"
 
 
 def test_command_timeout(guest: Guest, workdir: Path) -> None:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from vmrun import cache as cachelib
 from vmrun.errors import UsageError
+from vmrun.qemu import process
 from vmrun.qemu.arch import Arch, host_arch, host_tsc_khz
+from vmrun.qemu.argv import kernel_cmdline
 from vmrun.spec import Accel
 
 PROBE_DEADLINE = 1.5  # seconds a working KVM needs, with room, to boot the guest to init
@@ -120,3 +122,15 @@ def tcg_tsc_khz(arch: Arch, accel: Accel) -> int | None:
     if accel == Accel.TCG and arch.name == "x86_64":
         return host_tsc_khz()
     return None
+
+
+def choose_for_guest(requested: Accel, arch: Arch, kernel: Path, initrd: Path) -> AccelChoice:
+    """choose_accel, probing KVM (when it must) with the guest that will boot."""
+
+    def kvm_problem() -> str | None:
+        qemu = process.find_qemu(arch)
+        return kvm_usable(qemu, process.qemu_version(qemu), kernel, initrd,
+                          kernel_cmdline(arch, console=False, probe=True), arch.machine,
+                          cachelib.cache_dir())
+
+    return choose_accel(requested, arch, kvm_problem=kvm_problem)

@@ -9,7 +9,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,12 +103,11 @@ def stop(qemu: Qemu, qmp: Qmp | None, *, grace: float = 3.0) -> None:
             os.close(qemu.pidfd)
 
 
-def wait_exit(qemu: Qemu, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            qemu.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            return True
-        except subprocess.TimeoutExpired:
-            break
-    return qemu.exited()
+def qemu_version(qemu: str) -> str:
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=10,
+                             check=False).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise QemuError(f"cannot run {qemu} --version: {exc}") from exc
+    first = out.splitlines()[0] if out else ""
+    return first.removeprefix("QEMU emulator version ").strip()
