@@ -87,7 +87,7 @@ SNAPSHOTS: dict[tuple[str, Accel], list[str]] = {
         *channel_args(), *TAIL,
     ],
     ("aarch64", Accel.KVM): [
-        *head("qemu-system-aarch64", "virt", ["-accel", "kvm", "-cpu", "host"]),
+        *head("qemu-system-aarch64", "virt,gic-version=host", ["-accel", "kvm", "-cpu", "host"]),
         *channel_args(), *TAIL,
     ],
     ("aarch64", Accel.HVF): [
@@ -95,7 +95,7 @@ SNAPSHOTS: dict[tuple[str, Accel], list[str]] = {
         *channel_args(), *TAIL,
     ],
     ("aarch64", Accel.TCG): [
-        *head("qemu-system-aarch64", "virt,gic-version=max", ["-accel", "tcg", "-cpu", "max"]),
+        *head("qemu-system-aarch64", "virt", ["-accel", "tcg", "-cpu", "cortex-a57"]),
         *channel_args(), *TAIL,
     ],
 }
@@ -143,9 +143,9 @@ def test_argv_snapshot_aarch64_tcg_virtiofs() -> None:
     assert argv == [
         "qemu-system-aarch64",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", *SANDBOX,
-        "-machine", "virt,gic-version=max,memory-backend=mem",
+        "-machine", "virt,memory-backend=mem",
         "-global", "virtio-mmio.force-legacy=false",
-        "-accel", "tcg", "-cpu", "max",
+        "-accel", "tcg", "-cpu", "cortex-a57",
         "-smp", "2", "-m", "2048M",
         "-kernel", "/cache/vmlinuz", "-initrd", "/cache/initrd.cpio",
         "-append", "console=X quiet",
@@ -214,11 +214,12 @@ def test_sandbox_can_be_left_out() -> None:
     [
         (Accel.KVM, ["-accel", "kvm", "-cpu", "host"]),
         (Accel.HVF, ["-accel", "hvf", "-cpu", "host"]),
-        (Accel.TCG, ["-accel", "tcg", "-cpu", "max"]),
+        (Accel.TCG, ["-accel", "tcg", "-cpu", "TCG-CPU"]),
     ],
 )
 @pytest.mark.parametrize("arch", [X86, ARM], ids=lambda a: a.name)
 def test_accel_and_cpu(arch: Arch, accel: Accel, expected: list[str]) -> None:
+    expected = [arch.cpu_tcg if word == "TCG-CPU" else word for word in expected]
     argv = build_argv(plan(arch, accel))
     start = argv.index("-accel")
     assert argv[start : start + 4] == expected
@@ -312,8 +313,7 @@ def test_kernel_cmdline_snapshot() -> None:
         "tsc=reliable no_timer_check random.trust_cpu=on"
     )
     assert kernel_cmdline(ARM, console=True, probe=True) == (
-        "console=ttyAMA0 panic=-1 rdinit=/init loglevel=4 "
-        "tsc=reliable no_timer_check random.trust_cpu=on vmrun.probe"
+        "console=ttyAMA0 panic=-1 rdinit=/init loglevel=4 vmrun.probe"
     )
 
 
@@ -331,7 +331,7 @@ def test_lookup_arch_aliases(name: str, expected: str) -> None:
     assert lookup_arch(name) is ARCHES[expected]
 
 
-@pytest.mark.parametrize("name", ["riscv64", "", "x86", "arm"])
+@pytest.mark.parametrize("name", ["sparc64", "", "mips", "x86_65"])
 def test_lookup_unknown_arch(name: str) -> None:
     with pytest.raises(UsageError) as info:
         lookup_arch(name)
@@ -342,3 +342,33 @@ def test_lookup_unknown_arch(name: str) -> None:
 def test_device_names_follow_transport() -> None:
     assert X86.device("net") == "virtio-net-device"
     assert ARM.device("9p") == "virtio-9p-device"
+
+
+@pytest.mark.parametrize(
+    ("name", "machine", "console", "device"),
+    [
+        ("armv7", "virt,highmem=off", "ttyAMA0", "virtio-serial-device"),
+        ("i386", "microvm,isa-serial=on,rtc=on", "ttyS0", "virtio-serial-device"),
+        ("s390x", "s390-ccw-virtio", "ttysclp0", "virtio-serial-ccw"),
+        ("ppc64le", "pseries,cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,"
+         "cap-ccf-assist=off", "hvc0", "virtio-serial-pci"),
+        ("riscv64", "virt", "ttyS0", "virtio-serial-device"),
+    ],
+)
+def test_foreign_arches_use_their_machine_console_and_transport(
+    name: str, machine: str, console: str, device: str
+) -> None:
+    arch = ARCHES[name]
+    argv = build_argv(plan(arch, Accel.TCG))
+    assert argv[0] == arch.qemu_binary
+    assert argv[argv.index("-machine") + 1] == machine
+    assert f"console={console}" in kernel_cmdline(arch, console=False)
+    assert f"{device},max_ports=7" in argv
+    assert ("-global" in argv) == (arch.transport == "mmio")
+
+
+def test_debian_names_are_accepted() -> None:
+    for debian, name in [("amd64", "x86_64"), ("arm64", "aarch64"), ("armhf", "armv7"),
+                         ("ppc64el", "ppc64le"), ("i386", "i386"), ("s390x", "s390x")]:
+        assert lookup_arch(debian).name == name
+        assert ARCHES[name].debian_arch == debian

@@ -467,14 +467,24 @@ def load_index(
         if name is None:
             raise FetchError(f"{source}: lists no {base} index", hint="check the arch name")
         sha256, size = hashes[name]
+        urls = [f"{dists}/{name}"]
         if release.get("Acquire-By-Hash", "").lower() == "yes":
-            # By-hash names do not change under us if the mirror updates mid-fetch.
-            url = f"{dists}/{posixpath.dirname(name)}/by-hash/SHA256/{sha256}"
-        else:
-            url = f"{dists}/{name}"
-        packages = _ensure_blob(
-            url, blobs / sha256, size=size, sha256=sha256, label=name, progress=progress
-        )
+            # By-hash names do not change under us if the mirror updates mid-fetch; but a
+            # mirror may lack one (seen: trixie riscv64), and the plain name, verified by
+            # the same hash, is as good.
+            urls.insert(0, f"{dists}/{posixpath.dirname(name)}/by-hash/SHA256/{sha256}")
+        for attempt, url in enumerate(urls):
+            try:
+                packages = _ensure_blob(
+                    url, blobs / sha256, size=size, sha256=sha256, label=name,
+                    progress=progress,
+                )
+                break
+            except _Unreachable:
+                raise
+            except FetchError:
+                if attempt == len(urls) - 1:
+                    raise
         if online:
             with staged(pointer) as tmp:
                 tmp.write_text(json.dumps({"inrelease": inrelease.name, "packages": sha256}))

@@ -75,8 +75,13 @@ def _agent_script() -> bytes:
     return Path(__file__).with_name("agent.sh").read_bytes()
 
 
+def guest_suite(arch: Arch) -> str:
+    """The Debian suite the guest comes from: the arch's, or $VMRUN_DEBIAN_SUITE."""
+    return os.environ.get("VMRUN_DEBIAN_SUITE") or arch.suite
+
+
 def _pointer(cache: Path, arch: Arch) -> Path:
-    return cache / "guests" / f"{arch.name}-{arch.suite}.json"
+    return cache / "guests" / f"{arch.name}-{guest_suite(arch)}.json"
 
 
 def _resolve_kernel(index: PackageIndex, name: str) -> PackageRecord:
@@ -98,7 +103,7 @@ def _fetch_debs(arch: Arch, *, mirror: str, cache: Path, notice: Notice,
     from vmrun.debian import archive
 
     index = archive.load_index(
-        mirror=mirror, suite=arch.suite, arch=arch.debian_arch, cache=cache,
+        mirror=mirror, suite=guest_suite(arch), arch=arch.debian_arch, cache=cache,
         notice=notice, progress=progress,
     )
     kernel = _resolve_kernel(index, arch.kernel_package)
@@ -138,7 +143,7 @@ def _unpack_kernel(deb: Path, arch: Arch, cache: Path) -> Path:
             raise FetchError(f"{deb.name} holds no kernel image matching {arch.kernel_glob}")
         shutil.move(str(images[0]), staging / "vmlinuz")
         image = (staging / "vmlinuz").read_bytes()
-        if arch.name == "x86_64":
+        if arch.name in ("x86_64", "i386") and image[0x202:0x206] == b"HdrS":
             # An XZ kernel spends seconds decompressing itself under TCG; unpacked once
             # here, its ELF boots straight through the PVH entry.
             vmlinux = kernellib.extract_vmlinux(image)

@@ -51,7 +51,7 @@ def kernel_cmdline(arch: Arch, *, console: bool, probe: bool = False, extra: str
         words.append(f"tsc_early_khz={tsc_khz}")
     # Quiet boots are faster under TCG: every console byte is an emulated UART write.
     words += ["loglevel=4"] if console else ["quiet", "loglevel=1"]
-    words += ["tsc=reliable", "no_timer_check", "random.trust_cpu=on"]
+    words += arch.kernel_args
     if probe:
         words.append("vmrun.probe")
     if extra:
@@ -71,11 +71,11 @@ def accel_args(plan: BootPlan) -> list[str]:
 
 def machine_args(plan: BootPlan) -> list[str]:
     machine = plan.arch.machine
-    if machine == "microvm":
+    if machine.startswith("microvm"):
         # The PIT stays: without it (and with no HPET) the kernel cannot calibrate the TSC.
         machine += ",isa-serial=on,rtc=on"
-    if plan.arch.name == "aarch64" and plan.accel == Accel.TCG:
-        machine += ",gic-version=max"
+    if plan.arch.name == "aarch64" and plan.accel == Accel.KVM:
+        machine += ",gic-version=host"
     if plan.share is not None and plan.share.kind == ShareKind.VIRTIOFS:
         machine += ",memory-backend=mem"
     return ["-machine", machine]
