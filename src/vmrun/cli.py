@@ -9,6 +9,7 @@ import platform
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -23,6 +24,7 @@ from vmrun.errors import (
     VmrunError,
 )
 from vmrun.guest.build import ensure_guest
+from vmrun.matrix import run_matrix
 from vmrun.qemu import accel as accellib
 from vmrun.qemu import process
 from vmrun.qemu.arch import host_arch, lookup_arch
@@ -63,7 +65,11 @@ def run_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"vmrun {__version__}")
-    parser.add_argument("--arch", help="guest architecture (default: the host's)")
+    parser.add_argument("--arch", help="guest architecture (default: the host's); several, "
+                        "comma-separated, run in parallel with prefixed output and a summary")
+    parser.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1,
+                        help="with several architectures: how many VMs at once")
+    parser.add_argument("--timings-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cpus", type=int, default=1, help="virtual CPUs (default 1)")
     parser.add_argument("--memory", default="1G", help="guest memory, like 512M or 2G")
     parser.add_argument("--timeout", type=float, help="seconds the command may run")
@@ -101,11 +107,36 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
     )
 
 
+def without_options(argv: Sequence[str], names: set[str]) -> list[str]:
+    """ARGV's options before "--", less NAMES (each with its value)."""
+    options = list(argv[: argv.index("--")] if "--" in argv else argv)
+    kept: list[str] = []
+    skip = False
+    for word in options:
+        if skip:
+            skip = False
+        elif word in names:
+            skip = True
+        elif not any(word.startswith(name + "=") for name in names):
+            kept.append(word)
+    return kept
+
+
 def cmd_run(argv: Sequence[str]) -> int:
     args = run_parser().parse_args(argv)
     command_argv = list(args.command)
     if command_argv[:1] == ["--"]:
         command_argv = command_argv[1:]
+    if args.arch and "," in args.arch:
+        if args.tty:
+            raise UsageError("-t cannot be used with several architectures")
+        if args.jobs < 1:
+            raise UsageError("--jobs must be at least 1")
+        if not command_argv:
+            raise UsageError("no command given", hint="usage: vmrun [OPTIONS] -- COMMAND")
+        arches = [a for a in args.arch.split(",") if a]
+        passthrough = without_options(argv, {"--arch", "--jobs", "-j", "--timings-file"})
+        return run_matrix(arches, passthrough, command_argv, args.jobs)
     if args.tty and not os.isatty(0):
         raise UsageError("-t needs a terminal on stdin")
     command = Command(
@@ -121,6 +152,8 @@ def cmd_run(argv: Sequence[str]) -> int:
     if spec.verbose:
         phases = ", ".join(f"{k} {v:.3f}s" for k, v in machine.timings.items())
         notice_stderr(f"phases: {phases}")
+    if args.timings_file is not None:
+        args.timings_file.write_text(json.dumps(machine.timings))
     return result.exit_code
 
 

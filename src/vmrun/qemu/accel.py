@@ -119,7 +119,7 @@ def choose_accel(
 
 def tcg_tsc_khz(arch: Arch, accel: Accel) -> int | None:
     """The TSC rate to tell an x86 guest under TCG (see kernel_cmdline), else None."""
-    if accel == Accel.TCG and arch.name == "x86_64":
+    if accel == Accel.TCG and arch.name in ("x86_64", "i386"):
         return host_tsc_khz()
     return None
 
