@@ -1,6 +1,6 @@
 """Cold `vmrun -- true` against plain QEMU booting the same kernel to an init that powers off.
 
-    python bench/boot.py [--runs N]
+    python bench/boot.py [--runs N] [--arch ARCH[,ARCH...]]
 
 The two are alternated (A B A B ...) so that drift on the host hits both alike. The
 baseline uses vmrun's own machine, accelerator, CPU, memory and kernel command line; what
@@ -52,12 +52,12 @@ def cpio_member(archive: bytes, wanted: str) -> bytes:
     raise SystemExit(f"boot.py: no {wanted} in the guest's initramfs")
 
 
-def baseline_argv(workdir: Path) -> tuple[list[str], accellib.AccelChoice]:
+def baseline_argv(workdir: Path, arch_name: str) -> tuple[list[str], accellib.AccelChoice]:
     """QEMU's argv for the baseline boot, and the accelerator vmrun would choose."""
-    arch = lookup_arch(host_arch())
+    arch = lookup_arch(arch_name)
     guest = ensure_guest(arch, notice=lambda m: print(f"vmrun: {m}", file=sys.stderr))
     qemu = process.find_qemu(arch)
-    initrd = workdir / "poweroff.cpio"
+    initrd = workdir / f"poweroff-{arch.name}.cpio"
     with open(initrd, "wb") as out:
         cpio = CpioWriter(out)
         cpio.directory("bin")
@@ -84,7 +84,7 @@ def baseline_argv(workdir: Path) -> tuple[list[str], accellib.AccelChoice]:
     argv += accel_args(plan)
     argv += ["-smp", str(plan.cpus), "-m", f"{plan.memory_mib}M"]
     argv += ["-kernel", str(plan.kernel), "-initrd", str(initrd), "-append", plan.cmdline]
-    argv += ["-serial", f"file:{workdir / 'serial.log'}"]
+    argv += ["-serial", f"file:{workdir / f'serial-{arch.name}.log'}"]
     return argv, choice
 
 
@@ -99,36 +99,42 @@ def timed(argv: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> f
     return elapsed
 
 
+def measure(arch: str, runs: int, workdir: Path) -> tuple[list[float], list[float], str]:
+    """Alternate vmrun and the baseline RUNS times; their times and the accel line."""
+    qemu_argv, choice = baseline_argv(workdir, arch)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    vmrun_argv = [sys.executable, "-m", "vmrun", "--arch", arch, "--", "true"]
+    cases: list[Callable[[], float]] = [
+        lambda: timed(vmrun_argv, cwd=workdir / "cwd", env=env),
+        lambda: timed(qemu_argv, cwd=workdir / "cwd"),
+    ]
+    times: list[list[float]] = [[], []]
+    for _ in range(runs):
+        for index, case in enumerate(cases):
+            times[index].append(case())
+    return times[0], times[1], f"accel {choice.accel}: {choice.reason}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="cold vmrun -- true against plain QEMU")
     parser.add_argument("--runs", type=int, default=5, help="runs of each (default 5)")
+    parser.add_argument("--arch", default=host_arch(),
+                        help="guest architectures, comma-separated (default: the host's)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="vmrun-bench-") as tmp:
-        workdir = Path(tmp)
-        (workdir / "cwd").mkdir()
-        qemu_argv, choice = baseline_argv(workdir)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-        vmrun_argv = [sys.executable, "-m", "vmrun", "--", "true"]
-        cases: dict[str, Callable[[], float]] = {
-            "vmrun -- true": lambda: timed(vmrun_argv, cwd=workdir / "cwd", env=env),
-            "qemu, init powers off": lambda: timed(qemu_argv, cwd=workdir / "cwd"),
-        }
-        times: dict[str, list[float]] = {name: [] for name in cases}
-        for _ in range(args.runs):
-            for name, case in cases.items():
-                times[name].append(case())
-
-    print(f"boot: {host_arch()} host, {args.runs} runs each, alternated")
-    print(f"accel {choice.accel}: {choice.reason}")
-    print(f"{'':<24}{'median':>9}{'min':>9}")
-    for name, values in times.items():
-        print(f"{name:<24}{statistics.median(values):>8.3f}s{min(values):>8.3f}s")
-    vm, base = times.values()
-    ratio_median = statistics.median(vm) / statistics.median(base)
-    ratio_min = min(vm) / min(base)
-    print(f"{'ratio vmrun/baseline':<24}{ratio_median:>8.2f}x{ratio_min:>8.2f}x"
-          f"   (target <= {TARGET:.2f}x)")
+    arches = [lookup_arch(a).name for a in args.arch.split(",") if a]
+    print(f"boot: {host_arch()} host, {args.runs} runs each, alternated; medians (min)")
+    print(f"{'arch':<9}{'vmrun -- true':>18}{'qemu + poweroff init':>24}{'ratio':>16}")
+    for arch in arches:
+        with tempfile.TemporaryDirectory(prefix="vmrun-bench-") as tmp:
+            workdir = Path(tmp)
+            (workdir / "cwd").mkdir()
+            vm, base, accel = measure(arch, args.runs, workdir)
+        ratio = statistics.median(vm) / statistics.median(base)
+        print(f"{arch:<9}{statistics.median(vm):>9.2f}s ({min(vm):.2f}s)"
+              f"{statistics.median(base):>15.2f}s ({min(base):.2f}s)"
+              f"{ratio:>9.2f}x ({min(vm) / min(base):.2f}x)   {accel[:60]}", flush=True)
+    print(f"target for the host's architecture: <= {TARGET:.2f}x")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from vmrun import cache as cachelib
+from vmrun import share
 from vmrun.channel import (
     Mount,
     Request,
@@ -145,60 +146,6 @@ def run_directory(*, keep: Callable[[], bool], notice: Notice) -> Iterator[Path]
             with contextlib.suppress(FileNotFoundError):
                 path.with_suffix(".lock").unlink()
         os.close(lock)
-
-
-# ---- the shared directory -----------------------------------------------------------
-
-def find_virtiofsd() -> str | None:
-    for candidate in (shutil.which("virtiofsd"), "/usr/libexec/virtiofsd",
-                      "/usr/lib/qemu/virtiofsd"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-def choose_share_kind(share: Share, via: str) -> ShareKind:
-    """virtiofs where the host has virtiofsd (and can run it), else 9p; ro always 9p,
-    because only QEMU's 9p server enforces read-only on the host side."""
-    if via == "9p" or share == Share.RO:
-        return ShareKind.NINEP
-    daemon = find_virtiofsd()
-    if via == "virtiofs":
-        if daemon is None:
-            raise UsageError("--share-via virtiofs: virtiofsd not found",
-                             hint="apt-get install virtiofsd (or qemu-system-common)")
-        return ShareKind.VIRTIOFS
-    # The C virtiofsd shipped with QEMU <= 7 sandboxes itself with namespaces: root only.
-    if daemon is not None and (os.geteuid() == 0 or not daemon.startswith("/usr/lib/qemu")):
-        return ShareKind.VIRTIOFS
-    return ShareKind.NINEP
-
-
-@contextlib.contextmanager
-def virtiofsd(path: Path, rundir: Path) -> Iterator[Path]:
-    daemon = find_virtiofsd()
-    assert daemon is not None
-    sock_path = rundir / "virtiofs.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(sock_path))
-    listener.listen(1)
-    argv = [daemon, f"--fd={listener.fileno()}", "-o", f"source={path}", "-o", "cache=auto"]
-    if daemon.startswith("/usr/lib/qemu"):
-        argv += ["-o", "sandbox=chroot"]
-    else:
-        argv += ["--sandbox", "none"]
-    log = rundir / "virtiofsd.log"
-    daemon_proc = process.spawn(argv, log=log, pass_fds=(listener.fileno(),))
-    listener.close()
-    try:
-        yield sock_path
-    finally:
-        try:
-            daemon_proc.process.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            daemon_proc.process.kill()
-            daemon_proc.process.wait()
-        os.close(daemon_proc.pidfd)
 
 
 # ---- output plumbing --------------------------------------------------------------------
@@ -377,11 +324,11 @@ class Machine:
             return None
         if not self.share_path.is_dir():
             raise UsageError(f"cannot share {self.share_path}: not a directory")
-        kind = choose_share_kind(self.spec.share, self.share_via)
+        kind = share.choose_share_kind(self.spec.share, self.share_via, self.arch)
         readonly = self.spec.share == Share.RO
         if kind == ShareKind.VIRTIOFS:
             assert self.rundir is not None
-            sock = self.stack.enter_context(virtiofsd(self.share_path, self.rundir))
+            sock = self.stack.enter_context(share.virtiofsd(self.share_path, self.rundir))
             return ShareDevice(kind, self.share_path, readonly, sock)
         return ShareDevice(kind, self.share_path, readonly)
 
@@ -434,7 +381,7 @@ class Machine:
             stdin_mode = StdinMode.PORT
         mounts: tuple[Mount, ...] = ()
         if self.first_request and self.spec.share != Share.NONE:
-            kind = choose_share_kind(self.spec.share, self.share_via)
+            kind = share.choose_share_kind(self.spec.share, self.share_via, self.arch)
             mounts = (Mount(str(kind), SHARE_TAG, self.spec.share == Share.RO,
                             str(self.share_path)),)
         size: tuple[int, int] | None = None

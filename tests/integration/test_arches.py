@@ -24,13 +24,16 @@ EXPECTED = {
 }
 PROBE = (
     "uname -m; printf '\\001\\002\\003\\004' > /tmp/word; od -An -tx4 /tmp/word | tr -d ' '; "
+    "uname -m > \"from-$(uname -m)\"; "
     "[ \"$(uname -m)\" != armv7l ] || exit 3"
 )
 
 
 def test_matrix_of_foreign_arches(tmp_path: Path) -> None:
-    done = run_cli("--arch", ",".join(EXPECTED), "--jobs", "2", "--share", "none",
-                   "--net", "none", "--", "sh", "-c", PROBE, cwd=tmp_path, timeout=900)
+    # The working directory is shared (virtiofs or 9p, as each arch allows): every guest
+    # leaves a file behind.
+    done = run_cli("--arch", ",".join(EXPECTED), "--jobs", "2", "--net", "none",
+                   "--", "sh", "-c", PROBE, cwd=tmp_path, timeout=900)
     out = done.stdout.decode()
     err = done.stderr.decode()
     # armv7 fails on purpose: the matrix exits with the first failing code.
@@ -45,6 +48,7 @@ def test_matrix_of_foreign_arches(tmp_path: Path) -> None:
         assert row, err
         assert int(row.group(1)) == (3 if arch == "armv7" else 0)
         assert row.group(2).endswith("s") and row.group(3).endswith("s")
+        assert (tmp_path / f"from-{machine}").read_text() == f"{machine}\n"
 
 
 def test_first_failure_is_in_arch_order() -> None:

@@ -372,3 +372,19 @@ def test_debian_names_are_accepted() -> None:
                          ("ppc64el", "ppc64le"), ("i386", "i386"), ("s390x", "s390x")]:
         assert lookup_arch(debian).name == name
         assert ARCHES[name].debian_arch == debian
+
+
+def test_share_kind_per_arch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmrun import share as runlib
+    from vmrun.errors import UsageError as Usage
+    from vmrun.spec import Share
+
+    monkeypatch.setattr(runlib, "find_virtiofsd", lambda: "/usr/bin/virtiofsd")
+    assert runlib.choose_share_kind(Share.RW, "auto", ARCHES["aarch64"]) == "virtiofs"
+    assert runlib.choose_share_kind(Share.RO, "auto", ARCHES["aarch64"]) == "9p"
+    for name in ("s390x", "ppc64le"):
+        assert runlib.choose_share_kind(Share.RW, "auto", ARCHES[name]) == "9p"
+        with pytest.raises(Usage):
+            runlib.choose_share_kind(Share.RW, "virtiofs", ARCHES[name])
+    monkeypatch.setattr(runlib, "find_virtiofsd", lambda: None)
+    assert runlib.choose_share_kind(Share.RW, "auto", ARCHES["x86_64"]) == "9p"
