@@ -290,7 +290,7 @@ class Machine:
             self.notice(f"{self.accel.reason}; using TCG (slower)")
         self.rundir = self.stack.enter_context(
             run_directory(keep=lambda: spec.keep, notice=self.notice))
-        share = self._share_device()
+        share_device = self._share_device()
         fds = self._make_sockets()
         plan = BootPlan(
             arch=self.arch, accel=self.accel.accel, cpus=spec.cpus, memory_mib=spec.memory_mib,
@@ -299,7 +299,7 @@ class Machine:
                 self.arch, console=spec.console, extra=os.environ.get("VMRUN_KERNEL_APPEND", ""),
                 tsc_khz=accellib.tcg_tsc_khz(self.arch, self.accel.accel),
             ),
-            fds=fds, share=share, net=spec.net == Net.USER,
+            fds=fds, share=share_device, net=spec.net == Net.USER,
         )
         self.argv = build_argv(plan, qemu_binary)
         (self.rundir / "qemu.argv").write_text(shlex.join(self.argv) + "\n")
