@@ -247,6 +247,7 @@ class Machine:
         self.events: list[str] = []
         self.serial_log: Path | None = None
         self.serial_written = 0
+        self.serial_truncated = False
         self.serial_tail = bytearray()
         self.outputs: dict[str, Output] = {}
         self.to_guest: dict[str, bytearray] = {}
@@ -537,13 +538,15 @@ class Machine:
         if self.spec.console:
             os.write(2, data)
         assert self.serial_log is not None
-        if self.serial_written < SERIAL_LOG_LIMIT:
-            with open(self.serial_log, "ab") as log:
-                room = SERIAL_LOG_LIMIT - self.serial_written
-                log.write(data[:room])
-                if len(data) > room:
-                    log.write(b"\n[vmrun: serial log truncated here]\n")
-            self.serial_written += len(data)
+        if self.serial_truncated:
+            return
+        room = SERIAL_LOG_LIMIT - self.serial_written
+        with open(self.serial_log, "ab") as log:
+            log.write(data[:room])
+            if len(data) > room:
+                log.write(b"\n[vmrun: serial log truncated here]\n")
+                self.serial_truncated = True
+        self.serial_written += min(len(data), room)
 
     def _check_qmp_events(self) -> None:
         assert self.qmp is not None

@@ -255,3 +255,22 @@ def test_info_json(guest: Guest, workdir: Path) -> None:
     assert info["initrd"] == str(guest.initrd)
     assert info["accel"] in ("kvm", "tcg", "hvf")
     assert info["accel_reason"]
+
+
+def test_console_flood_is_capped_in_the_serial_log(guest: Guest, workdir: Path) -> None:
+    # 1.2 MB through the guest's serial console: the stored log stops at its cap with a
+    # marker, and the command's exit code still arrives.
+    done = run_cli("--keep", "--share", "none", "--net", "none", "--", "sh", "-c",
+                   "head -c 1200000 /dev/zero | tr '\\0' x > /dev/console; exit 9",
+                   cwd=workdir, timeout=300)
+    assert done.returncode == 9, done.stderr
+    line = next(x for x in done.stderr.decode().splitlines() if "kept the run directory" in x)
+    kept = Path(line.split("kept the run directory ")[1].split()[0])
+    try:
+        log = (kept / "serial.log").read_bytes()
+        assert log.endswith(b"\n[vmrun: serial log truncated here]\n")
+        assert len(log) < (1 << 20) + 100
+    finally:
+        import shutil
+
+        shutil.rmtree(kept)

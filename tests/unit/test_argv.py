@@ -38,12 +38,12 @@ def plan(arch: Arch, accel: Accel, **changes: object) -> BootPlan:
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
-def channel_args() -> list[str]:
+def channel_args(ports: int = 6) -> list[str]:
     """The part of every argv that wires the fds: identical for every arch and accel."""
     return [
         "-chardev", "socket,id=qmp,fd=10", "-mon", "chardev=qmp,mode=control",
         "-chardev", "socket,id=serial,fd=11", "-serial", "chardev:serial",
-        "-device", "virtio-serial-device,max_ports=7",
+        "-device", f"virtio-serial-device,max_ports={ports}",
         "-chardev", "socket,id=control,fd=12",
         "-device", "virtserialport,chardev=control,name=vmrun.control",
         "-chardev", "socket,id=status,fd=13",
@@ -123,7 +123,7 @@ def test_argv_snapshot_x86_64_kvm_9p_ro_tty_no_net_no_sandbox() -> None:
         "-smp", "2", "-m", "1024M",
         "-kernel", "/cache/vmlinuz", "-initrd", "/cache/initrd.cpio",
         "-append", "console=X quiet",
-        *channel_args(),
+        *channel_args(7),
         "-chardev", "socket,id=tty,fd=17",
         "-device", "virtconsole,chardev=tty,name=vmrun.tty",
         "-fsdev",
@@ -363,7 +363,7 @@ def test_foreign_arches_use_their_machine_console_and_transport(
     assert argv[0] == arch.qemu_binary
     assert argv[argv.index("-machine") + 1] == machine
     assert f"console={console}" in kernel_cmdline(arch, console=False)
-    assert f"{device},max_ports=7" in argv
+    assert f"{device},max_ports=6" in argv
     assert ("-global" in argv) == (arch.transport == "mmio")
 
 

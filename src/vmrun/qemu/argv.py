@@ -126,7 +126,9 @@ def build_argv(plan: BootPlan, qemu: str | None = None) -> list[str]:
     # Every chardev is a socket vmrun created and handed over as an fd: no path races.
     argv += ["-chardev", f"socket,id=qmp,fd={plan.fds['qmp']}", "-mon", "chardev=qmp,mode=control"]
     argv += ["-chardev", f"socket,id=serial,fd={plan.fds['serial']}", "-serial", "chardev:serial"]
-    argv += ["-device", f"{arch.device('serial')},max_ports={len(PORTS) + 2}"]
+    # Port number 0 is kept for a console, so the count is one more than the ports.
+    ports = len(PORTS) + (1 if "tty" in plan.fds else 0) + 1
+    argv += ["-device", f"{arch.device('serial')},max_ports={ports}"]
     for port in PORTS:
         argv += [
             "-chardev", f"socket,id={port},fd={plan.fds[port]}",
