@@ -2,6 +2,8 @@
 
     VmrunError                  root; every error vmrun raises on purpose
     ├── UsageError              bad option, bad value, bad project file      (exit 125)
+    ├── ImageError              a disk image is unusable, missing or broken  (exit 118)
+    │   └── UnsafeImage         a foreign image fails the header check       (exit 118)
     ├── FetchError              download or archive problem                  (exit 124)
     │   └── VerificationError   a hash or signature does not match           (exit 124)
     ├── QemuError               QEMU missing, failed to start or died        (exit 123)
@@ -12,7 +14,7 @@
     └── ChannelLost             the guest vanished before reporting a status (exit 119)
 
 The guest command's own exit status passes through unchanged; vmrun's failures use
-the reserved codes above (119-125), and an interrupt gives 130 (SIGINT) or 143 (SIGTERM).
+the reserved codes above (118-125), and an interrupt gives 130 (SIGINT) or 143 (SIGTERM).
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ class VmrunError(Exception):
 
 class UsageError(VmrunError):
     exit_code = 125
+
+
+class ImageError(VmrunError):
+    exit_code = 118
+
+
+class UnsafeImage(ImageError):
+    """A foreign image that vmrun refuses to hand to QEMU or qemu-img; says which and why."""
 
 
 class FetchError(VmrunError):

@@ -1,0 +1,1 @@
+"""Disk images: the content-addressed store, format inspection and safety, disk operations."""
