@@ -48,6 +48,7 @@ class Request:
     tty: tuple[int, int] | None = None  # rows, cols
     mounts: tuple[Mount, ...] = ()
     net: bool = False
+    disk: bool = False
 
 
 def new_token() -> str:
@@ -63,6 +64,8 @@ def encode_request(request: Request) -> bytes:
         lines.append(f"mount {mount.kind} {mount.tag} {mode} {escape(mount.path)}")
     if request.net:
         lines.append("net user")
+    if request.disk:
+        lines.append("disk")
     lines.append(f"cwd {escape(request.cwd)}")
     lines += [f"env {escape(key + '=' + value)}" for key, value in request.env]
     lines += [f"arg {escape(arg)}" for arg in request.argv]

@@ -59,8 +59,9 @@ class Parser(argparse.ArgumentParser):
 def run_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="vmrun",
-        description="Run COMMAND in a fresh, throwaway virtual machine. "
-        "Other subcommands: vmrun info [--json].",
+        description="Run COMMAND in a fresh, throwaway virtual machine. Other subcommands: "
+        "vmrun info [--json]; vmrun image pull|import|ls|rm|prune|inspect; "
+        "vmrun disk create|overlay|chain|commit|rebase|flatten|snapshot|convert|compact|resize.",
         usage="vmrun [run] [OPTIONS] -- COMMAND [ARGS...]",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -86,6 +87,8 @@ def run_parser() -> argparse.ArgumentParser:
                         help="user: outbound network through QEMU; none: no network")
     parser.add_argument("--accel", choices=[a.value for a in Accel], default="auto",
                         help="accelerator (auto: KVM or HVF where they work, else TCG)")
+    parser.add_argument("--image", help="attach a disk: a stored image (name or digest), an "
+                        "image file or an alias like debian:12, on a fresh overlay per run")
     parser.add_argument("--mirror", help="Debian mirror (default $VMRUN_DEBIAN_MIRROR or "
                         "http://deb.debian.org/debian)")
     parser.add_argument("--keep", action="store_true",
@@ -104,7 +107,7 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
         arch=args.arch, cpus=args.cpus, memory_mib=parse_memory(args.memory),
         boot_timeout=args.boot_timeout, share=Share(args.share), net=Net(args.net),
         accel=Accel(args.accel), keep=args.keep, console=args.console, verbose=args.verbose,
-        mirror=args.mirror, tty=args.tty,
+        mirror=args.mirror, tty=args.tty, image=args.image,
     )
 
 
@@ -192,6 +195,18 @@ def cmd_info(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_image_checked(argv: Sequence[str]) -> int:
+    """`vmrun image ...`, with the header check on every image taken in, and prune
+    sparing the bases that live runs stand on."""
+    from vmrun.cli_image import cmd_image
+    from vmrun.images.attach import live_digests
+    from vmrun.images.formats import check_foreign_image
+    from vmrun.run import runs_root
+
+    return cmd_image(argv, validate=check_foreign_image,
+                     in_use=lambda: live_digests(runs_root()))
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
@@ -214,6 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args[:1] == ["info"]:
             return cmd_info(args[1:])
+        if args[:1] == ["disk"]:
+            from vmrun.cli_disk import cmd_disk
+
+            return cmd_disk(args[1:])
+        if args[:1] == ["image"]:
+            return cmd_image_checked(args[1:])
         if args[:1] == ["run"]:
             args = args[1:]
         return cmd_run(args)

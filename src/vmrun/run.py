@@ -37,6 +37,7 @@ from vmrun.errors import (
     ChannelLost,
     CommandTimeout,
     GuestPanic,
+    ImageError,
     UsageError,
 )
 from vmrun.guest.build import Guest, ensure_guest
@@ -292,6 +293,7 @@ class Machine:
         self.rundir = self.stack.enter_context(
             run_directory(keep=lambda: spec.keep, notice=self.notice))
         share_device = self._share_device()
+        overlay = self._attach_image()
         fds = self._make_sockets()
         plan = BootPlan(
             arch=self.arch, accel=self.accel.accel, cpus=spec.cpus, memory_mib=spec.memory_mib,
@@ -300,7 +302,7 @@ class Machine:
                 self.arch, console=spec.console, extra=os.environ.get("VMRUN_KERNEL_APPEND", ""),
                 tsc_khz=accellib.tcg_tsc_khz(self.arch, self.accel.accel),
             ),
-            fds=fds, share=share_device, net=spec.net == Net.USER,
+            fds=fds, share=share_device, net=spec.net == Net.USER, disk=overlay,
         )
         self.argv = build_argv(plan, qemu_binary)
         (self.rundir / "qemu.argv").write_text(shlex.join(self.argv) + "\n")
@@ -319,6 +321,16 @@ class Machine:
         self._pump(lambda: "ready" in self.events, spec.boot_timeout, BootTimeout(
             f"the guest agent was not ready within {spec.boot_timeout:.0f}s (--boot-timeout)"))
         self._phase("boot", t)
+
+    def _attach_image(self) -> Path | None:
+        if self.spec.image is None:
+            return None
+        from vmrun.images.attach import attach
+
+        assert self.rundir is not None
+        attached = attach(self.spec.image, self.rundir, arch=self.arch.debian_arch,
+                          notice=self.notice)
+        return attached.overlay
 
     def _share_device(self) -> ShareDevice | None:
         if self.spec.share == Share.NONE:
@@ -393,6 +405,7 @@ class Machine:
             argv=command.argv, cwd=command.cwd or str(self.share_path), env=command.env,
             token=token, stdin=stdin_mode, stdin_data=command.input or b"", tty=size,
             mounts=mounts, net=self.first_request and self.spec.net == Net.USER,
+            disk=self.first_request and self.spec.image is not None,
         )
         self.first_request = False
         self.events.clear()
@@ -553,6 +566,12 @@ class Machine:
         for event in self.qmp.events:
             if event.get("event") == "GUEST_PANICKED":
                 self._raise_panic()
+            data = event.get("data") or {}
+            if event.get("event") == "BLOCK_IO_ERROR" and data.get("nospace"):
+                self.failed = True
+                raise ImageError("host disk full: the VM's disk overlay could not grow",
+                                 hint=f"free space under {self.rundir}")
+        self.qmp.events.clear()
 
     def _raise_panic(self) -> None:
         self.failed = True

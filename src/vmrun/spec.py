@@ -44,6 +44,7 @@ class MachineSpec:
     verbose: bool = False
     mirror: str | None = None
     tty: bool = False  # give the VM a terminal port, for commands run with tty=True
+    image: str | None = None  # a disk: stored name or digest, image file, or alias
 
     def __post_init__(self) -> None:
         if self.cpus < 1 or self.cpus > 64:

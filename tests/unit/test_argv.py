@@ -388,3 +388,14 @@ def test_share_kind_per_arch(monkeypatch: pytest.MonkeyPatch) -> None:
             runlib.choose_share_kind(Share.RW, "virtiofs", ARCHES[name])
     monkeypatch.setattr(runlib, "find_virtiofsd", lambda: None)
     assert runlib.choose_share_kind(Share.RW, "auto", ARCHES["x86_64"]) == "9p"
+
+
+def test_disk_overlay_names_its_format_and_reports_errors() -> None:
+    argv = build_argv(plan(X86, Accel.TCG, disk=Path("/run/x,y/disk.qcow2")))
+    drive = argv[argv.index("-drive") + 1]
+    assert drive.startswith("file=/run/x,,y/disk.qcow2,format=qcow2,")
+    assert "werror=report" in drive and "rerror=report" in drive
+    assert "virtio-blk-device,drive=disk0,serial=vmrun-disk" in argv
+    assert "-drive" not in build_argv(plan(X86, Accel.TCG))
+    s390 = build_argv(plan(ARCHES["s390x"], Accel.TCG, disk=Path("/d.qcow2")))
+    assert "virtio-blk-ccw,drive=disk0,serial=vmrun-disk" in s390

@@ -3,7 +3,7 @@
 #
 # Protocol (see vmrun/channel.py for the host side). Host -> guest on port vmrun.control,
 # one request per command, one field per line, values escaped for printf %b:
-#   mount 9p|virtiofs TAG ro|rw PATH   net user   cwd PATH   env K=V   arg A
+#   mount 9p|virtiofs TAG ro|rw PATH   net user   disk   cwd PATH   env K=V   arg A
 #   token HEX   stdin port|null|file N   tty ROWS COLS   run
 # then either another request or "poweroff". Guest -> host on port vmrun.status:
 #   "ready" once, then per command "started" and "exit N". After the command, the
@@ -97,6 +97,15 @@ mount_share() {
 }
 
 
+start_disk() {
+    load_modules /etc/vmrun/modules.blk
+    for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+        [ -b /dev/vda ] && return 0
+        usleep 10000
+    done
+    say "the disk /dev/vda did not appear"
+}
+
 # The command runs in a subshell that replays the request from a file: env and argv are
 # applied there, so nothing of them leaks into the agent between commands.
 run_command() {
@@ -137,6 +146,7 @@ while :; do
             stdin) stdin_mode=${val%% *}; stdin_len=${val#* } ;;
             tty) tty=$val ;;
             net) start_net ;;
+            disk) start_disk ;;
             mount)
                 set -- $val
                 unescape "$4"

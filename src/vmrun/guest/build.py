@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 # found without it, and every run's start-up time counts.
 
 # Bump when the layout of the initramfs changes in a way the agent depends on.
-INITRD_FORMAT = "5"
+INITRD_FORMAT = "6"
 
 # Module sets the agent loads: at boot, and when a request needs them.
 MODULE_SETS: dict[str, tuple[str, ...]] = {
@@ -38,6 +38,7 @@ MODULE_SETS: dict[str, tuple[str, ...]] = {
     "9p": ("9pnet_virtio", "9p"),
     "virtiofs": ("virtiofs",),
     "net": ("virtio_net",),
+    "blk": ("virtio_blk",),
 }
 TRANSPORT_MODULE = {Transport.MMIO: "virtio_mmio", Transport.PCI: "virtio_pci", Transport.CCW: ""}
 
@@ -45,6 +46,7 @@ TRANSPORT_MODULE = {Transport.MMIO: "virtio_mmio", Transport.PCI: "virtio_pci", 
 # above lies inside them (checked when the closure is computed).
 MODULE_DIRS = (
     "drivers/virtio/", "drivers/char/virtio_console", "drivers/char/hw_random/",
+    "drivers/block/virtio_blk",
     "drivers/net/virtio_net", "drivers/net/net_failover", "net/core/failover",
     "net/9p/", "fs/9p/", "fs/fuse/", "fs/netfs/", "fs/fscache/", "drivers/s390/virtio/",
 )
@@ -131,7 +133,8 @@ def _unpack_kernel(deb: Path, arch: Arch, cache: Path) -> Path:
     from vmrun.debian.deb import extract_deb
     from vmrun.guest import kernel as kernellib
 
-    final = cache / "kernels" / cachelib.sha256_file(deb)
+    # Keyed by what is unpacked too, so a vmrun that needs more modules unpacks again.
+    final = cache / "kernels" / cachelib.key_of(cachelib.sha256_file(deb), *MODULE_DIRS)
     if (final / "vmlinuz").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ class BootPlan:
     fds: dict[str, int]  # chardev id -> fd QEMU inherits: PORTS, "tty", "serial", "qmp"
     share: ShareDevice | None = None
     net: bool = True
+    disk: Path | None = None  # the run's own qcow2 overlay, attached as a virtio disk
     sandbox: bool = True  # -sandbox needs QEMU built with seccomp
 
 
@@ -140,4 +141,12 @@ def build_argv(plan: BootPlan, qemu: str | None = None) -> list[str]:
     if plan.net:
         argv += ["-netdev", "user,id=net0", "-device", f"{arch.device('net')},netdev=net0"]
     argv += share_args(plan)
+    if plan.disk is not None:
+        # The format is always named (never probed), and a failed write is reported to
+        # the guest instead of pausing the VM, so a full host disk ends the run.
+        argv += [
+            "-drive", f"file={option_value(plan.disk)},format=qcow2,if=none,id=disk0,"
+            "werror=report,rerror=report,discard=unmap",
+            "-device", f"virtio-blk-{arch.device_suffix},drive=disk0,serial=vmrun-disk",
+        ]
     return argv

@@ -1,0 +1,189 @@
+"""`vmrun image`: pull, import, list, remove and prune stored disk images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn, TextIO
+
+from vmrun.errors import UsageError
+from vmrun.images import store
+from vmrun.images.aliases import ALIASES, ARCHES
+
+Validate = Callable[[Path], object]
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, hint=f"see {self.prog} --help")
+
+
+def image_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="vmrun image", description="Manage the store of disk images.")
+    commands = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    pull = commands.add_parser(
+        "pull", help="download an image by URL or alias and verify it",
+        description="Download an image and verify its checksum. Aliases: "
+        + ", ".join(sorted(ALIASES)) + ".")
+    pull.add_argument("source", metavar="URL|ALIAS")
+    pull.add_argument("--name", help="name to store it under (default: the alias, or the "
+                      "URL's file name)")
+    checksum = pull.add_mutually_exclusive_group()
+    checksum.add_argument("--sha256", metavar="HEX", help="the image's expected sha256")
+    checksum.add_argument("--checksums", metavar="URL",
+                          help="a SHA256SUMS or SHA512SUMS file listing the image")
+    pull.add_argument("--arch", help=f"architecture for an alias: {', '.join(ARCHES)} "
+                      "(default: the host's)")
+    pull.add_argument("--mirror", metavar="URL", help="replaces the publisher's base URL "
+                      f"for aliases (default ${store.MIRROR_ENV})")
+
+    imp = commands.add_parser("import", help="copy a local image file into the store")
+    imp.add_argument("file", type=Path, metavar="FILE")
+    imp.add_argument("--name", help="name to store it under (default: the file's name)")
+
+    ls = commands.add_parser("ls", help="list stored images")
+    ls.add_argument("--json", action="store_true", help="one JSON array on stdout")
+
+    rm = commands.add_parser("rm", help="forget an image's name (prune frees the space)")
+    rm.add_argument("name", metavar="NAME")
+
+    commands.add_parser("prune", help="remove images no name refers to and no run uses, "
+                        "and the leftovers of failed downloads")
+
+    inspect = commands.add_parser("inspect", help="read an image's header (no qemu-img)")
+    inspect.add_argument("ref", metavar="NAME|FILE")
+    inspect.add_argument("--json", action="store_true")
+    return parser
+
+
+class ProgressLine:
+    """Download progress on STREAM: a redrawn bar on a terminal, else one line at the end."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.label = ""
+        self.done = 0
+        self.total: int | None = None
+        self.started = time.monotonic()
+        self.drawn = 0.0
+
+    def __call__(self, label: str, done: int, total: int | None) -> None:
+        self.label, self.done, self.total = label, done, total
+        now = time.monotonic()
+        if self.tty and (now - self.drawn >= 0.1 or done == total):
+            self.drawn = now
+            self.stream.write(f"\r\x1b[K{self._text()}")
+            self.stream.flush()
+
+    def _text(self) -> str:
+        mib = self.done / (1 << 20)
+        if self.total:
+            width = 30
+            filled = width * self.done // self.total
+            bar = "#" * filled + "-" * (width - filled)
+            return (f"{self.label} [{bar}] {100 * self.done // self.total:3d}% "
+                    f"{mib:.1f}/{self.total / (1 << 20):.1f} MiB")
+        return f"{self.label} {mib:.1f} MiB"
+
+    def finish(self) -> None:
+        if not self.label:
+            return
+        if self.tty:
+            self.stream.write("\n")
+        else:
+            seconds = time.monotonic() - self.started
+            self.stream.write(f"vmrun: {self.label}: {self.done / (1 << 20):.1f} MiB "
+                              f"in {seconds:.1f}s\n")
+        self.stream.flush()
+
+
+def _notice(message: str) -> None:
+    print(f"vmrun: {message}", file=sys.stderr, flush=True)
+
+
+def _describe(image: store.StoredImage) -> dict[str, object]:
+    return {"name": image.name, "digest": image.digest, "size": image.size,
+            "format": image.format, "source": image.source, "created": image.created,
+            "path": str(image.path)}
+
+
+def _size_text(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _print_table(images: list[store.StoredImage]) -> None:
+    rows = [("NAME", "DIGEST", "SIZE", "FORMAT", "CREATED", "SOURCE")]
+    for image in images:
+        rows.append((image.name or "<none>", image.digest[:12], _size_text(image.size),
+                     image.format or "-", image.created or "-", image.source or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[-1]]).rstrip())
+
+
+def cmd_image(
+    argv: Sequence[str],
+    validate: Validate | None = None,
+    in_use: Callable[[], set[str]] | None = None,
+) -> int:
+    """Run `vmrun image ARGV...`; VALIDATE checks new images, IN_USE names live bases."""
+    args = image_parser().parse_args(list(argv))
+    if args.action == "pull":
+        progress = ProgressLine(sys.stderr)
+        try:
+            image = store.pull(args.source, name=args.name, sha256=args.sha256,
+                               checksums_url=args.checksums, arch=args.arch,
+                               mirror=args.mirror, progress=progress, notice=_notice,
+                               validate=validate)
+        finally:
+            progress.finish()
+        print(f"{image.name}  sha256:{image.digest}")
+    elif args.action == "import":
+        image = store.import_image(args.file, name=args.name, validate=validate)
+        print(f"{image.name}  sha256:{image.digest}")
+    elif args.action == "ls":
+        images = store.list_images()
+        if args.json:
+            print(json.dumps([_describe(image) for image in images], indent=2))
+        else:
+            _print_table(images)
+    elif args.action == "rm":
+        store.remove(args.name)
+    elif args.action == "prune":
+        removed = store.prune(in_use=in_use if in_use is not None else set)
+        for digest in removed:
+            print(f"removed sha256:{digest}")
+    elif args.action == "inspect":
+        _inspect(args.ref, as_json=args.json)
+    return 0
+
+
+def _inspect(ref: str, *, as_json: bool) -> None:
+    from vmrun.images.formats import inspect_image
+
+    path = Path(ref)
+    if not path.exists():
+        path = store.resolve(ref).path
+    info = inspect_image(path).to_json()
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    qcow2 = info.pop("qcow2", None)
+    for key, value in info.items():
+        print(f"{key:<20}{value}")
+    if isinstance(qcow2, dict):
+        for key, value in qcow2.items():
+            if value not in (None, 0, [], ()):
+                print(f"{key:<20}{value}")

@@ -1,0 +1,91 @@
+"""A run's disk: its own qcow2 overlay on a read-only base that never changes."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmrun.errors import ImageError
+from vmrun.images import disk, formats, store
+from vmrun.images.aliases import resolve_alias
+
+Notice = Callable[[str], None]
+Progress = Callable[[str, int, int | None], None]
+
+
+@dataclass(frozen=True)
+class AttachedDisk:
+    overlay: Path
+    base: Path
+    base_format: str
+    digest: str | None  # the store's digest of the base, None for a file given by path
+
+
+def _is_alias(ref: str) -> bool:
+    try:
+        resolve_alias(ref, "amd64", None)
+    except Exception:  # noqa: BLE001 - any failure means: not an alias
+        return False
+    return True
+
+
+def base_image(ref: str, *, arch: str, notice: Notice,
+               progress: Progress | None) -> tuple[Path, str | None]:
+    """The base for REF (a file, a stored name or digest, or an alias to pull)."""
+    path = Path(ref)
+    if "/" in ref or path.exists():
+        if not path.is_file():
+            raise ImageError(f"no image file {ref}")
+        return path.resolve(), None
+    try:
+        stored = store.resolve(ref)
+    except ImageError:
+        if not _is_alias(ref):
+            raise
+        notice(f"pulling {ref}")
+        stored = store.pull(ref, arch=arch, progress=progress, notice=notice,
+                            validate=formats.check_foreign_image)
+    return stored.path, stored.digest
+
+
+def attach(ref: str, rundir: Path, *, arch: str, notice: Notice,
+           progress: Progress | None = None) -> AttachedDisk:
+    """Check the base, then make the run's overlay in RUNDIR (never reused, never shared)."""
+    base, digest = base_image(ref, arch=arch, notice=notice, progress=progress)
+    info = formats.check_foreign_image(base)
+    if digest is not None:
+        store.check_unchanged(digest, base)
+    overlay = rundir / "disk.qcow2"
+    disk.overlay(base, overlay, base_format=str(info.format))
+    # Lets `vmrun image prune` see which bases live runs stand on.
+    (rundir / "image.json").write_text(json.dumps({"digest": digest, "base": str(base)}))
+    return AttachedDisk(overlay=overlay, base=base, base_format=str(info.format),
+                        digest=digest)
+
+
+def live_digests(runs: Path) -> set[str]:
+    """Digests of the bases that running VMs stand on (their run's lock is held)."""
+    import fcntl
+
+    held: set[str] = set()
+    if not runs.is_dir():
+        return held
+    for marker in runs.glob("*/image.json"):
+        lock_path = marker.parent.with_suffix(".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)  # free: that run is dead
+        except BlockingIOError:
+            digest = json.loads(marker.read_text()).get("digest")
+            if digest:
+                held.add(digest)
+        finally:
+            os.close(fd)
+    return held

@@ -1,0 +1,100 @@
+"""Runs on disk images: a fresh overlay each run, the base never changes (real VMs)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.vmtools import run_cli, vmrun_argv, vmrun_env
+from vmrun.cache import sha256_file
+from vmrun.guest.build import Guest
+from vmrun.images import store
+from vmrun.run import runs_root
+
+pytestmark = pytest.mark.vm
+
+HEAD = b"vmrun-base-image"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> store.StoredImage:
+    raw = tmp_path_factory.mktemp("base") / "base.raw"
+    with open(raw, "wb") as f:
+        f.write(HEAD)
+        f.truncate(16 << 20)
+    return store.import_image(raw, name="vmrun-test-base")
+
+
+def leftover_runs() -> set[str]:
+    root = runs_root()
+    return {p.name for p in root.iterdir()} if root.is_dir() else set()
+
+
+def test_writes_go_to_the_overlay_and_the_base_is_unchanged(
+    guest: Guest, base: store.StoredImage, tmp_path: Path
+) -> None:
+    before = leftover_runs()
+    script = (
+        "[ -b /dev/vda ] || exit 99; head -c 16 /dev/vda; echo; "
+        "printf overwritten | dd of=/dev/vda conv=notrunc 2>/dev/null; sync; "
+        "head -c 11 /dev/vda; echo"
+    )
+    done = run_cli("--image", "vmrun-test-base", "--share", "none", "--net", "none",
+                   "--", "sh", "-c", script, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [HEAD, b"overwritten"]
+    assert sha256_file(base.path) == base.digest
+    assert leftover_runs() <= before
+    # The next run starts clean: a fresh overlay on the untouched base.
+    again = run_cli("--image", base.digest[:16], "--share", "none", "--net", "none",
+                    "--", "head", "-c", "16", "/dev/vda", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == HEAD
+
+
+def test_parallel_runs_from_one_base(guest: Guest, base: store.StoredImage,
+                                     tmp_path: Path) -> None:
+    before = leftover_runs()
+    procs = []
+    for n in range(3):
+        script = (f"[ -b /dev/vda ] || exit 99; "
+                  f"printf run-{n} | dd of=/dev/vda conv=notrunc 2>/dev/null; "
+                  f"head -c 5 /dev/vda; exit {n}")
+        procs.append(subprocess.Popen(
+            vmrun_argv("--image", "vmrun-test-base", "--share", "none", "--net", "none",
+                       "--", "sh", "-c", script),
+            cwd=tmp_path, env=vmrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for n, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == n, err
+        assert out == f"run-{n}".encode()
+    assert sha256_file(base.path) == base.digest
+    assert leftover_runs() <= before
+
+
+def test_an_image_file_by_path(guest: Guest, tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"by-path" + bytes(1 << 20))
+    done = run_cli("--image", str(image), "--share", "none", "--net", "none", "--",
+                   "sh", "-c", "[ -b /dev/vda ] || exit 99; "
+                   "printf x | dd of=/dev/vda conv=notrunc 2>/dev/null; "
+                   "head -c 7 /dev/vda", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"xy-path"
+    assert image.read_bytes()[:7] == b"by-path"
+
+
+def test_a_hostile_image_is_refused_before_qemu_sees_it(tmp_path: Path) -> None:
+    # A qcow2 header whose backing file is a host file: QEMU must never open it.
+    header = struct.pack(">4sIQIIQIIQQIIQ", b"QFI\xfb", 2, 72, len(b"/etc/passwd"), 16,
+                         1 << 20, 0, 1, 1 << 16, 2 << 16, 1, 0, 0)
+    image = tmp_path / "evil.qcow2"
+    image.write_bytes(header + b"/etc/passwd" + bytes(4096))
+    done = run_cli("--image", str(image), "--share", "none", "--", "true", cwd=tmp_path)
+    assert done.returncode == 118, done.stderr
+    assert b"backing" in done.stderr
+    assert not os.path.exists(tmp_path / "disk.qcow2")
