@@ -98,3 +98,59 @@ def test_a_hostile_image_is_refused_before_qemu_sees_it(tmp_path: Path) -> None:
     assert done.returncode == 118, done.stderr
     assert b"backing" in done.stderr
     assert not os.path.exists(tmp_path / "disk.qcow2")
+
+
+def test_an_alias_is_pulled_on_first_use(guest: Guest, tmp_path: Path) -> None:
+    # A publisher's site stand-in: debian:13 resolves under VMRUN_IMAGE_MIRROR.
+    import hashlib
+    import http.server
+    import threading
+    from functools import partial
+
+    site = tmp_path / "site" / "trixie" / "latest"
+    site.mkdir(parents=True)
+    image = site / "debian-13-genericcloud-amd64.qcow2"
+    raw = tmp_path / "alias.raw"
+    raw.write_bytes(b"from-the-alias" + bytes(1 << 20))
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image)],
+                   check=True)
+    digest = hashlib.sha512(image.read_bytes()).hexdigest()
+    (site / "SHA512SUMS").write_text(f"{digest}  {image.name}\n")
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {**vmrun_env(), "VMRUN_IMAGE_MIRROR": f"http://127.0.0.1:{server.server_port}"}
+        done = subprocess.run(
+            vmrun_argv("--image", "debian:13", "--share", "none", "--net", "none", "--",
+                       "head", "-c", "14", "/dev/vda"),
+            cwd=tmp_path, env=env, capture_output=True, timeout=300, check=False)
+    finally:
+        server.shutdown()
+        thread.join()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"from-the-alias"
+    assert b"pulling debian:13" in done.stderr
+
+
+def test_the_base_is_locked_against_writers_while_a_vm_runs(guest: Guest,
+                                                            tmp_path: Path) -> None:
+    image = tmp_path / "locked.raw"
+    image.write_bytes(bytes(1 << 20))
+    proc = subprocess.Popen(
+        vmrun_argv("--image", str(image), "--share", "none", "--net", "none", "--",
+                   "sh", "-c", "echo running; exec sleep 600"),
+        cwd=tmp_path, env=vmrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"running\n"
+        writer = subprocess.run(["qemu-img", "resize", "-f", "raw", str(image), "2M"],
+                                capture_output=True, text=True, check=False)
+        assert writer.returncode != 0
+        assert "lock" in writer.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert image.stat().st_size == 1 << 20

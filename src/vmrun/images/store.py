@@ -56,6 +56,8 @@ DIGEST_PREFIX_MIN = 12
 
 _TIMEOUT_S = 60.0
 _CHUNK = 1 << 16
+# Downloads read bigger pieces: fewer Python-level loops per byte hashed and written.
+_DOWNLOAD_CHUNK = 1 << 20
 _CHECKSUMS_LIMIT = 4 << 20
 # Consecutive attempts without new bytes before a download gives up (and stays resumable).
 _ATTEMPTS = 3
@@ -475,7 +477,7 @@ def _download(
                         progress(label, done, total)
                     while True:
                         try:
-                            chunk = response.read(_CHUNK)
+                            chunk = response.read(_DOWNLOAD_CHUNK)
                         except (OSError, http.client.HTTPException) as err:
                             problem = str(err) or type(err).__name__
                             break
