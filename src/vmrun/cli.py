@@ -201,7 +201,7 @@ def cmd_image_checked(argv: Sequence[str]) -> int:
     from vmrun.cli_image import cmd_image
     from vmrun.images.attach import live_digests
     from vmrun.images.formats import check_foreign_image
-    from vmrun.run import runs_root
+    from vmrun.rundir import runs_root
 
     return cmd_image(argv, validate=check_foreign_image,
                      in_use=lambda: live_digests(runs_root()))

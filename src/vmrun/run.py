@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import secrets
 import select
 import shlex
 import shutil
@@ -21,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from vmrun import cache as cachelib
 from vmrun import share
 from vmrun.channel import (
     Mount,
@@ -54,6 +51,7 @@ from vmrun.qemu.argv import (
     kernel_cmdline,
 )
 from vmrun.qemu.qmp import Qmp
+from vmrun.rundir import run_directory
 from vmrun.spec import Command, MachineSpec, Net, Share
 
 Notice = Callable[[str], None]
@@ -76,77 +74,6 @@ class Result:
     stdout: bytes | None = None
     stderr: bytes | None = None
     timings: dict[str, float] = field(default_factory=dict)
-
-
-# ---- the per-run directory ------------------------------------------------------------
-
-def runs_root() -> Path:
-    return cachelib.cache_dir() / "runs"
-
-
-def remove_dead_runs(root: Path) -> None:
-    """Remove what dead runs left: their lock file is free (never a guess by age).
-
-    A run locks ROOT/NAME.lock before it creates ROOT/NAME, and the remover deletes the
-    directory before the lock file, so a directory whose lock can be taken is dead.
-    """
-    if not root.is_dir():
-        return
-    for lock_path in root.glob("*.lock"):
-        run_dir = lock_path.with_suffix("")
-        if (run_dir / "kept").exists():
-            continue
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shutil.rmtree(run_dir, ignore_errors=True)
-            with contextlib.suppress(FileNotFoundError):
-                lock_path.unlink()
-        except BlockingIOError:
-            pass
-        finally:
-            os.close(fd)
-
-
-def _take_run_lock(root: Path) -> tuple[Path, int]:
-    while True:
-        path = root / f"run-{secrets.token_hex(6)}"
-        lock_path = path.with_suffix(".lock")
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            continue
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        # A remover may have taken and deleted the lock file between create and lock.
-        try:
-            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
-                return path, fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def run_directory(*, keep: Callable[[], bool], notice: Notice) -> Iterator[Path]:
-    root = runs_root()
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    remove_dead_runs(root)
-    path, lock = _take_run_lock(root)
-    path.mkdir(mode=0o700)
-    try:
-        yield path
-    finally:
-        if keep():
-            (path / "kept").touch()
-            notice(f"kept the run directory {path} (serial.log, qemu.log, qemu.argv)")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-            with contextlib.suppress(FileNotFoundError):
-                path.with_suffix(".lock").unlink()
-        os.close(lock)
 
 
 # ---- output plumbing --------------------------------------------------------------------

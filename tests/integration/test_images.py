@@ -13,7 +13,7 @@ from tests.integration.vmtools import run_cli, vmrun_argv, vmrun_env
 from vmrun.cache import sha256_file
 from vmrun.guest.build import Guest
 from vmrun.images import store
-from vmrun.run import runs_root
+from vmrun.rundir import runs_root
 
 pytestmark = pytest.mark.vm
 

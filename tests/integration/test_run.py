@@ -17,7 +17,7 @@ from tests.integration.vmtools import alive, qemu_children, run_cli, vmrun_argv,
 from vmrun import Command, Machine, MachineSpec, Net, Share
 from vmrun.errors import CommandTimeout
 from vmrun.guest.build import Guest
-from vmrun.run import runs_root
+from vmrun.rundir import runs_root
 
 pytestmark = pytest.mark.vm
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 from vmrun.errors import ImageError
 from vmrun.images import disk, formats, store
 from vmrun.images.aliases import resolve_alias
+from vmrun.rundir import live_runs
 
 Notice = Callable[[str], None]
 Progress = Callable[[str, int, int | None], None]
@@ -68,24 +68,12 @@ def attach(ref: str, rundir: Path, *, arch: str, notice: Notice,
 
 def live_digests(runs: Path) -> set[str]:
     """Digests of the bases that running VMs stand on (their run's lock is held)."""
-    import fcntl
-
     held: set[str] = set()
-    if not runs.is_dir():
-        return held
-    for marker in runs.glob("*/image.json"):
-        lock_path = marker.parent.with_suffix(".lock")
+    for run_dir in live_runs(runs):
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
+            digest = json.loads((run_dir / "image.json").read_text()).get("digest")
+        except (OSError, ValueError):
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)  # free: that run is dead
-        except BlockingIOError:
-            digest = json.loads(marker.read_text()).get("digest")
-            if digest:
-                held.add(digest)
-        finally:
-            os.close(fd)
+        if digest:
+            held.add(digest)
     return held
