@@ -24,7 +24,7 @@ from vmrun.errors import (
     VerificationError,
     VmrunError,
 )
-from vmrun.run import Machine, Result, run
+from vmrun.machine import Machine, Result, run
 from vmrun.spec import Accel, Command, MachineSpec, Net, Share
 
 __all__ = [

@@ -24,11 +24,11 @@ from vmrun.errors import (
     VmrunError,
 )
 from vmrun.guest.build import ensure_guest
+from vmrun.machine import Machine, notice_stderr
 from vmrun.matrix import run_matrix
 from vmrun.qemu import accel as accellib
 from vmrun.qemu import process
 from vmrun.qemu.arch import host_arch, lookup_arch
-from vmrun.run import Machine, notice_stderr
 from vmrun.spec import Accel, Command, MachineSpec, Net, Share, parse_env, parse_memory
 
 EXIT_CODES = """\

@@ -17,7 +17,9 @@ Notice = Callable[[str], None]
 
 
 def runs_root() -> Path:
-    return cachelib.cache_dir() / "runs"
+    """Where run directories (overlays, logs, sockets) go: $VMRUN_RUNS_DIR, else the cache."""
+    explicit = os.environ.get("VMRUN_RUNS_DIR")
+    return Path(explicit) if explicit else cachelib.cache_dir() / "runs"
 
 
 @contextlib.contextmanager

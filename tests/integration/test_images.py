@@ -159,3 +159,26 @@ def test_the_base_is_locked_against_writers_while_a_vm_runs(guest: Guest,
         proc.terminate()
         proc.wait(timeout=30)
     assert image.stat().st_size == 1 << 20
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_host_disk_full_fails_fast(guest: Guest, tmp_path: Path) -> None:
+    # The run directory (and so the overlay) on an 8 MiB filesystem; the guest writes 32.
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], check=True)
+    try:
+        image = tmp_path / "disk.raw"
+        image.write_bytes(bytes(64 << 20))
+        env = {**vmrun_env(), "VMRUN_RUNS_DIR": str(small)}
+        done = subprocess.run(
+            vmrun_argv("--image", str(image), "--share", "none", "--net", "none", "--",
+                       "sh", "-c", "dd if=/dev/urandom of=/dev/vda bs=1M count=32 "
+                       "oflag=direct 2>&1; sync; echo unreachable"),
+            cwd=tmp_path, env=env, capture_output=True, timeout=300, check=False)
+        assert done.returncode == 118, done.stderr
+        assert b"host disk full" in done.stderr
+        assert b"unreachable" not in done.stdout
+        assert [p.name for p in small.iterdir()] == []  # nothing half-written is left
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

@@ -9,7 +9,7 @@ import pytest
 
 import vmrun.cli
 from vmrun.errors import UsageError
-from vmrun.run import Result
+from vmrun.machine import Result
 from vmrun.spec import Accel, Command, MachineSpec, Net, Share, parse_env, parse_memory
 
 # --- parse_memory --------------------------------------------------------------------
@@ -152,7 +152,7 @@ def test_machine_spec_minimum_memory() -> None:
 
 
 class FakeMachine:
-    """Stands in for vmrun.run.Machine: records what the CLI asked for, boots nothing."""
+    """Stands in for vmrun.machine.Machine: records what the CLI asked for, boots nothing."""
 
     instances: list[FakeMachine] = []
     exit_code = 0

@@ -494,7 +494,11 @@ class Machine:
             if event.get("event") == "GUEST_PANICKED":
                 self._raise_panic()
             data = event.get("data") or {}
-            if event.get("event") == "BLOCK_IO_ERROR" and data.get("nospace"):
+            # QEMU names ENOSPC by "nospace" only when it tracks I/O status (werror=stop);
+            # with werror=report the reason says it.
+            if event.get("event") == "BLOCK_IO_ERROR" and (
+                data.get("nospace") or "No space left" in str(data.get("reason", ""))
+            ):
                 self.failed = True
                 raise ImageError("host disk full: the VM's disk overlay could not grow",
                                  hint=f"free space under {self.rundir}")
