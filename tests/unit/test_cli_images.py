@@ -1,0 +1,49 @@
+"""`vmrun image inspect` and `vmrun disk` through the real command line entry point."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vmrun.cli import main
+
+
+def test_image_inspect_json_agrees_with_qemu_img(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    image = tmp_path / "a.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "3G"], check=True)
+    assert main(["image", "inspect", str(image), "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out)
+    theirs = json.loads(subprocess.run(
+        ["qemu-img", "info", "-U", "-f", "qcow2", "--output=json", str(image)],
+        capture_output=True, text=True, check=True).stdout)
+    assert ours["format"] == theirs["format"] == "qcow2"
+    assert ours["virtual_size"] == theirs["virtual-size"]
+    assert ours["qcow2"]["cluster_size"] == theirs["cluster-size"]
+
+
+def test_image_import_refuses_a_backing_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Taking an image in runs the header check; here a backing file names a host path.
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                    str(top)], check=True)
+    code = main(["image", "import", str(top), "--name", "evil"])
+    assert code == 118
+    assert "backing" in capsys.readouterr().err
+
+
+def test_disk_overlay_and_chain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(1 << 20))
+    top = tmp_path / "top.qcow2"
+    assert main(["disk", "overlay", str(base), str(top)]) == 0
+    assert main(["disk", "chain", str(top), "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)
+    assert [Path(layer["path"]).name for layer in layers] == ["top.qcow2", "base.raw"]
+    assert main(["disk", "overlay", str(base), str(top)]) == 125  # never overwrites
