@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from vmrun import share
 from vmrun.channel import (
@@ -53,6 +54,9 @@ from vmrun.qemu.argv import (
 from vmrun.qemu.qmp import Qmp
 from vmrun.rundir import run_directory
 from vmrun.spec import Command, MachineSpec, Net, Share
+
+if TYPE_CHECKING:
+    from vmrun.images.attach import Base
 
 Notice = Callable[[str], None]
 
@@ -168,6 +172,7 @@ class Machine:
         self.argv: list[str] = []
         self.accel: accellib.AccelChoice | None = None
         self.guest: Guest | None = None
+        self.base: Base | None = None
         self.arch: Arch = lookup_arch(self.spec.arch or host_arch())
         self.share_path = (self.spec.share_dir or Path.cwd()).resolve()
         self.socks: dict[str, socket.socket] = {}
@@ -210,6 +215,11 @@ class Machine:
         t = time.monotonic()
         spec = self.spec
         qemu_binary = process.find_qemu(self.arch)
+        if spec.image is not None:
+            from vmrun.images.attach import prepare
+
+            self.base = prepare(spec.image, guest_arch=self.arch.name,
+                                debian_arch=self.arch.debian_arch, notice=self.notice)
         self.guest = ensure_guest(self.arch, mirror=spec.mirror, notice=self.notice,
                                   progress=progress_printer() if sys.stderr.isatty() else None)
         t = self._phase("fetch", t)
@@ -250,14 +260,12 @@ class Machine:
         self._phase("boot", t)
 
     def _attach_image(self) -> Path | None:
-        if self.spec.image is None:
+        if self.base is None:
             return None
         from vmrun.images.attach import attach
 
         assert self.rundir is not None
-        attached = attach(self.spec.image, self.rundir, arch=self.arch.debian_arch,
-                          notice=self.notice)
-        return attached.overlay
+        return attach(self.base, self.rundir).overlay
 
     def _share_device(self) -> ShareDevice | None:
         if self.spec.share == Share.NONE:

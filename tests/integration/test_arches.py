@@ -55,3 +55,17 @@ def test_first_failure_is_in_arch_order() -> None:
     assert first_failure([0, 0]) == 0
     assert first_failure([0, 3, 1]) == 3
     assert first_failure([120, 3]) == 120
+
+
+def test_an_image_for_a_foreign_arch_runs_on_that_arch(tmp_path: Path) -> None:
+    from tests.unit.test_partitions import by_arch, gpt_disk
+
+    image = tmp_path / "s390x.raw"
+    gpt_disk(image, [by_arch("s390x")])
+    done = run_cli("--arch", "s390x", "--image", str(image), "--share", "none", "--net",
+                   "none", "--", "sh", "-c", "head -c 520 /dev/vda | tail -c 8", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"EFI PART"
+    wrong = run_cli("--arch", "aarch64", "--image", str(image), "--", "true", cwd=tmp_path)
+    assert wrong.returncode == 125
+    assert b"is for s390x" in wrong.stderr

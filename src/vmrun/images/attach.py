@@ -7,9 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmrun.errors import ImageError
+from vmrun.errors import ImageError, UsageError
 from vmrun.images import disk, formats, store
 from vmrun.images.aliases import resolve_alias
+from vmrun.images.partitions import image_arch
 from vmrun.rundir import live_runs
 
 Notice = Callable[[str], None]
@@ -51,19 +52,39 @@ def base_image(ref: str, *, arch: str, notice: Notice,
     return stored.path, stored.digest
 
 
-def attach(ref: str, rundir: Path, *, arch: str, notice: Notice,
-           progress: Progress | None = None) -> AttachedDisk:
-    """Check the base, then make the run's overlay in RUNDIR (never reused, never shared)."""
-    base, digest = base_image(ref, arch=arch, notice=notice, progress=progress)
-    info = formats.check_foreign_image(base)
+@dataclass(frozen=True)
+class Base:
+    path: Path
+    format: str
+    digest: str | None
+
+
+def prepare(ref: str, *, guest_arch: str, debian_arch: str, notice: Notice,
+            progress: Progress | None = None) -> Base:
+    """Find REF's base and check it: its header, that it is unchanged, its architecture.
+
+    Runs before anything boots, so a refused image costs no VM.
+    """
+    path, digest = base_image(ref, arch=debian_arch, notice=notice, progress=progress)
+    info = formats.check_foreign_image(path)
     if digest is not None:
-        store.check_unchanged(digest, base)
+        store.check_unchanged(digest, path)
+    declared = image_arch(path, str(info.format))
+    if declared is not None and declared != guest_arch:
+        raise UsageError(f"image {ref} is for {declared} (its root partition says so), "
+                         f"not {guest_arch}", hint=f"use --arch {declared}")
+    return Base(path=path, format=str(info.format), digest=digest)
+
+
+def attach(base: Base, rundir: Path) -> AttachedDisk:
+    """Make the run's own overlay on BASE in RUNDIR (never reused, never shared)."""
     overlay = rundir / "disk.qcow2"
-    disk.overlay(base, overlay, base_format=str(info.format))
+    disk.overlay(base.path, overlay, base_format=base.format)
     # Lets `vmrun image prune` see which bases live runs stand on.
-    (rundir / "image.json").write_text(json.dumps({"digest": digest, "base": str(base)}))
-    return AttachedDisk(overlay=overlay, base=base, base_format=str(info.format),
-                        digest=digest)
+    (rundir / "image.json").write_text(json.dumps({"digest": base.digest,
+                                                   "base": str(base.path)}))
+    return AttachedDisk(overlay=overlay, base=base.path, base_format=base.format,
+                        digest=base.digest)
 
 
 def live_digests(runs: Path) -> set[str]:
