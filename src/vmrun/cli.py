@@ -60,7 +60,8 @@ def run_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="vmrun",
         description="Run COMMAND in a fresh, throwaway virtual machine. Other subcommands: "
-        "vmrun info [--json]; vmrun image pull|import|ls|rm|prune|inspect; "
+        "vmrun info [--json]; vmrun seed OUTPUT.iso --user-data FILE; "
+        "vmrun image pull|import|ls|rm|prune|inspect; "
         "vmrun disk create|overlay|chain|commit|rebase|flatten|snapshot|convert|compact|resize.",
         usage="vmrun [run] [OPTIONS] -- COMMAND [ARGS...]",
         epilog=EXIT_CODES,
@@ -229,6 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args[:1] == ["info"]:
             return cmd_info(args[1:])
+        if args[:1] == ["seed"]:
+            from vmrun.cli_seed import cmd_seed
+
+            return cmd_seed(args[1:])
         if args[:1] == ["disk"]:
             from vmrun.cli_disk import cmd_disk
 
