@@ -625,3 +625,17 @@ def test_cli_shows_progress_on_a_terminal(
     assert cmd_disk(["convert", str(raw), str(tmp_path / "out.qcow2"), "--to", "qcow2"]) == 0
     err = capsys.readouterr().err
     assert err.startswith("\rconvert:") and err.endswith("convert: 100.0%\n")
+
+
+def test_an_external_data_file_is_refused_before_qemu_img_reads_it(tmp_path: Path) -> None:
+    from vmrun.errors import UnsafeImage
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"host secret".ljust(1 << 20, b"\0"))
+    image = tmp_path / "ext.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    f"data_file={secret},data_file_raw=on", str(image), "1M"],
+                   check=True, cwd=tmp_path)
+    with pytest.raises(UnsafeImage, match="another file"):
+        disk.convert(image, tmp_path / "out.raw", src_format="qcow2", dst_format="raw")
+    assert not (tmp_path / "out.raw").exists()

@@ -21,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from vmrun.errors import ImageError, UsageError
+from vmrun.errors import ImageError, UnsafeImage, UsageError
 from vmrun.images import qemu_img
 
 Progress = Callable[[float], None]
@@ -205,9 +205,28 @@ def _walk(path: Path, fmt: str | None, *, strict: bool) -> list[Layer]:
         current = next_path
 
 
+# Incompatible qcow2 features vmrun knows: dirty, corrupt, external data file,
+# compression type, extended L2.
+_KNOWN_INCOMPATIBLE = 0b11111
+
+
 def _chain_ok(path: Path, fmt: str) -> list[Layer]:
-    """PATH's chain, checked to be complete and to name every backing format."""
-    return _walk(path, fmt, strict=True)
+    """PATH's chain, checked to be complete and to name every backing format, with no
+    layer that makes qemu-img read a file outside the chain (an external data file)."""
+    from vmrun.images.formats import inspect_image
+
+    layers = _walk(path, fmt, strict=True)
+    for layer in layers:
+        header = inspect_image(layer.path).qcow2 if layer.format == "qcow2" else None
+        if header is None:
+            continue
+        if header.data_file is not None or header.incompatible_features & 0b100:
+            raise UnsafeImage(f"{layer.path} keeps its data in another file "
+                              f"({header.data_file or 'external data file bit'}): refused")
+        if header.incompatible_features & ~_KNOWN_INCOMPATIBLE:
+            raise UnsafeImage(f"{layer.path} has unknown incompatible features "
+                              f"({header.incompatible_features:#x}): refused")
+    return layers
 
 
 def commit(overlay: Path, fmt: str = "qcow2", *, progress: Progress | None = None) -> None:
