@@ -144,13 +144,11 @@ def cmd_run(argv: Sequence[str]) -> int:
         return run_matrix(arches, passthrough, command_argv, args.jobs)
     if args.tty and not os.isatty(0):
         raise UsageError("-t needs a terminal on stdin")
-    command = Command(
-        argv=tuple(command_argv), env=parse_env(args.env, dict(os.environ)),
-        timeout=args.timeout, tty=args.tty, stdin_stream=not os.isatty(0),
-    )
+    env = parse_env(args.env, dict(os.environ))
     if args.tty and "TERM" in os.environ:
-        command = Command(argv=command.argv, env=(("TERM", os.environ["TERM"]), *command.env),
-                          timeout=command.timeout, tty=True)
+        env = (("TERM", os.environ["TERM"]), *env)  # the guest's terminal is the host's
+    command = Command(argv=tuple(command_argv), env=env, timeout=args.timeout, tty=args.tty,
+                      stdin_stream=not os.isatty(0))
     spec = machine_spec(args)
     with Machine(spec, stdout_fd=1, stderr_fd=2, share_via=args.share_via) as machine:
         result = machine.run(command)
