@@ -173,6 +173,7 @@ class Machine:
         self.accel: accellib.AccelChoice | None = None
         self.guest: Guest | None = None
         self.base: Base | None = None
+        self.share_device: ShareDevice | None = None
         self.arch: Arch = lookup_arch(self.spec.arch or host_arch())
         self.share_path = (self.spec.share_dir or Path.cwd()).resolve()
         self.socks: dict[str, socket.socket] = {}
@@ -229,7 +230,7 @@ class Machine:
             self.notice(f"{self.accel.reason}; using TCG (slower)")
         self.rundir = self.stack.enter_context(
             run_directory(keep=lambda: spec.keep, notice=self.notice))
-        share_device = self._share_device()
+        self.share_device = share_device = self._share_device()
         overlay = self._attach_image()
         fds = self._make_sockets()
         plan = BootPlan(
@@ -328,10 +329,9 @@ class Machine:
         elif command.stdin_stream and not command.tty:
             stdin_mode = StdinMode.PORT
         mounts: tuple[Mount, ...] = ()
-        if self.first_request and self.spec.share != Share.NONE:
-            kind = share.choose_share_kind(self.spec.share, self.share_via, self.arch)
-            mounts = (Mount(str(kind), SHARE_TAG, self.spec.share == Share.RO,
-                            str(self.share_path)),)
+        if self.first_request and self.share_device is not None:
+            device = self.share_device
+            mounts = (Mount(str(device.kind), SHARE_TAG, device.readonly, str(device.path)),)
         size: tuple[int, int] | None = None
         if command.tty:
             columns, lines = shutil.get_terminal_size()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vmrun.errors import ImageError, UsageError
 from vmrun.images import disk, formats, store
-from vmrun.images.aliases import resolve_alias
+from vmrun.images.aliases import ALIASES
 from vmrun.images.partitions import image_arch
 from vmrun.rundir import live_runs
 
@@ -25,14 +25,6 @@ class AttachedDisk:
     digest: str | None  # the store's digest of the base, None for a file given by path
 
 
-def _is_alias(ref: str) -> bool:
-    try:
-        resolve_alias(ref, "amd64", None)
-    except Exception:  # noqa: BLE001 - any failure means: not an alias
-        return False
-    return True
-
-
 def base_image(ref: str, *, arch: str, notice: Notice,
                progress: Progress | None) -> tuple[Path, str | None]:
     """The base for REF (a file, a stored name or digest, or an alias to pull)."""
@@ -44,7 +36,7 @@ def base_image(ref: str, *, arch: str, notice: Notice,
     try:
         stored = store.resolve(ref)
     except ImageError:
-        if not _is_alias(ref):
+        if ref.lower() not in ALIASES:
             raise
         notice(f"pulling {ref}")
         stored = store.pull(ref, arch=arch, progress=progress, notice=notice,
