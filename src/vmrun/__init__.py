@@ -4,18 +4,24 @@
     result = vmrun.run(["uname", "-r"], capture=True)
     with vmrun.Machine(vmrun.MachineSpec(share=vmrun.Share.NONE)) as vm:
         vm.run(vmrun.Command(("make", "check")))
+    spec = vmrun.MachineSpec(image="debian:12", boot=vmrun.Boot.FULL)
+    vmrun.run_full(["systemctl", "is-system-running"], spec=spec, capture=True)
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from typing import Any
+
 from vmrun.errors import (
+    BakeFailed,
     BootTimeout,
     ChannelLost,
     CommandTimeout,
     FetchError,
     GuestPanic,
+    HostKeyMismatch,
     ImageError,
     QemuError,
     QmpError,
@@ -25,16 +31,35 @@ from vmrun.errors import (
     VmrunError,
 )
 from vmrun.machine import Machine, Result, run
-from vmrun.spec import Accel, Command, MachineSpec, Net, Share
+from vmrun.spec import Accel, Boot, Command, MachineSpec, Net, Share
+
+# Imported when first used: they pull in YAML and the seed writer, which a plain
+# `vmrun -- CMD` does not need at start-up.
+_LAZY = {"FullMachine": "vmrun.fullboot", "FullOptions": "vmrun.fullboot",
+         "run_full": "vmrun.fullboot", "bake": "vmrun.bake"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vmrun' has no attribute {name!r}")
+
 
 __all__ = [
     "Accel",
+    "BakeFailed",
+    "Boot",
     "BootTimeout",
     "ChannelLost",
     "Command",
     "CommandTimeout",
     "FetchError",
+    "FullMachine",
+    "FullOptions",
     "GuestPanic",
+    "HostKeyMismatch",
     "ImageError",
     "Machine",
     "MachineSpec",
@@ -48,5 +73,7 @@ __all__ = [
     "VerificationError",
     "VmrunError",
     "__version__",
+    "bake",
     "run",
+    "run_full",
 ]

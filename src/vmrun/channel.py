@@ -15,6 +15,13 @@ from enum import StrEnum
 from vmrun.errors import ChannelLost
 
 MAX_STATUS_LINE = 64
+
+# Why the agent could not set up the request's root ("fail REASON" instead of "started").
+ROOT_FAILURES: dict[str, str] = {
+    "root-absent": "did not appear in the guest",
+    "root-mount": "holds no filesystem the guest can mount (ext4, xfs)",
+    "root-shell": "has no /bin/sh, so it is no root filesystem",
+}
 _PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789/._-+,:@%=")
 
 
@@ -49,6 +56,7 @@ class Request:
     mounts: tuple[Mount, ...] = ()
     net: bool = False
     disk: bool = False
+    root: int | None = None  # mount /dev/vdaN as the commands' root (first request only)
 
 
 def new_token() -> str:
@@ -59,13 +67,18 @@ def new_token() -> str:
 
 def encode_request(request: Request) -> bytes:
     lines: list[str] = []
+    if request.disk:
+        lines.append("disk")
+    if request.root is not None:
+        # Before the mounts: the share is then mounted inside the root.
+        if not 1 <= request.root <= 255:
+            raise ValueError(f"bad root partition number {request.root}")
+        lines.append(f"root {request.root}")
     for mount in request.mounts:
         mode = "ro" if mount.readonly else "rw"
         lines.append(f"mount {mount.kind} {mount.tag} {mode} {escape(mount.path)}")
     if request.net:
         lines.append("net user")
-    if request.disk:
-        lines.append("disk")
     lines.append(f"cwd {escape(request.cwd)}")
     lines += [f"env {escape(key + '=' + value)}" for key, value in request.env]
     lines += [f"arg {escape(arg)}" for arg in request.argv]
@@ -135,5 +148,7 @@ def parse_status_line(raw: bytes) -> str:
         return line
     word, _, number = line.partition(" ")
     if word == "exit" and number.isdigit() and 0 <= int(number) <= 255:
+        return line
+    if word == "fail" and number in ROOT_FAILURES:
         return line
     raise ChannelLost(f"the guest sent an unknown status message {line[:32]!r}")

@@ -11,13 +11,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from vmrun import __version__
 from vmrun import cache as cachelib
 from vmrun.errors import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
+    BakeFailed,
     GuestPanic,
     QemuError,
     UsageError,
@@ -29,12 +30,26 @@ from vmrun.matrix import run_matrix
 from vmrun.qemu import accel as accellib
 from vmrun.qemu import process
 from vmrun.qemu.arch import host_arch, lookup_arch
-from vmrun.spec import Accel, Command, MachineSpec, Net, Share, parse_env, parse_memory
+from vmrun.qemu.firmware import Firmware
+from vmrun.spec import (
+    Accel,
+    Boot,
+    Command,
+    MachineSpec,
+    Net,
+    Share,
+    parse_env,
+    parse_memory,
+)
+
+if TYPE_CHECKING:
+    from vmrun.fullboot import FullMachine, FullOptions
 
 EXIT_CODES = """\
 exit status:
   the command's own exit status, unchanged (death by signal N gives 128+N), or one of
   vmrun's reserved codes:
+  117  vmrun image bake failed (cloud-init errors, no power-off in time)
   118  a disk image is unusable, missing, broken or refused as unsafe
   119  the guest vanished before reporting an exit status (channel lost)
   120  the guest kernel panicked
@@ -61,7 +76,7 @@ def run_parser() -> argparse.ArgumentParser:
         prog="vmrun",
         description="Run COMMAND in a fresh, throwaway virtual machine. Other subcommands: "
         "vmrun info [--json]; vmrun seed OUTPUT.iso --user-data FILE; "
-        "vmrun image pull|import|ls|rm|prune|inspect; "
+        "vmrun image pull|import|ls|rm|prune|inspect|bake; "
         "vmrun disk create|overlay|chain|commit|rebase|flatten|snapshot|convert|compact|resize.",
         usage="vmrun [run] [OPTIONS] -- COMMAND [ARGS...]",
         epilog=EXIT_CODES,
@@ -90,6 +105,22 @@ def run_parser() -> argparse.ArgumentParser:
                         help="accelerator (auto: KVM or HVF where they work, else TCG)")
     parser.add_argument("--image", help="attach a disk: a stored image (name or digest), an "
                         "image file or an alias like debian:12, on a fresh overlay per run")
+    parser.add_argument("--boot", choices=[b.value for b in Boot], default="auto",
+                        help="with --image: fast (vmrun's kernel, the command runs in the "
+                        "image's root partition), full (the image's own firmware, kernel "
+                        "and init; the command over SSH), disk (attach it as /dev/vda); "
+                        "auto: fast if the image has a root partition, else disk")
+    parser.add_argument("--firmware", choices=[f.value for f in Firmware], default="auto",
+                        help="--boot full: bios or uefi (auto: what the image can boot, "
+                        "BIOS first on x86)")
+    parser.add_argument("--include", action=RuleAction, dest="rules", metavar="PATTERN",
+                        help="--boot full: copy what matches into the guest (rsync-style "
+                        "pattern; with --exclude, the first matching rule wins)")
+    parser.add_argument("--exclude", action=RuleAction, dest="rules", metavar="PATTERN",
+                        help="--boot full: do not copy what matches")
+    parser.add_argument("--collect", action="append", default=[], metavar="GLOB",
+                        help="--boot full: copy what matches GLOB (in the guest's working "
+                        "directory) back into the working directory after the command")
     parser.add_argument("--mirror", help="Debian mirror (default $VMRUN_DEBIAN_MIRROR or "
                         "http://deb.debian.org/debian)")
     parser.add_argument("--keep", action="store_true",
@@ -103,12 +134,30 @@ def run_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class RuleAction(argparse.Action):
+    """--include and --exclude keep their order in one list, as rsync's rules do."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        rules = list(getattr(namespace, self.dest, None) or [])
+        rules.append((self.option_strings[0].lstrip("-"), str(values)))
+        setattr(namespace, self.dest, rules)
+
+
+def full_options(args: argparse.Namespace) -> FullOptions:
+    from vmrun import sync
+    from vmrun.fullboot import FullOptions
+
+    return FullOptions(firmware=Firmware(args.firmware),
+                       rules=sync.parse_rules(args.rules or []), collect=tuple(args.collect))
+
+
 def machine_spec(args: argparse.Namespace) -> MachineSpec:
     return MachineSpec(
         arch=args.arch, cpus=args.cpus, memory_mib=parse_memory(args.memory),
         boot_timeout=args.boot_timeout, share=Share(args.share), net=Net(args.net),
         accel=Accel(args.accel), keep=args.keep, console=args.console, verbose=args.verbose,
-        mirror=args.mirror, tty=args.tty, image=args.image,
+        mirror=args.mirror, tty=args.tty, image=args.image, boot=Boot(args.boot),
     )
 
 
@@ -150,7 +199,21 @@ def cmd_run(argv: Sequence[str]) -> int:
     command = Command(argv=tuple(command_argv), env=env, timeout=args.timeout, tty=args.tty,
                       stdin_stream=not os.isatty(0))
     spec = machine_spec(args)
-    with Machine(spec, stdout_fd=1, stderr_fd=2, share_via=args.share_via) as machine:
+    full_only = [name for name, given in (("--include/--exclude", args.rules),
+                                          ("--collect", args.collect),
+                                          ("--firmware", args.firmware != "auto")) if given]
+    if spec.boot == Boot.FULL:
+        from vmrun.fullboot import FullMachine
+
+        if spec.image is None:
+            raise UsageError("--boot full needs --image")
+        machine: Machine | FullMachine = FullMachine(spec, full_options(args), stdout_fd=1,
+                                                     stderr_fd=2)
+    elif full_only:
+        raise UsageError(f"{full_only[0]} works with --boot full only")
+    else:
+        machine = Machine(spec, stdout_fd=1, stderr_fd=2, share_via=args.share_via)
+    with machine:
         result = machine.run(command)
     if spec.verbose:
         phases = ", ".join(f"{k} {v:.3f}s" for k, v in machine.timings.items())
@@ -202,8 +265,54 @@ def cmd_image_checked(argv: Sequence[str]) -> int:
     from vmrun.images.formats import check_foreign_image
     from vmrun.rundir import runs_root
 
+    if argv[:1] == ["bake"]:
+        return cmd_bake(argv[1:])
     return cmd_image(argv, validate=check_foreign_image,
                      in_use=lambda: live_digests(runs_root()))
+
+
+def cmd_bake(argv: Sequence[str]) -> int:
+    parser = Parser(prog="vmrun image bake", description="Boot BASE once with USER-DATA "
+                    "(cloud-init), wait until it powers off, and store the result as the "
+                    "layer NAME on top of BASE. Unchanged inputs are not baked again.")
+    parser.add_argument("base", help="a stored image, an image file or an alias")
+    parser.add_argument("--user-data", type=Path, required=True)
+    parser.add_argument("--meta-data", type=Path)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--timeout", type=float, default=1800.0,
+                        help="seconds until the guest must have powered off (default 1800)")
+    parser.add_argument("--arch")
+    parser.add_argument("--cpus", type=int, default=1)
+    parser.add_argument("--memory", default="1G")
+    parser.add_argument("--accel", choices=[a.value for a in Accel], default="auto")
+    parser.add_argument("--firmware", choices=[f.value for f in Firmware], default="auto")
+    parser.add_argument("--net", choices=[n.value for n in Net], default="user")
+    parser.add_argument("--quiet", "-q", action="store_true", help="do not show the console")
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    from vmrun.bake import bake
+    from vmrun.fullboot import FullOptions
+
+    def read(path: Path, what: str) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as err:
+            raise UsageError(f"cannot read {what} {path}: {err.strerror}") from None
+
+    spec = MachineSpec(arch=args.arch, cpus=args.cpus, memory_mib=parse_memory(args.memory),
+                       accel=Accel(args.accel), net=Net(args.net), console=not args.quiet,
+                       keep=args.keep, verbose=args.verbose, boot=Boot.FULL)
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    image, built = bake(args.base, name=args.name, user_data=read(args.user_data, "user-data"),
+                        meta_data=read(args.meta_data, "meta-data") if args.meta_data else None,
+                        spec=spec, options=FullOptions(firmware=Firmware(args.firmware)),
+                        timeout=args.timeout, notice=notice_stderr)
+    if not built:
+        notice_stderr(f"{args.name} is up to date (baked before from the same inputs)")
+    print(f"{image.name} {image.digest}")
+    return 0
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -213,6 +322,9 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def report(error: VmrunError) -> None:
     print(f"vmrun: error: {error}", file=sys.stderr)
     if isinstance(error, GuestPanic) and error.serial_tail:
+        print("--- guest console (tail) ---", file=sys.stderr)
+        print(error.serial_tail, file=sys.stderr)
+    if isinstance(error, BakeFailed) and error.serial_tail:
         print("--- guest console (tail) ---", file=sys.stderr)
         print(error.serial_tail, file=sys.stderr)
     if isinstance(error, QemuError) and error.log_tail:

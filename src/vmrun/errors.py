@@ -11,10 +11,12 @@
     ├── BootTimeout             the agent was not ready in time              (exit 122)
     ├── CommandTimeout          the command ran longer than --timeout        (exit 121)
     ├── GuestPanic              the guest kernel panicked                    (exit 120)
-    └── ChannelLost             the guest vanished before reporting a status (exit 119)
+    ├── ChannelLost             the guest vanished before reporting a status (exit 119)
+    │   └── HostKeyMismatch     the SSH server did not show the pinned host key (exit 119)
+    └── BakeFailed              cloud-init failed, or no power-off in time   (exit 117)
 
 The guest command's own exit status passes through unchanged; vmrun's failures use
-the reserved codes above (118-125), and an interrupt gives 130 (SIGINT) or 143 (SIGTERM).
+the reserved codes above (117-125), and an interrupt gives 130 (SIGINT) or 143 (SIGTERM).
 """
 
 from __future__ import annotations
@@ -88,6 +90,20 @@ class GuestPanic(VmrunError):
 
 class ChannelLost(VmrunError):
     exit_code = 119
+
+
+class HostKeyMismatch(ChannelLost):
+    """The server on the forwarded SSH port is not the guest vmrun booted (its key differs)."""
+
+
+class BakeFailed(VmrunError):
+    """`vmrun image bake` did not produce a layer; carries the console's tail."""
+
+    exit_code = 117
+
+    def __init__(self, message: str, *, serial_tail: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.serial_tail = serial_tail
 
 
 EXIT_SIGINT = 130

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from vmrun import share
 from vmrun.channel import (
+    ROOT_FAILURES,
     Mount,
     Request,
     StatusReader,
@@ -53,7 +54,7 @@ from vmrun.qemu.argv import (
 )
 from vmrun.qemu.qmp import Qmp
 from vmrun.rundir import run_directory
-from vmrun.spec import Command, MachineSpec, Net, Share
+from vmrun.spec import Boot, Command, MachineSpec, Net, Share
 
 if TYPE_CHECKING:
     from vmrun.images.attach import Base
@@ -173,6 +174,7 @@ class Machine:
         self.accel: accellib.AccelChoice | None = None
         self.guest: Guest | None = None
         self.base: Base | None = None
+        self.root: int | None = None  # the image's partition the commands run in (FAST)
         self.share_device: ShareDevice | None = None
         self.arch: Arch = lookup_arch(self.spec.arch or host_arch())
         self.share_path = (self.spec.share_dir or Path.cwd()).resolve()
@@ -215,12 +217,16 @@ class Machine:
     def start(self) -> None:
         t = time.monotonic()
         spec = self.spec
+        if spec.boot == Boot.FULL:
+            raise UsageError("Machine boots vmrun's guest; --boot full is vmrun.fullboot")
         qemu_binary = process.find_qemu(self.arch)
         if spec.image is not None:
-            from vmrun.images.attach import prepare
+            from vmrun.images.attach import prepare, root_for_boot
 
             self.base = prepare(spec.image, guest_arch=self.arch.name,
                                 debian_arch=self.arch.debian_arch, notice=self.notice)
+            # AUTO: the image's root partition when it has one, else a plain disk.
+            self.root = root_for_boot(self.base, spec.boot, spec.image)
         self.guest = ensure_guest(self.arch, mirror=spec.mirror, notice=self.notice,
                                   progress=progress_printer() if sys.stderr.isatty() else None)
         t = self._phase("fetch", t)
@@ -341,6 +347,7 @@ class Machine:
             token=token, stdin=stdin_mode, stdin_data=command.input or b"", tty=size,
             mounts=mounts, net=self.first_request and self.spec.net == Net.USER,
             disk=self.first_request and self.spec.image is not None,
+            root=self.root if self.first_request else None,
         )
         self.first_request = False
         self.events.clear()
@@ -366,8 +373,14 @@ class Machine:
 
         timeout = command.timeout
         with _raw_terminal(command.tty):
-            self._pump(lambda: "started" in self.events, 60.0, ChannelLost(
-                "the guest agent did not start the command"))
+            self._pump(lambda: "started" in self.events or self._root_failure() is not None,
+                       60.0, ChannelLost("the guest agent did not start the command"))
+            failure = self._root_failure()
+            if failure is not None:
+                for output in self.outputs.values():
+                    output.end()
+                raise ImageError(f"partition {self.root} of image {self.spec.image} {failure}",
+                                 hint="use --boot disk to attach it as a plain disk")
             t = self._phase("start", t)
             self._pump(finished, timeout, CommandTimeout(
                 f"the command ran longer than {timeout}s (--timeout)"))
@@ -381,6 +394,13 @@ class Machine:
             result.stdout = bytes(self.outputs["stdout"].capture or b"")
             result.stderr = bytes(self.outputs["stderr"].capture or b"")
         return result
+
+    def _root_failure(self) -> str | None:
+        """Why the agent could not mount the image's root, if it said so."""
+        for event in self.events:
+            if event.startswith("fail "):
+                return ROOT_FAILURES[event.split()[1]]
+        return None
 
     def _drain_tty(self) -> None:
         """A terminal has no end marker: forward what arrives until it has been quiet."""

@@ -60,6 +60,11 @@ def validate_user_data(data: bytes) -> str:
     return kind
 
 
+def cloud_config_of(data: bytes) -> dict[str, Any] | None:
+    """The parsed `#cloud-config` mapping of DATA, or None for other kinds of user-data."""
+    return _cloud_config(data) if _kind(data) is UserDataKind.CLOUD_CONFIG else None
+
+
 def merge_cloud_config(user_data: bytes, extra: Mapping[str, Any]) -> bytes:
     """`user_data` with vmrun's cloud-config `extra` added structurally.
 

@@ -27,6 +27,15 @@ class Net(StrEnum):
     NONE = "none"
 
 
+class Boot(StrEnum):
+    """How a run with --image boots (without --image it is always vmrun's own guest)."""
+
+    AUTO = "auto"  # FAST when the image has a root partition, else DISK
+    FAST = "fast"  # vmrun's kernel and agent; the command runs in the image's root partition
+    FULL = "full"  # the image's firmware, bootloader, kernel and init; the command over SSH
+    DISK = "disk"  # vmrun's guest with the image attached as a plain disk, /dev/vda
+
+
 @dataclass(frozen=True)
 class MachineSpec:
     """Everything that shapes the VM itself (not the commands run in it)."""
@@ -45,6 +54,7 @@ class MachineSpec:
     mirror: str | None = None
     tty: bool = False  # give the VM a terminal port, for commands run with tty=True
     image: str | None = None  # a disk: stored name or digest, image file, or alias
+    boot: Boot = Boot.AUTO
 
     def __post_init__(self) -> None:
         if self.cpus < 1 or self.cpus > 64:

@@ -65,7 +65,8 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
 
 
-def run_cli(*args: str, cwd: Path, input: bytes | None = None,
-            timeout: float = 180) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(vmrun_argv(*args), cwd=cwd, env=vmrun_env(), input=input,
+def run_cli(*args: str, cwd: Path, input: bytes | None = None, timeout: float = 180,
+            env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = {**vmrun_env(), **(env_extra or {})}
+    return subprocess.run(vmrun_argv(*args), cwd=cwd, env=env, input=input,
                           capture_output=True, timeout=timeout, check=False)

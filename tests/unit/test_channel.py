@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from vmrun.channel import (
     MAX_STATUS_LINE,
+    ROOT_FAILURES,
     Mount,
     Request,
     StatusReader,
@@ -218,6 +219,59 @@ def test_encode_request_minimal() -> None:
     assert encode_request(request) == b"cwd /\narg true\ntoken T\nstdin null 0\nrun\n"
 
 
+def test_encode_request_root_comes_before_the_mounts() -> None:
+    request = Request(argv=("true",), cwd="/w", token="T", disk=True, root=2, net=True,
+                      mounts=(Mount("virtiofs", "vmrun0", False, "/w"),))
+    assert encode_request(request).decode().splitlines() == [
+        "disk", "root 2", "mount virtiofs vmrun0 rw /w", "net user", "cwd /w", "arg true",
+        "token T", "stdin null 0", "run",
+    ]
+    assert b"root" not in encode_request(Request(argv=("true",), cwd="/", disk=True))
+
+
+@pytest.mark.parametrize("number", [0, -1, 256, 1 << 40])
+def test_encode_request_refuses_a_bad_root_number(number: int) -> None:
+    with pytest.raises(ValueError, match="root partition"):
+        encode_request(Request(argv=("true",), cwd="/", root=number))
+
+
+AGENT = Path(__file__).resolve().parents[2] / "src/vmrun/guest/agent.sh"
+
+
+def agent_function(name: str) -> str:
+    """One shell function of the agent, as its text (they start and end at column 0)."""
+    text = AGENT.read_text()
+    start = text.index(f"\n{name}() {{\n") + 1
+    return text[start:text.index("\n}\n", start) + 3]
+
+
+@needs_busybox
+def test_agent_resolves_paths_inside_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for directory in ("usr/bin", "var/home/me", "etc", "a b/c"):
+        (root / directory).mkdir(parents=True)
+    (root / "bin").symlink_to("usr/bin")  # usrmerge
+    (root / "home").symlink_to("/var/home")  # absolute: means the root's /var/home
+    (root / "etc/resolv.conf").symlink_to("../run/systemd/resolve/stub-resolv.conf")
+    (root / "up").symlink_to("../../../../..")
+    (root / "loop").symlink_to("loop")
+    (root / "escape").symlink_to(str(tmp_path))
+    cases = {
+        "/": "", "/bin/sh": "/usr/bin/sh", "/home/me/work": "/var/home/me/work",
+        "/etc/resolv.conf": "/run/systemd/resolve/stub-resolv.conf", "/up/etc": "/etc",
+        "//a b/./c/../c/": "/a b/c", "/../../bin": "/usr/bin",
+        "/escape/root": tmp_path.as_posix() + "/root",
+        "/loop/x": "FAILED", "/not/there": "/not/there",
+    }
+    script = agent_function("inroot") + (
+        'for p; do if inroot "$p"; then printf "%s\\n" "${v#"$root"}"; '
+        'else echo FAILED; fi; done')
+    done = subprocess.run([BUSYBOX or "", "sh", "-c", script, "sh", *cases],
+                          env={"PATH": "/usr/bin:/bin", "root": str(root)},
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == list(cases.values())
+
+
 @needs_busybox
 def test_encoded_arguments_unescape_to_the_originals() -> None:
     request = full_request()
@@ -362,6 +416,18 @@ def test_status_accepts(line: str) -> None:
     ],
 )
 def test_status_rejects(raw: bytes) -> None:
+    with pytest.raises(ChannelLost):
+        parse_status_line(raw)
+
+
+@pytest.mark.parametrize("reason", sorted(ROOT_FAILURES))
+def test_status_accepts_a_root_failure(reason: str) -> None:
+    assert parse_status_line(f"fail {reason}".encode()) == f"fail {reason}"
+
+
+@pytest.mark.parametrize("raw", [b"fail", b"fail ", b"fail other", b"fail root-shell x",
+                                 b"fail  root-shell", b"FAIL root-shell", b"fail root"])
+def test_status_rejects_other_failures(raw: bytes) -> None:
     with pytest.raises(ChannelLost):
         parse_status_line(raw)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import gzip
 import importlib
 import lzma
+import os
 import shutil
 import struct
 import subprocess
@@ -238,3 +239,80 @@ def test_real_debian_modules() -> None:
     for module in closure(["virtio_console", "9pnet_virtio", "9p", "virtiofs"], mods):
         for dep in module.depends:
             assert names.index(dep) < names.index(module.name)
+
+
+# --- the initramfs's module sets -------------------------------------------------------------
+
+# Where Debian's kernel keeps the modules of the root filesystem sets, with their real
+# dependencies (6.1, amd64), plus the boot set's.
+DEBIAN_LAYOUT = {
+    "drivers/virtio/virtio_mmio": "", "drivers/char/virtio_console": "",
+    "drivers/block/virtio_blk": "",
+    "crypto/crc32c_generic": "", "fs/jbd2/jbd2": "", "fs/mbcache": "", "lib/crc16": "",
+    "fs/ext4/ext4": "jbd2,mbcache,crc16", "lib/libcrc32c": "", "fs/xfs/xfs": "libcrc32c",
+}
+
+
+def cpio_files(archive: bytes) -> dict[str, bytes]:
+    """The members of a newc archive, by name."""
+    files: dict[str, bytes] = {}
+    offset = 0
+    while archive[offset:offset + 6] == b"070701":
+        fields = [int(archive[offset + 6 + 8 * i:offset + 14 + 8 * i], 16) for i in range(13)]
+        size, name_size = fields[6], fields[11]
+        name_end = offset + 110 + name_size
+        name = archive[offset + 110:name_end - 1].decode()
+        data = name_end + (-name_end % 4)
+        if name == "TRAILER!!!":
+            break
+        files[name] = archive[data:data + size]
+        offset = data + size + (-(data + size) % 4)
+    return files
+
+
+def test_initrd_has_the_root_filesystem_sets(tmp_path: Path) -> None:
+    from vmrun.guest import build
+    from vmrun.qemu.arch import lookup_arch
+
+    release = "6.1.0-test-amd64"
+    modules = tmp_path / "kernel/root/lib/modules" / release
+    for rel, depends in DEBIAN_LAYOUT.items():
+        # What gets unpacked from the .deb at all: MODULE_DIRS must cover every one.
+        assert build._wanted_member(f"lib/modules/{release}/kernel/{rel}.ko"), rel
+        path = modules / "kernel" / f"{rel}.ko"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        name = rel.rsplit("/", 1)[1]
+        path.write_bytes(handmade_elf(f"name={name}\0depends={depends}\0".encode(),
+                                      is64=True, little=True))
+    busybox = tmp_path / "busybox/bin/busybox"
+    busybox.parent.mkdir(parents=True)
+    busybox.write_bytes(b"not really busybox")
+    initrd = build._build_initrd(tmp_path / "kernel", tmp_path / "busybox",
+                                 lookup_arch("x86_64"), tmp_path / "cache")
+    files = cpio_files(initrd.read_bytes())
+
+    def listed(set_name: str) -> list[str]:
+        text = files[f"etc/vmrun/modules.{set_name}"].decode()
+        return [line.rsplit("/", 1)[1].removesuffix(".ko") for line in text.split()]
+
+    # crc32c before ext4 (a softdep), ext4's dependencies before it; xfs on its own.
+    assert listed("fs") == ["crc32c_generic", "jbd2", "mbcache", "crc16", "ext4"]
+    assert listed("xfs") == ["libcrc32c", "xfs"]
+    for name in (*listed("fs"), *listed("xfs")):
+        assert f"lib/modules/{release}/{name}.ko" in files
+
+
+def cached_kernel_trees() -> list[Path]:
+    cache = Path(os.environ.get("VMRUN_CACHE_DIR", "/nonexistent")) / "kernels"
+    return sorted(p.parent.parent.parent for p in cache.glob("*/root/lib/modules/*/kernel/fs/ext4"))
+
+
+@pytest.mark.skipif(not cached_kernel_trees(), reason="no kernel with ext4 unpacked in the cache")
+def test_cached_debian_kernels_have_the_whole_root_filesystem_closure() -> None:
+    from vmrun.guest.build import MODULE_SETS
+
+    for tree in cached_kernel_trees():
+        mods = scan_modules(tree)
+        names = [m.name for m in closure([*MODULE_SETS["fs"], *MODULE_SETS["xfs"]], mods)]
+        for needed in ("crc32c_generic", "jbd2", "mbcache", "crc16", "ext4", "libcrc32c", "xfs"):
+            assert needed in names, tree

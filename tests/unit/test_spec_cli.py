@@ -157,8 +157,9 @@ class FakeMachine:
     instances: list[FakeMachine] = []
     exit_code = 0
 
-    def __init__(self, spec: MachineSpec, **kwargs: Any) -> None:
+    def __init__(self, spec: MachineSpec, *args: Any, **kwargs: Any) -> None:
         self.spec = spec
+        self.args = args
         self.kwargs = kwargs
         self.commands: list[Command] = []
         self.timings: dict[str, float] = {"boot": 0.25}
@@ -292,3 +293,65 @@ def test_cli_command_without_double_dash(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(vmrun.cli, "Machine", FakeMachine)
     assert vmrun.cli.main(["uname", "-r"]) == 0
     assert FakeMachine.instances[0].commands[0].argv == ("uname", "-r")
+
+
+# --- --boot full and bake ---------------------------------------------------------------
+
+
+def test_cli_full_boot_gets_the_rules_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vmrun.fullboot
+
+    monkeypatch.setattr(vmrun.fullboot, "FullMachine", FakeMachine)
+    code = vmrun.cli.main(["--image", "img", "--boot", "full", "--include", "src/***",
+                           "--exclude", "*.pyc", "--exclude", "*", "--collect", "out/*",
+                           "--firmware", "uefi", "--", "make", "check"])
+    assert code == 0
+    [machine] = FakeMachine.instances
+    assert machine.spec.boot == "full" and machine.spec.image == "img"
+    options = machine.args[0] if machine.args else machine.kwargs["options"]
+    assert [(rule.include, rule.pattern) for rule in options.rules] == [
+        (True, "src/***"), (False, "*.pyc"), (False, "*")]
+    assert options.collect == ("out/*",)
+    assert options.firmware == "uefi"
+    assert machine.commands[0].argv == ("make", "check")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--boot", "full", "--", "true"], "--boot full needs --image"),
+        (["--include", "src/***", "--", "true"], "--include/--exclude works with --boot full"),
+        (["--image", "x", "--collect", "out", "--", "true"], "--collect works with --boot full"),
+        (["--firmware", "bios", "--", "true"], "--firmware works with --boot full"),
+        (["--boot", "sideways", "--", "true"], "argument --boot: invalid choice"),
+        (["--image", "x", "--boot", "full", "--include", "a/../b", "--", "true"],
+         "cannot contain a '..' component"),
+    ],
+)
+def test_cli_full_boot_usage_errors(capsys: pytest.CaptureFixture[str], argv: list[str],
+                                    message: str) -> None:
+    code, lines = run_main(capsys, argv)
+    assert code == 125
+    assert message in lines[0], lines
+
+
+def test_bake_refuses_bad_input_before_anything_boots(capsys: pytest.CaptureFixture[str],
+                                                      tmp_path: Path) -> None:
+    bad = tmp_path / "user-data"
+    bad.write_text("packages: [hello]\n")  # no #cloud-config header
+    code, lines = run_main(capsys, ["image", "bake", "base", "--user-data", str(bad),
+                                    "--name", "x"])
+    assert code == 125 and "user-data has an unknown format" in lines[0]
+    code, lines = run_main(capsys, ["image", "bake", "base", "--user-data",
+                                    str(tmp_path / "missing"), "--name", "x"])
+    assert code == 125 and "cannot read user-data" in lines[0]
+    bad.write_text("#cloud-config\nusers: [\n")
+    code, lines = run_main(capsys, ["image", "bake", "base", "--user-data", str(bad),
+                                    "--name", "x"])
+    assert code == 125 and "YAML error" in lines[0]
+    bad.write_text("#cloud-config\n")
+    code, lines = run_main(capsys, ["image", "bake", "base", "--user-data", str(bad),
+                                    "--name", "bad name"])
+    assert code == 125 and "bad image name" in lines[0]
+    code, lines = run_main(capsys, ["image", "bake", "base", "--name", "x"])
+    assert code == 125 and "--user-data" in lines[0]

@@ -3,11 +3,14 @@
 #
 # Protocol (see vmrun/channel.py for the host side). Host -> guest on port vmrun.control,
 # one request per command, one field per line, values escaped for printf %b:
-#   mount 9p|virtiofs TAG ro|rw PATH   net user   disk   cwd PATH   env K=V   arg A
-#   token HEX   stdin port|null|file N   tty ROWS COLS   run
+#   disk   root N   mount 9p|virtiofs TAG ro|rw PATH   net user   cwd PATH   env K=V
+#   arg A   token HEX   stdin port|null|file N   tty ROWS COLS   run
 # then either another request or "poweroff". Guest -> host on port vmrun.status:
 #   "ready" once, then per command "started" and "exit N". After the command, the
 # agent writes TOKEN to the stdout and stderr ports so the host knows it has every byte.
+# "root N" (first request only, before the mounts) mounts /dev/vdaN at /mnt/root; from
+# then on the share is mounted inside it and every command runs chrooted there. When
+# that fails, each command is answered "fail REASON" instead of "started" and not run.
 # Nothing here ever evaluates what the host sent as shell code: values only become
 # arguments, environment entries and paths.
 
@@ -51,6 +54,11 @@ start_net() {
     done
     ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
     echo "nameserver 10.0.2.3" > /etc/resolv.conf
+    if [ -n "$root" ] && inroot /etc/resolv.conf; then
+        # Through the image's symlink, if it has one (into our fresh /run, on Ubuntu).
+        [ -d "${v%/*}" ] || mkdir -p "${v%/*}"
+        echo "nameserver 10.0.2.3" > "$v"
+    fi
 }
 
 
@@ -98,12 +106,102 @@ mount_share() {
 
 
 start_disk() {
+    [ -b /dev/vda ] && return 0
     load_modules /etc/vmrun/modules.blk
     for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
         [ -b /dev/vda ] && return 0
         usleep 10000
     done
     say "the disk /dev/vda did not appear"
+}
+
+# The image's root, once mounted ("" before, and for good when mounting it failed).
+root= root_failure=
+
+# Resolve $1, an absolute path inside the root, to the path the agent sees (in v), with
+# every symlink followed inside the root: an absolute link starts again at the root and
+# ".." stops there, as the command in the chroot will see it. Components that do not
+# exist are kept, so the caller can create them.
+inroot() {
+    local rest="$1" got= hops=0 part link
+    while [ -n "$rest" ]; do
+        part=${rest%%/*}
+        case $rest in */*) rest=${rest#*/} ;; *) rest= ;; esac
+        case $part in
+            ''|.) continue ;;
+            ..) got=${got%/*}; continue ;;
+        esac
+        if [ -L "$root$got/$part" ]; then
+            hops=$((hops + 1))
+            [ "$hops" -le 40 ] || return 1
+            link=$(readlink "$root$got/$part") || return 1
+            case $link in /*) got= ;; esac
+            rest=$link/$rest
+        else
+            got=$got/$part
+        fi
+    done
+    v=$root$got
+}
+
+has_fs() {
+    local a b
+    while read -r a b; do
+        [ "$a" = "$1" ] || [ "$b" = "$1" ] && return 0
+    done < /proc/filesystems
+    return 1
+}
+
+# root N: mount /dev/vdaN (on the run's overlay, read-write) with what a command expects
+# around it. On failure root stays empty and root_failure says why.
+start_root() {
+    local dev=/dev/vda$1 types= fs entry
+    start_disk
+    for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+        [ -b "$dev" ] && break
+        usleep 10000
+    done
+    [ -b "$dev" ] || { say "$dev did not appear"; root_failure=root-absent; return; }
+    load_modules /etc/vmrun/modules.fs
+    mkdir -p /mnt/root
+    if ! mount -t ext4 "$dev" /mnt/root 2>/dev/null; then
+        load_modules /etc/vmrun/modules.xfs
+        for fs in xfs btrfs; do
+            has_fs "$fs" && types=${types:+$types,}$fs
+        done
+        if [ -z "$types" ] || ! mount -t "$types" "$dev" /mnt/root 2>/dev/console; then
+            say "cannot mount $dev as ext4${types:+,$types}"
+            root_failure=root-mount
+            return
+        fi
+    fi
+    # An absolute /bin/sh link is resolved against the initramfs by [ -e ]; [ -L ] takes
+    # it as is, and only when both fail does the image's own shell get asked.
+    if ! { [ -e /mnt/root/bin/sh ] || [ -L /mnt/root/bin/sh ] ||
+           chroot /mnt/root /bin/sh -c : 2>/dev/null; }; then
+        umount /mnt/root
+        say "$dev has no /bin/sh"
+        root_failure=root-shell
+        return
+    fi
+    root=/mnt/root
+    # One mount -a for the API filesystems, from a table of the resolved mount points
+    # (an image with odd names there gets one mount each instead).
+    : > /run/vmrun-root.fstab
+    for entry in "proc /proc proc nosuid,nodev,noexec" "sys /sys sysfs nosuid,nodev,noexec" \
+                 "/dev /dev none rbind" "run /run tmpfs nosuid,nodev,mode=755"; do
+        set -- $entry
+        inroot "$2" || continue
+        [ -d "$v" ] || mkdir -p "$v"
+        case $v in
+            *[!A-Za-z0-9/._-]*) mount -t "$3" -o "$4" "$1" "$v" ;;
+            *) echo "$1 $v $3 $4 0 0" >> /run/vmrun-root.fstab ;;
+        esac
+    done
+    mount -a -T /run/vmrun-root.fstab || say "cannot mount /proc, /sys, /dev or /run in the root"
+    if inroot /tmp && [ ! -d "$v" ]; then
+        mkdir -p "$v" && chmod 1777 "$v"
+    fi
 }
 
 # The command runs in a subshell that replays the request from a file: env and argv are
@@ -123,10 +221,19 @@ run_command() {
                 arg) unescape "$val"; set -- "$@" "$v" ;;
             esac
         done < /run/vmrun-request
-        [ -d "$cwd" ] || mkdir -p -- "$cwd"
-        cd -- "$cwd" || exit 126
+        if [ -n "$root" ]; then
+            inroot "$cwd" || exit 126
+            [ -d "$v" ] || mkdir -p -- "$v"
+            # The image's own shell goes to the cwd and finds the command on its PATH:
+            # busybox (its chroot and nsenter alike) would run an applet of that name.
+            set -- /bin/busybox chroot "$root" /bin/sh -c \
+                'cd -- "$1" || exit 126; shift; exec "$@"' sh "$cwd" "$@"
+        else
+            [ -d "$cwd" ] || mkdir -p -- "$cwd"
+            cd -- "$cwd" || exit 126
+        fi
         if [ -n "$tty" ]; then
-            exec setsid -c "$@"
+            exec /bin/busybox setsid -c "$@"
         fi
         exec "$@"
     )
@@ -140,17 +247,31 @@ while :; do
         key=${line%% *}
         val=${line#* }
         case $key in
-            poweroff) sync; poweroff -f; sleep 5 ;;
+            poweroff)
+                # Read-only first, so the root's journal is clean on the overlay.
+                [ -n "$root" ] && mount -o remount,ro "$root" 2>/dev/null
+                sync; poweroff -f; sleep 5 ;;
             run) break ;;
             token) token=$val ;;
             stdin) stdin_mode=${val%% *}; stdin_len=${val#* } ;;
             tty) tty=$val ;;
             net) start_net ;;
             disk) start_disk ;;
+            root)
+                case $val in
+                    ''|*[!0-9]*) root_failure=root-absent ;;
+                    *) [ -n "$root" ] || start_root "$val" ;;
+                esac
+                ;;
             mount)
                 set -- $val
                 unescape "$4"
-                mount_share "$1" "$2" "$3" "$v" || say "cannot mount share $2 at $v"
+                # Inside the root, at the same path, when there is one.
+                if [ -n "$root" ] && ! inroot "$v"; then
+                    say "cannot resolve $v in the root"
+                else
+                    mount_share "$1" "$2" "$3" "$v" || say "cannot mount share $2 at $v"
+                fi
                 ;;
             *) echo "$line" >> /run/vmrun-request ;;
         esac
@@ -158,6 +279,13 @@ while :; do
     # The host never closes the control port while the VM runs: EOF means it is gone.
     [ -n "$token" ] || die "control channel closed"
 
+    if [ -n "$root_failure" ]; then
+        if [ "$stdin_mode" = file ] && [ "$stdin_len" -gt 0 ]; then
+            dd bs="$stdin_len" count=1 iflag=fullblock of=/dev/null <&3 2>/dev/null
+        fi
+        echo "fail $root_failure" >&4
+        continue
+    fi
     echo started >&4
     if [ -n "$tty" ]; then
         stty -F /dev/hvc0 sane rows "${tty%% *}" cols "${tty#* }" 2>/dev/null

@@ -1,4 +1,17 @@
-"""A run's disk: its own qcow2 overlay on a read-only base that never changes."""
+"""A run's disk: its own qcow2 overlay on a read-only base that never changes.
+
+How vmrun's own guest uses the disk (`MachineSpec.boot`, `--boot`):
+
+- `fast`: the image's root partition (see `partitions.find_root_partition`) is mounted
+  read-write, on the overlay, and every command runs chrooted in it, with /proc, /sys,
+  /dev, a fresh /run and the shared directory mounted inside; vmrun's kernel and agent
+  stay, the image's kernel, bootloader and init are never run.
+- `disk`: the image is only attached, as /dev/vda; commands run in vmrun's busybox.
+- `auto` (the default): `fast` when the image has a root partition, else `disk`.
+
+`full` (the image's own firmware, kernel and init) is not vmrun's guest at all: it is
+vmrun.fullboot's business.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +23,9 @@ from pathlib import Path
 from vmrun.errors import ImageError, UsageError
 from vmrun.images import disk, formats, store
 from vmrun.images.aliases import ALIASES
-from vmrun.images.partitions import image_arch
+from vmrun.images.partitions import SECTOR, find_root_partition, head_arch, read_head
 from vmrun.rundir import live_runs
+from vmrun.spec import Boot
 
 Notice = Callable[[str], None]
 Progress = Callable[[str, int, int | None], None]
@@ -44,11 +58,27 @@ def base_image(ref: str, *, arch: str, notice: Notice,
     return stored.path, stored.digest
 
 
+def check_base(path: Path, digest: str | None) -> formats.ImageInfo:
+    """The header check, and for a stored image that it still has its digest; a baked
+    layer is checked with every layer under it, each naming the next by digest."""
+    if digest is None:
+        return formats.check_foreign_image(path)
+    stored = store.resolve(digest)
+    if stored.backing:
+        store.check_layer_chain(stored, validate=lambda layer, has_backing: (
+            formats.check_foreign_image(layer, allow_backing=has_backing)))
+        return formats.check_foreign_image(path, allow_backing=True)
+    info = formats.check_foreign_image(path)
+    store.check_unchanged(digest, path)
+    return info
+
+
 @dataclass(frozen=True)
 class Base:
     path: Path
     format: str
     digest: str | None
+    root: int | None = None  # the root partition's number for the guest arch, if any
 
 
 def prepare(ref: str, *, guest_arch: str, debian_arch: str, notice: Notice,
@@ -58,14 +88,30 @@ def prepare(ref: str, *, guest_arch: str, debian_arch: str, notice: Notice,
     Runs before anything boots, so a refused image costs no VM.
     """
     path, digest = base_image(ref, arch=debian_arch, notice=notice, progress=progress)
-    info = formats.check_foreign_image(path)
-    if digest is not None:
-        store.check_unchanged(digest, path)
-    declared = image_arch(path, str(info.format))
+    info = check_base(path, digest)
+    head = read_head(path, str(info.format))
+    declared = head_arch(head)
     if declared is not None and declared != guest_arch:
         raise UsageError(f"image {ref} is for {declared} (its root partition says so), "
                          f"not {guest_arch}", hint=f"use --arch {declared}")
-    return Base(path=path, format=str(info.format), digest=digest)
+    root = find_root_partition(head, guest_arch, disk_sectors=info.virtual_size // SECTOR)
+    return Base(path=path, format=str(info.format), digest=digest, root=root)
+
+
+def root_for_boot(base: Base, boot: Boot, ref: str) -> int | None:
+    """The partition to mount as the commands' root for BOOT, or None to attach only.
+
+    AUTO is FAST when BASE has a root partition and DISK otherwise; FAST without one is
+    a usage error, raised before anything boots.
+    """
+    if boot == Boot.FULL:
+        raise UsageError("Machine boots vmrun's guest; --boot full is vmrun.fullboot")
+    if boot == Boot.DISK:
+        return None
+    if base.root is None and boot == Boot.FAST:
+        raise UsageError(f"image {ref} has no root partition (GPT Linux root or MBR type 0x83)",
+                         hint="use --boot disk to attach it as a plain disk")
+    return base.root
 
 
 def attach(base: Base, rundir: Path) -> AttachedDisk:

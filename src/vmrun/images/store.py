@@ -79,6 +79,9 @@ class StoredImage:
     source: str
     format: str | None = None
     created: str | None = None
+    # A baked layer: the digests of the images under it, nearest first; () for a base.
+    backing: tuple[str, ...] = ()
+    bake_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,17 @@ def _image_of(root: Path, name: str, record: dict[str, Any]) -> StoredImage:
         name=name, digest=digest, path=_blob(root, digest), size=int(record.get("size", 0)),
         source=str(record.get("source", "")), format=fmt if isinstance(fmt, str) else None,
         created=str(record["created"]) if "created" in record else None,
+        backing=_backing_of(record),
+        bake_key=str(record["bake_key"]) if isinstance(record.get("bake_key"), str) else None,
     )
+
+
+def _backing_of(record: dict[str, Any]) -> tuple[str, ...]:
+    chain = record.get("backing")
+    if not isinstance(chain, list) or not all(isinstance(d, str) and _is_digest(d)
+                                              for d in chain):
+        return ()
+    return tuple(chain)
 
 
 def _named(root: Path) -> dict[str, dict[str, Any]]:
@@ -159,11 +172,13 @@ def _named(root: Path) -> dict[str, dict[str, Any]]:
 
 
 def _write_name(
-    root: Path, name: str, *, digest: str, source: str, size: int, fmt: str | None
+    root: Path, name: str, *, digest: str, source: str, size: int, fmt: str | None,
+    extra: dict[str, Any] | None = None,
 ) -> StoredImage:
     """Point NAME at DIGEST (caller holds the store lock)."""
     record: dict[str, Any] = {"digest": digest, "source": source, "size": size,
-                              "created": datetime.now(UTC).isoformat(timespec="seconds")}
+                              "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                              **(extra or {})}
     if fmt is not None:
         record["format"] = fmt
     with staged(_name_file(root, name)) as tmp:
@@ -756,7 +771,9 @@ def prune(
     _clean_leftovers(root, older_than=None)
     removed: list[str] = []
     with _store_lock(root):
-        keep = {record["digest"] for record in _named(root).values()} | set(in_use())
+        named = _named(root).values()
+        keep = {record["digest"] for record in named} | set(in_use())
+        keep |= {digest for record in named for digest in _backing_of(record)}
         blobs = root / "blobs"
         if blobs.is_dir():
             for blob in sorted(blobs.iterdir()):
@@ -791,3 +808,83 @@ def verify_blob(image: StoredImage) -> None:
 def check_unchanged(digest: str, path: Path) -> None:
     """verify_blob for a blob known only by DIGEST and PATH."""
     verify_blob(StoredImage(name=None, digest=digest, path=path, size=0, source=""))
+
+
+# -- baked layers --
+
+
+def add_layer(layer: Path, *, name: str, under: StoredImage, bake_key: str, source: str,
+              cache: Path | None = None) -> StoredImage:
+    """Store the qcow2 LAYER, whose backing file is UNDER, as NAME (a baked image).
+
+    LAYER's header must already name UNDER by its digest alone (a name relative to the
+    blobs directory), so the stored chain holds together by content, not by path.
+    """
+    root = _root(cache)
+    root.mkdir(parents=True, exist_ok=True)
+    check_name(name)
+    tmp = root / "tmp"
+    key = f"layer-{secrets.token_hex(8)}"
+    part = tmp / f"{key}.part"
+    try:
+        digest, size = _sparse_copy(layer, part)
+        with _store_lock(root):
+            _install_blob(root, part, digest, {})
+            return _write_name(root, name, digest=digest, source=source, size=size,
+                               fmt="qcow2", extra={"backing": [under.digest, *under.backing],
+                                                   "bake_key": bake_key})
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+
+
+def alias_name(name: str, image: StoredImage, cache: Path | None = None) -> StoredImage:
+    """Point NAME at the same stored image (and chain) as IMAGE."""
+    root = _root(cache)
+    check_name(name)
+    extra: dict[str, Any] = {}
+    if image.backing:
+        extra = {"backing": list(image.backing), "bake_key": image.bake_key}
+    with _store_lock(root):
+        return _write_name(root, name, digest=image.digest, source=image.source,
+                           size=image.size, fmt=image.format, extra=extra)
+
+
+def find_baked(bake_key: str, cache: Path | None = None) -> StoredImage | None:
+    """A stored layer baked from the inputs BAKE_KEY stands for, if one is complete."""
+    root = _root(cache)
+    for name, record in _named(root).items():
+        image = _image_of(root, name, record)
+        if image.bake_key == bake_key and image.path.is_file() and all(
+                _blob(root, digest).is_file() for digest in image.backing):
+            return image
+    return None
+
+
+def check_layer_chain(image: StoredImage, *, validate: Callable[[Path, bool], object],
+                      cache: Path | None = None) -> None:
+    """Check a baked image and everything under it before anything reads them.
+
+    Each layer must pass VALIDATE (the header check, with a same-directory backing name
+    allowed for layers), name exactly the next digest as its backing file, and still
+    hash to its digest.
+    """
+    from vmrun.images.formats import inspect_image
+
+    root = _root(cache)
+    chain = [image.digest, *image.backing]
+    for index, digest in enumerate(chain):
+        path = _blob(root, digest)
+        if not path.is_file():
+            raise ImageError(f"image {image.name or image.digest[:12]}: layer "
+                             f"{digest[:12]} is missing from the store",
+                             hint="bake it again")
+        below = chain[index + 1] if index + 1 < len(chain) else None
+        validate(path, below is not None)
+        header = inspect_image(path).qcow2
+        named = header.backing_file if header is not None else None
+        if named != below:
+            raise ImageError(f"image {image.name or image.digest[:12]}: layer {digest[:12]} "
+                             f"has backing file {named!r}, the store says {below!r}",
+                             hint="bake it again")
+        check_unchanged(digest, path)

@@ -35,6 +35,12 @@ class Arch:
     aliases: tuple[str, ...] = ()
     kernel_args: tuple[str, ...] = ()
     virtiofs: bool = True  # whether virtiofsd can serve this guest (else 9p)
+    full_machine: str = ""  # for --boot full (the image's own firmware); "": machine
+
+    @property
+    def full_transport(self) -> Transport:
+        """Full boots use a machine with PCI (or CCW on s390x), never virtio-mmio."""
+        return Transport.CCW if self.transport == Transport.CCW else Transport.PCI
 
     @property
     def device_suffix(self) -> str:
@@ -60,6 +66,7 @@ ARCHES: dict[str, Arch] = {
             machine="microvm", cpu_tcg="max", console="ttyS0", transport=Transport.MMIO,
             kernel_package="linux-image-amd64", kernel_glob="boot/vmlinuz-*",
             suite="bookworm", kernel_args=X86_ARGS, little_endian=True, bits=64,
+            full_machine="q35",
         ),
         Arch(
             # cortex-a57 (ARMv8.0, the Debian arm64 baseline): -cpu max emulates pointer
@@ -68,7 +75,7 @@ ARCHES: dict[str, Arch] = {
             qemu_binary="qemu-system-aarch64", qemu_package="qemu-system-arm",
             machine="virt", cpu_tcg="cortex-a57", console="ttyAMA0", transport=Transport.MMIO,
             kernel_package="linux-image-arm64", kernel_glob="boot/vmlinuz-*",
-            suite="bookworm", little_endian=True, bits=64,
+            suite="bookworm", little_endian=True, bits=64, full_machine="virt",
         ),
         Arch(
             name="armv7", debian_arch="armhf", aliases=("armhf", "arm", "armv7l"),
@@ -83,6 +90,7 @@ ARCHES: dict[str, Arch] = {
             machine="microvm", cpu_tcg="max", console="ttyS0", transport=Transport.MMIO,
             kernel_package="linux-image-686", kernel_glob="boot/vmlinuz-*",
             suite="bookworm", kernel_args=X86_ARGS, little_endian=True, bits=32,
+            full_machine="q35",
         ),
         Arch(
             name="s390x", debian_arch="s390x", aliases=(),

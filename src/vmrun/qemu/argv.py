@@ -60,7 +60,7 @@ def kernel_cmdline(arch: Arch, *, console: bool, probe: bool = False, extra: str
     return " ".join(words)
 
 
-def accel_args(plan: BootPlan) -> list[str]:
+def accel_args(plan: BootPlan | FullBootPlan) -> list[str]:
     match plan.accel:
         case Accel.KVM:
             return ["-accel", "kvm", "-cpu", "host"]
@@ -149,4 +149,76 @@ def build_argv(plan: BootPlan, qemu: str | None = None) -> list[str]:
             "werror=report,rerror=report,discard=unmap",
             "-device", f"virtio-blk-{arch.device_suffix},drive=disk0,serial=vmrun-disk",
         ]
+    return argv
+
+
+# ---- full boot: the image's own firmware, bootloader, kernel and init ----------------------
+
+READY_PORT = "org.vmrun.ready"
+
+
+@dataclass(frozen=True)
+class FullBootPlan:
+    arch: Arch
+    accel: Accel  # resolved: never AUTO
+    cpus: int
+    memory_mib: int
+    disk: Path  # the run's qcow2 overlay on the image
+    seed: Path  # the NoCloud seed ISO, attached read-only
+    fds: dict[str, int]  # chardev id -> fd: "qmp", "serial", "ready"
+    uefi_code: Path | None = None  # UEFI: read-only code flash; None: the machine's BIOS
+    uefi_vars: Path | None = None  # UEFI: this run's own copy of the variable store
+    net_outbound: bool = True  # False: the guest reaches nothing, SSH still comes in
+    sandbox: bool = True
+
+
+def full_boot_argv(plan: FullBootPlan, qemu: str | None = None) -> list[str]:
+    """The argv that boots a disk image the way a cloud would, with its seed attached."""
+    arch = plan.arch
+    suffix = {Transport.PCI: "pci", Transport.CCW: "ccw", Transport.MMIO: "device"}[
+        arch.full_transport]
+    argv = [qemu or arch.qemu_binary]
+    argv += ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+    if plan.sandbox:
+        argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny"]
+    machine = arch.full_machine or arch.machine
+    if arch.name == "aarch64" and plan.accel == Accel.KVM:
+        machine += ",gic-version=host"
+    argv += ["-machine", machine]
+    argv += accel_args(plan)
+    argv += ["-smp", str(plan.cpus), "-m", f"{plan.memory_mib}M"]
+    if plan.uefi_code is not None:
+        assert plan.uefi_vars is not None
+        argv += [
+            "-drive",
+            f"if=pflash,format=raw,unit=0,readonly=on,file={option_value(plan.uefi_code)}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={option_value(plan.uefi_vars)}",
+        ]
+    if arch.name in ("x86_64", "i386", "aarch64"):
+        # cloud-init reads "ds=nocloud" from the SMBIOS serial and looks no further.
+        argv += ["-smbios", "type=1,serial=ds=nocloud"]
+    argv += ["-chardev", f"socket,id=qmp,fd={plan.fds['qmp']}", "-mon", "chardev=qmp,mode=control"]
+    argv += ["-chardev", f"socket,id=serial,fd={plan.fds['serial']}"]
+    if arch.name == "s390x":
+        argv += ["-device", "sclpconsole,chardev=serial"]
+    else:
+        argv += ["-serial", "chardev:serial"]
+    # The guest says on this port when its SSH server runs: no polling for readiness.
+    argv += ["-device", f"virtio-serial-{suffix},max_ports=2"]
+    argv += ["-chardev", f"socket,id=ready,fd={plan.fds['ready']}",
+             "-device", f"virtserialport,chardev=ready,name={READY_PORT}"]
+    # Port 0: the host's kernel picks a free port when QEMU binds it, so no other process
+    # can take it between choosing and binding; vmrun reads it back over QMP.
+    netdev = "user,id=net0,hostfwd=tcp:127.0.0.1:0-:22"
+    if not plan.net_outbound:
+        netdev += ",restrict=on"
+    argv += ["-netdev", netdev, "-device", f"virtio-net-{suffix},netdev=net0"]
+    argv += [
+        "-drive", f"file={option_value(plan.disk)},format=qcow2,if=none,id=disk0,"
+        "werror=report,rerror=report,discard=unmap",
+        "-device", f"virtio-blk-{suffix},drive=disk0,bootindex=0",
+        "-drive", f"file={option_value(plan.seed)},format=raw,if=none,id=seed,readonly=on",
+        "-device", f"virtio-blk-{suffix},drive=seed",
+        "-device", f"virtio-rng-{suffix}",
+    ]
     return argv

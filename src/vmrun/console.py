@@ -1,0 +1,96 @@
+"""What both kinds of machine read from QEMU besides the guest's own channel: the serial
+console (a capped log, a tail for error messages) and the QMP events that end a run
+(a guest panic, a host disk that is full)."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmrun.errors import GuestPanic, ImageError, VmrunError
+
+SERIAL_LOG_LIMIT = 1 << 20
+SERIAL_TAIL = 16 << 10
+PANIC_MARKERS = (b"Kernel panic - not syncing", b"kernel BUG at", b"Oops: ")
+
+
+@dataclass
+class Serial:
+    """The guest console: written to a capped log file, its tail kept, optionally shown."""
+
+    log: Path
+    show: bool = False
+    written: int = 0
+    truncated: bool = False
+    tail: bytearray = field(default_factory=bytearray)
+
+    def read(self, sock: socket.socket) -> int:
+        """Take what SOCK has now; the number of bytes read (0 at EOF or when none)."""
+        try:
+            data = sock.recv(1 << 16)
+        except BlockingIOError:
+            return 0
+        self.feed(data)
+        return len(data)
+
+    def drain(self, sock: socket.socket) -> None:
+        """Take what the guest wrote before it went (QEMU has exited or is going)."""
+        for _ in range(256):
+            if not select.select([sock], [], [], 0)[0] or not self.read(sock):
+                return
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            return
+        self.tail += data
+        del self.tail[:-SERIAL_TAIL]
+        if self.show:
+            os.write(2, data)
+        if self.truncated:
+            return
+        room = SERIAL_LOG_LIMIT - self.written
+        with open(self.log, "ab") as out:
+            out.write(data[:room])
+            if len(data) > room:
+                out.write(b"\n[vmrun: serial log truncated here]\n")
+                self.truncated = True
+        self.written += min(len(data), room)
+
+    def tail_lines(self, count: int) -> list[str]:
+        return bytes(self.tail).decode(errors="replace").strip().splitlines()[-count:]
+
+    def tail_text(self, count: int = 25) -> str:
+        return "\n".join(self.tail_lines(count))
+
+    def panicked(self) -> bool:
+        return any(marker in self.tail for marker in PANIC_MARKERS)
+
+    def panic(self) -> GuestPanic:
+        """The error for a guest panic, showing the console from the panic's message on
+        (the stack dump follows it), else its end."""
+        tail = bytes(self.tail).decode(errors="replace").strip().splitlines()
+        start = max(0, len(tail) - 25)
+        for index in range(len(tail) - 1, -1, -1):
+            if any(marker.decode() in tail[index] for marker in PANIC_MARKERS):
+                start = max(index, len(tail) - 60)
+                break
+        return GuestPanic("the guest kernel panicked", serial_tail="\n".join(tail[start:]))
+
+
+def event_failure(event: dict[str, Any], serial: Serial, rundir: Path | None
+                  ) -> VmrunError | None:
+    """The error a QMP event means for the run, or None if it means none."""
+    if event.get("event") == "GUEST_PANICKED":
+        return serial.panic()
+    data = event.get("data") or {}
+    # QEMU names ENOSPC by "nospace" only when it tracks I/O status (werror=stop); with
+    # werror=report the reason says it.
+    if event.get("event") == "BLOCK_IO_ERROR" and (
+            data.get("nospace") or "No space left" in str(data.get("reason", ""))):
+        return ImageError("host disk full: the VM's disk overlay could not grow",
+                          hint=f"free space under {rundir}")
+    return None

@@ -1,0 +1,712 @@
+"""Booting a disk image the way a cloud does, and running commands in it over SSH.
+
+The image boots with its own firmware, bootloader, kernel and init on a per-run overlay,
+with a NoCloud seed that vmrun writes: a login user authorized for this run's key only,
+the host key vmrun made (so it is pinned, and the guest generates none), and a transient
+unit that tells vmrun on a virtio-serial port the moment the SSH server runs. The
+datasource is pinned through SMBIOS. The working directory is copied in (with --include /
+--exclude rules) and chosen results are copied back (--collect).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, cast
+
+from vmrun import seed as seedlib
+from vmrun import ssh as sshlib
+from vmrun import sync
+from vmrun.channel import new_token
+from vmrun.errors import (
+    BootTimeout,
+    ChannelLost,
+    CommandTimeout,
+    GuestPanic,
+    HostKeyMismatch,
+    ImageError,
+    UsageError,
+    VmrunError,
+)
+from vmrun.images.attach import Base, attach, prepare
+from vmrun.images.partitions import read_head
+from vmrun.machine import PANIC_MARKERS, SERIAL_LOG_LIMIT, SERIAL_TAIL, Result, notice_stderr
+from vmrun.qemu import accel as accellib
+from vmrun.qemu import firmware as fwlib
+from vmrun.qemu import process
+from vmrun.qemu.arch import Arch, host_arch, lookup_arch
+from vmrun.qemu.argv import READY_PORT, FullBootPlan, full_boot_argv
+from vmrun.qemu.qmp import Qmp
+from vmrun.rundir import run_directory
+from vmrun.spec import Accel, Command, MachineSpec, Net, Share
+
+Notice = Callable[[str], None]
+MAX_READY_LINE = 64 << 10  # a base64 cloud-init result.json fits; anything longer is refused
+HOSTFWD = re.compile(rb"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+22\b")
+SSH_PROPS = ("After=ssh.service", "After=sshd.service", "After=ssh.socket")
+
+# Run in the guest by the login shell: cd, run, then the exit status after a token on
+# stderr, so an exit status of 255 is never mistaken for ssh's own failure.
+REMOTE_WRAPPER = (
+    't=$1; d=$2; shift 2; '
+    'if [ -n "$d" ]; then cd -- "$d" || { printf "%s%d\\n" "$t" 126 >&2; exit 126; }; fi; '
+    '"$@"; rc=$?; printf "%s%d\\n" "$t" "$rc" >&2; exit "$rc"'
+)
+
+
+@dataclass(frozen=True)
+class FullOptions:
+    """What only a full boot has: firmware, the copy-in rules, what to copy back."""
+
+    firmware: fwlib.Firmware = fwlib.Firmware.AUTO
+    rules: tuple[sync.Rule, ...] = ()
+    collect: tuple[str, ...] = ()
+
+
+def ready_unit_command(message: str, props: Sequence[str] = SSH_PROPS) -> list[str]:
+    """A bootcmd entry: a transient unit, ordered after PROPS, that writes MESSAGE to the
+    ready port. bootcmd runs in cloud-init's init stage, before the SSH server starts."""
+    argv = ["systemd-run", "--no-block", "--unit=vmrun-ready", "--quiet"]
+    argv += [f"--property={prop}" for prop in props]
+    argv += ["/bin/sh", "-c", f"echo {message} > /dev/virtio-ports/{READY_PORT}"]
+    return argv
+
+
+def run_cloud_config(keys: sshlib.Keys) -> dict[str, Any]:
+    """vmrun's cloud-config for a run: its login user, the pinned host key, readiness."""
+    return {
+        "users": [{
+            "name": sshlib.LOGIN_USER, "shell": "/bin/sh", "lock_passwd": True,
+            "sudo": "ALL=(ALL) NOPASSWD:ALL", "ssh_authorized_keys": [keys.client_public],
+        }],
+        "ssh_pwauth": False,
+        "disable_root": True,
+        "ssh_deletekeys": True,
+        # Only the type the seed brings: cloud-init generates none (the schema wants one).
+        "ssh_genkeytypes": ["ed25519"],
+        "ssh_keys": {"ed25519_private": keys.host_private,
+                     "ed25519_public": keys.host_public},
+        # The run's overlay has the base's size: there is nothing to grow.
+        "growpart": {"mode": "off"},
+        "resize_rootfs": False,
+        "bootcmd": [
+            # cloud-init's later stages (a Python start-up each, seconds under TCG) still
+            # run, but yield the CPU to the login and the command.
+            *(["systemctl", "set-property", "--runtime", unit, "CPUWeight=1"]
+              for unit in ("cloud-config.service", "cloud-final.service")),
+            ready_unit_command("ssh"),
+        ],
+    }
+
+
+# ---- the machine -------------------------------------------------------------------------
+
+@dataclass
+class Serial:
+    """The guest console: a capped log file, a tail for errors, optionally shown."""
+
+    log: Path
+    show: bool = False
+    written: int = 0
+    truncated: bool = False
+    tail: bytearray = field(default_factory=bytearray)
+
+    def feed(self, data: bytes) -> None:
+        self.tail += data
+        del self.tail[:-SERIAL_TAIL]
+        if self.show:
+            os.write(2, data)
+        if self.truncated:
+            return
+        room = SERIAL_LOG_LIMIT - self.written
+        with open(self.log, "ab") as out:
+            out.write(data[:room])
+            if len(data) > room:
+                out.write(b"\n[vmrun: serial log truncated here]\n")
+                self.truncated = True
+        self.written += min(len(data), room)
+
+    def tail_text(self, lines: int = 25) -> str:
+        return "\n".join(bytes(self.tail).decode(errors="replace").strip().splitlines()[-lines:])
+
+
+class FullMachine:
+    """A disk image booted in full; commands run over SSH. Use it as a context manager."""
+
+    def __init__(self, spec: MachineSpec, options: FullOptions | None = None, *,
+                 notice: Notice = notice_stderr, stdout_fd: int | None = None,
+                 stderr_fd: int | None = None, user_data: bytes | None = None,
+                 meta_data: bytes | None = None) -> None:
+        if spec.image is None:
+            raise UsageError("--boot full needs --image")
+        if options is not None and options.collect and spec.tty:
+            raise UsageError("--collect cannot be used with -t")
+        if options is not None and options.collect and spec.share != Share.RW:
+            raise UsageError("--collect writes into the working directory, which needs "
+                             "--share rw")
+        self.spec = spec
+        self.options = options or FullOptions()
+        self.notice = notice
+        self.stdout_fd = stdout_fd
+        self.stderr_fd = stderr_fd
+        self.user_data = user_data  # None: vmrun's own run config (SSH); else a bake
+        self.meta_data = meta_data
+        self.arch: Arch = lookup_arch(spec.arch or host_arch())
+        self.share_path = (spec.share_dir or Path.cwd()).resolve()
+        self.stack = contextlib.ExitStack()
+        self.timings: dict[str, float] = {}
+        self.failed = False
+        self.rundir: Path | None = None
+        self.base: Base | None = None
+        self.overlay: Path | None = None
+        self.keys: sshlib.Keys | None = None
+        self.qemu: process.Qemu | None = None
+        self.qmp: Qmp | None = None
+        self.socks: dict[str, socket.socket] = {}
+        self.serial: Serial | None = None
+        self.ready_lines: list[bytes] = []
+        self.ready_buffer = b""
+        self.port = 0
+        self.firmware = fwlib.Firmware.AUTO
+        self.keep_overlay = False  # a bake keeps it as its layer
+        self.ssh = ""
+        self.copied = False
+        self.shutdown_reason = ""
+        self.control: Path | None = None
+        self.masters: list[subprocess.Popen[bytes]] = []
+
+    # -- lifecycle
+
+    def __enter__(self) -> FullMachine:
+        try:
+            self.start()
+        except BaseException:
+            self.failed = True
+            self.stack.close()
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if kind is not None:
+            self.failed = True
+        self.stack.close()
+
+    def _phase(self, name: str, since: float) -> float:
+        now = time.monotonic()
+        self.timings[name] = now - since
+        if self.spec.verbose:
+            self.notice(f"{name}: {now - since:.3f}s")
+        return now
+
+    def start(self) -> None:
+        t = time.monotonic()
+        spec = self.spec
+        assert spec.image is not None
+        qemu_binary = process.find_qemu(self.arch)
+        if self.user_data is None:
+            self.ssh = sshlib.find_ssh()
+        self.base = prepare(spec.image, guest_arch=self.arch.name,
+                            debian_arch=self.arch.debian_arch, notice=self.notice)
+        bootable = fwlib.bootable_by(read_head(self.base.path, self.base.format))
+        self.firmware = fwlib.choose_firmware(self.arch.name, self.options.firmware, bootable,
+                                              spec.image)
+        firmware = fwlib.firmware_files(self.arch.name, self.firmware)
+        accel = self._accel()
+        self.rundir = self.stack.enter_context(
+            run_directory(keep=lambda: spec.keep, notice=self.notice))
+        self.overlay = attach(self.base, self.rundir).overlay
+        seed = self._write_seed()
+        uefi_vars = None
+        if firmware.vars_template is not None:
+            uefi_vars = self.rundir / "uefi-vars.fd"
+            shutil.copyfile(firmware.vars_template, uefi_vars)
+        fds = self._make_sockets()
+        plan = FullBootPlan(
+            arch=self.arch, accel=accel, cpus=spec.cpus, memory_mib=spec.memory_mib,
+            disk=self.overlay, seed=seed, fds=fds, uefi_code=firmware.code,
+            uefi_vars=uefi_vars, net_outbound=spec.net == Net.USER,
+        )
+        argv = full_boot_argv(plan, qemu_binary)
+        (self.rundir / "qemu.argv").write_text(shlex.join(argv) + "\n")
+        if spec.verbose:
+            self.notice(f"firmware: {self.firmware}; qemu argv: {shlex.join(argv)}")
+        self.serial = Serial(self.rundir / "serial.log", show=spec.console)
+        self.serial.log.touch()
+        t = self._phase("prepare", t)
+        self.qemu = process.spawn(argv, log=self.rundir / "qemu.log",
+                                  pass_fds=tuple(fds.values()))
+        self.stack.callback(self._stop)
+        for child_fd in fds.values():
+            os.close(child_fd)
+        self.qmp = Qmp(self.socks["qmp"])
+        self.qmp.execute("qmp_capabilities")
+        t = self._phase("booting", t)
+        self.port = self._forwarded_port()
+        t = self._phase("port ready", t)
+        if self.user_data is None:
+            deadline = time.monotonic() + spec.boot_timeout
+            timeout = BootTimeout(f"the guest's SSH server did not start within "
+                                  f"{spec.boot_timeout:.0f}s (--boot-timeout)")
+            self.pump(lambda: b"ssh" in self.ready_lines, spec.boot_timeout, timeout)
+            t = self._phase("sshd started", t)
+            self._start_master(deadline, timeout)
+            self._phase("ssh ready", t)
+
+    def _start_master(self, deadline: float, timeout: VmrunError) -> None:
+        """Log in once; later sessions share this connection (see ssh.ssh_options)."""
+        assert self.rundir is not None and self.keys is not None
+        control = self.keys.directory / "control"
+        if len(os.fsencode(control)) > 100:
+            return  # a UNIX socket path has room for about 108 bytes: connect each time
+        argv = sshlib.ssh_argv(self.keys, self.port, ["sh", "-c", "echo ready; exec cat"],
+                               ssh=self.ssh, control=control, master=True)
+        with open(self._ssh_log(), "ab") as log:
+            master = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=log)
+        self.masters.append(master)
+        self.stack.callback(_end_master, master)
+        assert master.stdout is not None
+        out = master.stdout.fileno()
+        said = bytearray()
+
+        def read(readable: list[int]) -> None:
+            if out in readable:
+                data = os.read(out, 64)
+                said.extend(data if data else b"<eof>")
+
+        self.pump(lambda: b"ready\n" in said or b"<eof>" in said,
+                  max(1.0, deadline - time.monotonic()), timeout, extra=read,
+                  readers=lambda: [out])
+        if b"ready\n" not in said:
+            master.wait()
+            raise self._ssh_failure("logging in to the guest")
+        self.control = control
+
+    def end_master(self) -> None:
+        """Close the shared connection; later sessions connect (and check the key) anew."""
+        self.control = None
+        for callback_master in list(self.masters):
+            _end_master(callback_master)
+
+    def _accel(self) -> Accel:
+        from vmrun.guest.build import ensure_guest
+
+        if self.spec.accel == Accel.TCG or self.arch.name != host_arch():
+            return Accel.TCG
+        # KVM is proven with vmrun's own small guest, as for a fast boot.
+        guest = ensure_guest(self.arch, mirror=self.spec.mirror, notice=self.notice)
+        choice = accellib.choose_for_guest(self.spec.accel, self.arch, guest.kernel,
+                                           guest.initrd)
+        if choice.fell_back:
+            self.notice(f"{choice.reason}; using TCG (slower)")
+        return choice.accel
+
+    def _write_seed(self) -> Path:
+        assert self.rundir is not None
+        if self.user_data is None:
+            self.keys = sshlib.make_keys(self.rundir / "ssh")
+            user_data = seedlib.merge_cloud_config(b"#cloud-config\n",
+                                                   run_cloud_config(self.keys))
+        else:
+            user_data = self.user_data
+        meta = seedlib.meta_data(user_meta=self.meta_data)
+        path = self.rundir / "seed.iso"
+        seedlib.write_seed(path, user_data=user_data, meta_data=meta)
+        return path
+
+    def _make_sockets(self) -> dict[str, int]:
+        child_fds: dict[str, int] = {}
+        for name in ("qmp", "serial", "ready"):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            ours.setblocking(False)
+            self.stack.callback(ours.close)
+            self.socks[name] = ours
+            child_fds[name] = theirs.detach()
+        return child_fds
+
+    def _forwarded_port(self) -> int:
+        assert self.qmp is not None
+        text = self.qmp.execute("human-monitor-command", {"command-line": "info usernet"})
+        found = HOSTFWD.search(str(text).encode())
+        if found is None:
+            raise self._qemu().failure("QEMU did not report the forwarded SSH port")
+        return int(found.group(1))
+
+    def _qemu(self) -> process.Qemu:
+        assert self.qemu is not None
+        return self.qemu
+
+    def _stop(self) -> None:
+        if self.qemu is None:
+            return
+        t = time.monotonic()
+        # A run's overlay is thrown away: no guest shutdown to wait for.
+        process.stop(self.qemu, self.qmp, grace=3.0)
+        self._phase("power-off", t)
+
+    # -- the event loop
+
+    def pump(self, until: Callable[[], bool], timeout: float | None, on_timeout: VmrunError,
+             extra: Callable[[list[int]], None] | None = None,
+             readers: Callable[[], list[int]] | None = None,
+             on_exit: Callable[[], bool] | None = None) -> None:
+        """Read the console, QMP and the ready port until UNTIL() holds (no polling).
+
+        READERS adds fds to wait on and EXTRA handles them; when QEMU exits, ON_EXIT says
+        whether that was expected (else the guest vanished)."""
+        qemu = self._qemu()
+        assert self.qmp is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        serial, ready = self.socks["serial"], self.socks["ready"]
+        while not until():
+            fds = [qemu.pidfd, serial.fileno(), ready.fileno(), self.qmp.fileno()]
+            fds += readers() if readers is not None else []
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            readable, _, _ = select.select(fds, [], [], wait)
+            if not readable:
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.failed = True
+                    raise on_timeout
+                continue
+            if serial.fileno() in readable:
+                self._read_serial()
+            if ready.fileno() in readable:
+                self._read_ready()
+            if self.qmp.fileno() in readable:
+                self.qmp.read_available()
+                self._check_events()
+            if extra is not None:
+                extra(readable)
+            if qemu.pidfd in readable:
+                self._drain_serial()
+                qemu.process.wait()
+                if on_exit is not None and on_exit():
+                    return
+                self._guest_gone()
+
+    def _read_serial(self) -> None:
+        try:
+            data = self.socks["serial"].recv(1 << 16)
+        except BlockingIOError:
+            return
+        if data and self.serial is not None:
+            self.serial.feed(data)
+
+    def _drain_serial(self) -> None:
+        for _ in range(256):
+            if not select.select([self.socks["serial"]], [], [], 0)[0]:
+                return
+            before = self.serial.written if self.serial else 0
+            self._read_serial()
+            if self.serial is None or self.serial.written == before:
+                return
+
+    def _read_ready(self) -> None:
+        try:
+            data = self.socks["ready"].recv(1 << 16)
+        except BlockingIOError:
+            return
+        self.ready_buffer += data
+        while b"\n" in self.ready_buffer:
+            line, self.ready_buffer = self.ready_buffer.split(b"\n", 1)
+            self.ready_lines.append(line.strip())
+        if len(self.ready_buffer) > MAX_READY_LINE:
+            self.failed = True
+            raise ChannelLost("the guest sent an oversized message on vmrun's ready port")
+
+    def _check_events(self) -> None:
+        assert self.qmp is not None
+        for event in self.qmp.events:
+            if event.get("event") == "SHUTDOWN":
+                self.shutdown_reason = str((event.get("data") or {}).get("reason", ""))
+            if event.get("event") == "GUEST_PANICKED":
+                self._raise_panic()
+            data = event.get("data") or {}
+            if event.get("event") == "BLOCK_IO_ERROR" and (
+                data.get("nospace") or "No space left" in str(data.get("reason", ""))
+            ):
+                self.failed = True
+                raise ImageError("host disk full: the VM's disk overlay could not grow",
+                                 hint=f"free space under {self.rundir}")
+        self.qmp.events.clear()
+
+    def _raise_panic(self) -> None:
+        self.failed = True
+        assert self.serial is not None
+        raise GuestPanic("the guest kernel panicked", serial_tail=self.serial.tail_text(40))
+
+    def _guest_gone(self) -> None:
+        self.failed = True
+        assert self.serial is not None and self.qemu is not None
+        if any(marker in self.serial.tail for marker in PANIC_MARKERS):
+            self._raise_panic()
+        code = self.qemu.process.returncode
+        if code not in (0, None):
+            raise self.qemu.failure(f"QEMU exited with status {code}")
+        tail = self.serial.tail_text(10)
+        raise ChannelLost("the VM powered off before the command finished",
+                          hint="serial console tail:\n" + tail if tail else None)
+
+    # -- SSH
+
+    def _ssh(self, remote: Sequence[str], *, tty: bool = False) -> list[str]:
+        assert self.keys is not None
+        return sshlib.ssh_argv(self.keys, self.port, remote, tty=tty, ssh=self.ssh,
+                               control=self.control)
+
+    def _ssh_log(self) -> Path:
+        assert self.rundir is not None
+        return self.rundir / "ssh.log"
+
+    def _ssh_failure(self, what: str) -> VmrunError:
+        self.failed = True
+        log = process.log_tail(self._ssh_log(), 600)
+        if "REMOTE HOST IDENTIFICATION HAS CHANGED" in log or "Host key verification failed" in log:
+            return HostKeyMismatch(f"{what}: the server on the forwarded port did not show the "
+                              "guest's pinned host key (refused as an impostor)")
+        last = log.strip().splitlines()[-1] if log.strip() else "no message"
+        return ChannelLost(f"{what}: ssh failed: {last}")
+
+    def copy_in(self) -> None:
+        """Copy the working directory into the guest, at the same path, with the rules."""
+        t = time.monotonic()
+        dest = str(self.share_path)
+        remote = ["sh", "-c", '{ mkdir -p -- "$1" 2>/dev/null && [ -w "$1" ]; } || '
+                  'sudo -n install -d -o "$(id -un)" -- "$1" && shift && exec "$@"',
+                  "sh", dest, *sync.guest_unpack_argv(dest)]
+        with open(self._ssh_log(), "ab") as log:
+            proc = subprocess.Popen(self._ssh(remote), stdin=subprocess.PIPE,
+                                    stdout=log, stderr=log)
+            assert proc.stdin is not None
+            try:
+                report = sync.pack(self.share_path, self.options.rules, cast(BinaryIO, proc.stdin))
+                proc.stdin.close()
+            except BrokenPipeError:
+                report = None
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            code = self._wait_child(proc)
+        if code != 0 or report is None:
+            raise self._ssh_failure("copying the working directory into the guest")
+        self.copied = True
+        if self.spec.verbose:
+            self.notice(f"copied in {report.files} entries, {report.bytes / 1e6:.1f} MB")
+        self._phase("copy-in", t)
+
+    def _wait_child(self, proc: subprocess.Popen[bytes]) -> int:
+        """Wait for PROC while still reading the console and QMP (QEMU must not stall)."""
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            self.pump(lambda: proc.poll() is not None, None, ChannelLost("unreachable"),
+                      readers=lambda: [pidfd])
+        finally:
+            os.close(pidfd)
+        return proc.wait()
+
+    def collect(self) -> sync.CollectReport:
+        t = time.monotonic()
+        remote = sync.guest_pack_argv(str(self.share_path), self.options.collect)
+        with open(self._ssh_log(), "ab") as log:
+            proc = subprocess.Popen(self._ssh(remote), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=log)
+            assert proc.stdout is not None
+            try:
+                report = sync.unpack_collected(cast(BinaryIO, proc.stdout), self.share_path)
+            finally:
+                proc.stdout.close()
+                code = self._wait_child(proc)
+        if code != 0:
+            raise self._ssh_failure("copying results back from the guest")
+        if report.skipped_count:
+            self.notice(f"collect skipped {report.skipped_count} entries: "
+                        + "; ".join(report.skipped[:3]))
+        self._phase("collect", t)
+        return report
+
+    def run(self, command: Command, *, capture: bool = False) -> Result:
+        """Run COMMAND in the guest over SSH; the Result holds its exact exit status."""
+        if self.qemu is None or self.keys is None:
+            raise UsageError("the machine is not started (use it in a with statement)")
+        if self.spec.share != Share.NONE and not self.copied:
+            self.copy_in()
+        t = time.monotonic()
+        token = new_token()
+        cwd = command.cwd or (str(self.share_path) if self.spec.share != Share.NONE else "")
+        inner = list(command.argv)
+        if command.env:
+            inner = ["env", "--", *(f"{k}={v}" for k, v in command.env), *inner]
+        remote = ["sh", "-c", REMOTE_WRAPPER, "sh", token, cwd, *inner]
+        stdin: int | None = subprocess.DEVNULL
+        if command.input is not None:
+            stdin = subprocess.PIPE
+        elif command.stdin_stream or command.tty:
+            stdin = None  # ssh reads this process's stdin
+        stdout: int | None = subprocess.PIPE if capture else self.stdout_fd
+        proc = subprocess.Popen(self._ssh(remote, tty=command.tty), stdin=stdin, stdout=stdout,
+                                stderr=subprocess.PIPE)
+        trailer = ExitTrailer(token.encode())
+        captured = {"stdout": bytearray(), "stderr": bytearray()}
+        pending_input = bytearray(command.input or b"")
+        pidfd = os.pidfd_open(proc.pid)
+        streams = {proc.stderr.fileno(): "stderr"} if proc.stderr else {}
+        if proc.stdout is not None:
+            streams[proc.stdout.fileno()] = "stdout"
+        if proc.stdin is not None:
+            if pending_input:
+                os.set_blocking(proc.stdin.fileno(), False)
+            else:
+                proc.stdin.close()
+
+        def handle(readable: list[int]) -> None:
+            for fd, name in list(streams.items()):
+                if fd not in readable:
+                    continue
+                data = os.read(fd, 1 << 16)
+                if not data:
+                    del streams[fd]
+                    continue
+                if name == "stderr":
+                    data = trailer.feed(data)
+                if capture:
+                    captured[name] += data
+                else:
+                    sink = self.stderr_fd if name == "stderr" else self.stdout_fd
+                    if sink is not None:
+                        _write_all(sink, data)
+            if proc.stdin is not None and not proc.stdin.closed and pending_input:
+                try:
+                    sent = os.write(proc.stdin.fileno(), pending_input)
+                    del pending_input[:sent]
+                except BlockingIOError:
+                    pass
+                except BrokenPipeError:
+                    pending_input.clear()
+                if not pending_input:
+                    proc.stdin.close()
+
+        def finished() -> bool:
+            return not streams and proc.poll() is not None
+
+        try:
+            self.pump(finished, command.timeout, CommandTimeout(
+                f"the command ran longer than {command.timeout}s (--timeout)"),
+                extra=handle, readers=lambda: [pidfd, *streams])
+        finally:
+            os.close(pidfd)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+        code = proc.returncode
+        if trailer.status is not None:
+            exit_code = trailer.status
+        elif command.tty and code != sshlib.SSH_FAILED:
+            exit_code = code  # a terminal merges stderr: ssh's own status is the command's
+        else:
+            raise self._ssh_failure_from(bytes(trailer.rest))
+        self._phase("command", t)
+        if self.options.collect:
+            self.collect()
+        result = Result(exit_code=exit_code, timings=dict(self.timings))
+        if capture:
+            result.stdout = bytes(captured["stdout"])
+            result.stderr = bytes(captured["stderr"])
+        return result
+
+    def _ssh_failure_from(self, stderr_tail: bytes) -> VmrunError:
+        with open(self._ssh_log(), "ab") as log:
+            log.write(stderr_tail)
+        return self._ssh_failure("running the command")
+
+
+def _end_master(master: subprocess.Popen[bytes]) -> None:
+    if master.poll() is not None:
+        return
+    with contextlib.suppress(OSError):
+        if master.stdin is not None:
+            master.stdin.close()  # the remote `cat` sees EOF, and the session ends
+    try:
+        master.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        master.kill()
+        master.wait()
+    if master.stdout is not None:
+        master.stdout.close()
+
+
+class ExitTrailer:
+    """Passes ssh's stderr through and takes the exit status from after the token."""
+
+    def __init__(self, token: bytes) -> None:
+        self.token = token
+        self.held = b""
+        self.status: int | None = None
+        self.rest = bytearray()  # what came without a token: ssh's own complaints
+
+    def feed(self, data: bytes) -> bytes:
+        if self.status is not None:
+            return b""
+        data = self.held + data
+        index = data.find(self.token)
+        if index >= 0:
+            after = data[index + len(self.token):]
+            end = after.find(b"\n")
+            if end < 0:
+                self.held = data[index:]
+                return data[:index]
+            digits = after[:end].strip()
+            self.status = int(digits) if digits.isdigit() and len(digits) <= 3 else 255
+            self.held = b""
+            return data[:index]
+        keep = 0
+        for size in range(min(len(self.token) - 1, len(data)), 0, -1):
+            if self.token.startswith(data[-size:]):
+                keep = size
+                break
+        out = data[: len(data) - keep]
+        self.held = data[len(data) - keep:]
+        self.rest += out
+        del self.rest[:-4096]
+        return out
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BrokenPipeError:
+            return
+        view = view[written:]
+
+
+def run_full(argv: Sequence[str], *, spec: MachineSpec, options: FullOptions | None = None,
+             capture: bool = False, input: bytes | None = None,
+             env: dict[str, str] | None = None, timeout: float | None = None,
+             notice: Notice = notice_stderr) -> Result:
+    """Boot SPEC's image in full, run ARGV over SSH, power off; like vmrun.run()."""
+    command = Command(argv=tuple(argv), env=tuple((env or {}).items()), timeout=timeout,
+                      input=input)
+    fds = (None, None) if capture else (sys.stdout.fileno(), sys.stderr.fileno())
+    with FullMachine(spec, options, notice=notice, stdout_fd=fds[0],
+                     stderr_fd=fds[1]) as machine:
+        result = machine.run(command, capture=capture)
+    result.timings = dict(machine.timings)
+    return result

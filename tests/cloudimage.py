@@ -1,0 +1,218 @@
+"""A Debian cloud-style disk image built from Debian packages, for tests and benchmarks.
+
+Cloud-image sites are unreachable where vmrun is developed, so the tests make their own
+image the way the distributions do, without loop devices or mounts: mmdebstrap installs
+systemd, cloud-init, openssh-server, a kernel and sudo into a directory; `mke2fs -d` turns it
+into the root filesystem; the disk gets a GPT with a BIOS boot partition, an EFI system
+partition and the root partition (the Discoverable Partitions Specification's x86_64 root
+type, as Debian's images have), and GRUB for both BIOS and UEFI, installed by writing its
+images into place. The result is cached by the hash of this recipe.
+
+    python -m tests.cloudimage            # build (or find) it and print its path
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+from vmrun import cache as cachelib
+
+SUITE = "bookworm"
+PACKAGES = (
+    "systemd-sysv", "udev", "cloud-init", "openssh-server", "sudo", "iproute2",
+    "systemd-resolved", "linux-image-cloud-amd64", "initramfs-tools", "e2fsprogs", "locales",
+    "cloud-guest-utils",
+)
+SECTOR = 512
+MIB = 1 << 20
+ROOT_SIZE = 1536 * MIB
+ESP_SIZE = 32 * MIB
+BIOS_BOOT_SIZE = 1 * MIB
+GRUB_I386 = Path("/usr/lib/grub/i386-pc")
+GRUB_EFI = Path("/usr/lib/grub/x86_64-efi")
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+BIOS_BOOT_TYPE = "21686148-6449-6E6F-744E-656564454649"
+ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
+KERNEL_ARGS = "ro console=tty0 console=ttyS0,115200 net.ifnames=0"
+
+# Run on the host with the root directory as $1, after the packages are installed.
+CUSTOMIZE = r"""
+set -e
+root=$1
+rm -f "$root"/etc/ssh/ssh_host_*
+: > "$root/etc/machine-id"
+rm -f "$root/var/lib/dbus/machine-id"
+printf 'UUID=%s / ext4 rw,discard,errors=remount-ro 0 1\n' "$ROOT_UUID" > "$root/etc/fstab"
+echo localhost > "$root/etc/hostname"
+chroot "$root" systemctl enable systemd-networkd.service
+# The locale cloud-init sets by default, generated now as Debian's images ship it.
+sed -i 's/^# *en_US.UTF-8 UTF-8/en_US.UTF-8 UTF-8/' "$root/etc/locale.gen"
+chroot "$root" locale-gen >/dev/null
+echo LANG=en_US.UTF-8 > "$root/etc/default/locale"
+ln -sf /run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
+mkdir -p "$root/boot/grub"
+cat > "$root/boot/grub/grub.cfg" <<EOF
+set timeout=0
+insmod part_gpt
+insmod ext2
+search --no-floppy --fs-uuid --set=root $ROOT_UUID
+linux /vmlinuz root=UUID=$ROOT_UUID $KERNEL_ARGS
+initrd /initrd.img
+boot
+EOF
+rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/log/*.log
+"""
+
+
+def recipe_key() -> str:
+    return cachelib.key_of(SUITE, ",".join(PACKAGES), CUSTOMIZE, KERNEL_ARGS,
+                           Path(__file__).read_bytes())
+
+
+def image_path(cache: Path | None = None) -> Path:
+    root = (cache or cachelib.cache_dir()) / "testimages"
+    return root / f"debian-{SUITE}-cloud-{recipe_key()[:16]}.qcow2"
+
+
+def ensure_cloud_image(cache: Path | None = None, *, mirror: str | None = None) -> Path:
+    """The test image's path, built first if the cache lacks it (a few minutes)."""
+    final = image_path(cache)
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with cachelib.locked(final.with_suffix(".lock")):
+        if final.exists():
+            return final
+        with cachelib.staged(final) as temp:
+            build(temp, mirror=mirror or os.environ.get("VMRUN_DEBIAN_MIRROR")
+                  or "http://deb.debian.org/debian")
+    return final
+
+
+def run(argv: list[str], **kwargs: object) -> None:
+    subprocess.run(argv, check=True, **kwargs)  # type: ignore[call-overload]
+
+
+def build(out: Path, *, mirror: str) -> None:
+    missing = [tool for tool in ("mmdebstrap", "mke2fs", "sfdisk", "mkfs.vfat", "mcopy",
+                                 "grub-mkimage", "qemu-img") if shutil.which(tool) is None]
+    if missing:
+        raise RuntimeError(f"building the test image needs {', '.join(missing)}: "
+                           "run scripts/setup")
+    root_uuid = str(uuid.UUID(recipe_key()[:32]))
+    with tempfile.TemporaryDirectory(prefix="vmrun-cloudimage-", dir=out.parent) as tmp:
+        work = Path(tmp)
+        rootfs = work / "rootfs"
+        env = {**os.environ, "ROOT_UUID": root_uuid, "KERNEL_ARGS": KERNEL_ARGS}
+        run(["mmdebstrap", "--quiet", "--variant=apt", "--include=" + ",".join(PACKAGES),
+             "--customize-hook", f"sh -c {shlex_quote(CUSTOMIZE)} hook \"$1\"",
+             SUITE, str(rootfs), mirror], env=env)
+        root_img = work / "root.img"
+        run(["mke2fs", "-q", "-t", "ext4", "-d", str(rootfs), "-L", "root", "-U", root_uuid,
+             str(root_img), f"{ROOT_SIZE // 1024}k"])
+        esp_img = work / "esp.img"
+        make_esp(esp_img, work, root_uuid)
+        core_img = work / "core.img"
+        make_bios_core(core_img, work, root_uuid)
+        raw = work / "disk.raw"
+        assemble(raw, core_img=core_img, esp_img=esp_img, root_img=root_img)
+        run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(out)])
+
+
+def shlex_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def grub_embed_config(root_uuid: str) -> str:
+    # GRUB's own image only finds the root filesystem and reads the image's grub.cfg there.
+    return (f"search --no-floppy --fs-uuid --set=root {root_uuid}\n"
+            "set prefix=($root)/boot/grub\nconfigfile ($root)/boot/grub/grub.cfg\n")
+
+
+GRUB_MODULES = ["part_gpt", "ext2", "search", "search_fs_uuid", "configfile", "normal",
+                "linux", "echo", "test"]
+
+
+def make_esp(esp_img: Path, work: Path, root_uuid: str) -> None:
+    embed = work / "embed-efi.cfg"
+    embed.write_text(grub_embed_config(root_uuid))
+    efi = work / "BOOTX64.EFI"
+    run(["grub-mkimage", "-O", "x86_64-efi", "-d", str(GRUB_EFI), "-o", str(efi),
+         "-p", "/boot/grub", "-c", str(embed), *GRUB_MODULES, "all_video", "efi_gop"])
+    run(["mkfs.vfat", "-C", "-n", "EFI", str(esp_img), str(ESP_SIZE // 1024)],
+        stdout=subprocess.DEVNULL)
+    run(["mmd", "-i", str(esp_img), "::EFI", "::EFI/BOOT"])
+    run(["mcopy", "-i", str(esp_img), str(efi), "::EFI/BOOT/BOOTX64.EFI"])
+
+
+def make_bios_core(core_img: Path, work: Path, root_uuid: str) -> None:
+    embed = work / "embed-bios.cfg"
+    embed.write_text(grub_embed_config(root_uuid))
+    run(["grub-mkimage", "-O", "i386-pc", "-d", str(GRUB_I386), "-o", str(core_img),
+         "-p", "/boot/grub", "-c", str(embed), "biosdisk", *GRUB_MODULES])
+    if core_img.stat().st_size > BIOS_BOOT_SIZE:
+        raise RuntimeError("GRUB's core image does not fit the BIOS boot partition")
+
+
+def assemble(raw: Path, *, core_img: Path, esp_img: Path, root_img: Path) -> None:
+    start = MIB  # first partition at 1 MiB, like every modern partitioner
+    bios_lba = start // SECTOR
+    esp_lba = bios_lba + BIOS_BOOT_SIZE // SECTOR
+    root_lba = esp_lba + ESP_SIZE // SECTOR
+    total = start + BIOS_BOOT_SIZE + ESP_SIZE + ROOT_SIZE + MIB  # room for the backup GPT
+    with open(raw, "wb") as f:
+        f.truncate(total)
+    table = (
+        "label: gpt\n"
+        f"start={bios_lba}, size={BIOS_BOOT_SIZE // SECTOR}, type={BIOS_BOOT_TYPE}, name=bios\n"
+        f"start={esp_lba}, size={ESP_SIZE // SECTOR}, type={ESP_TYPE}, name=esp\n"
+        f"start={root_lba}, size={ROOT_SIZE // SECTOR}, type={ROOT_X86_64_TYPE}, name=root\n"
+    )
+    run(["sfdisk", "--quiet", str(raw)], input=table.encode())
+    with open(raw, "r+b") as disk:
+        for lba, image in ((esp_lba, esp_img), (root_lba, root_img)):
+            disk.seek(lba * SECTOR)
+            with open(image, "rb") as src:
+                shutil.copyfileobj(src, disk, 1 << 20)
+        install_bios_boot(disk, core_img.read_bytes(), core_lba=bios_lba)
+
+
+def install_bios_boot(disk: object, core: bytes, *, core_lba: int) -> None:
+    """What grub-bios-setup does for a GPT disk: boot.img's code in the MBR, pointing at
+    core.img in the BIOS boot partition, whose first sector lists where the rest lies."""
+    assert hasattr(disk, "seek") and hasattr(disk, "read") and hasattr(disk, "write")
+    boot = (GRUB_I386 / "boot.img").read_bytes()
+    disk.seek(0)
+    mbr = bytearray(disk.read(SECTOR))
+    mbr[:440] = boot[:440]  # the disk signature and the protective partition entry stay
+    struct.pack_into("<Q", mbr, 0x5C, core_lba)  # GRUB_BOOT_MACHINE_KERNEL_SECTOR
+    mbr[0x64] = 0xFF  # GRUB_BOOT_MACHINE_BOOT_DRIVE: the drive the BIOS booted from
+    struct.pack_into("<H", mbr, 0x66, 0x9090)  # no floppy probing
+    disk.seek(0)
+    disk.write(bytes(mbr))
+    core_bytes = bytearray(core)
+    sectors = (len(core_bytes) + SECTOR - 1) // SECTOR
+    # diskboot.img's block list: the sectors after the first, loaded at segment 0x820.
+    struct.pack_into("<QHH", core_bytes, SECTOR - 12, core_lba + 1, sectors - 1, 0x820)
+    disk.seek(core_lba * SECTOR)
+    disk.write(bytes(core_bytes))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.cloudimage", description=__doc__)
+    parser.add_argument("--cache", type=Path, help="cache directory (default vmrun's)")
+    args = parser.parse_args()
+    print(ensure_cloud_image(args.cache))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
