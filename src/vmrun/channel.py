@@ -100,6 +100,7 @@ class TokenScanner:
         self.token = token
         self.held = b""
         self.done = False
+        self.after = b""  # what came after the token in the same read
 
     def feed(self, data: bytes) -> bytes:
         """Return the bytes that surely belong to the output; sets .done at the token."""
@@ -110,6 +111,7 @@ class TokenScanner:
         if index >= 0:
             self.done = True
             self.held = b""
+            self.after = data[index + len(self.token):]
             return data[:index]
         keep = 0
         for size in range(min(len(self.token) - 1, len(data)), 0, -1):

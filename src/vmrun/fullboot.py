@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, cast
@@ -29,20 +29,19 @@ from typing import Any, BinaryIO, cast
 from vmrun import seed as seedlib
 from vmrun import ssh as sshlib
 from vmrun import sync
-from vmrun.channel import new_token
+from vmrun.channel import TokenScanner, new_token
+from vmrun.console import Serial, event_failure
 from vmrun.errors import (
     BootTimeout,
     ChannelLost,
     CommandTimeout,
-    GuestPanic,
     HostKeyMismatch,
-    ImageError,
     UsageError,
     VmrunError,
 )
 from vmrun.images.attach import Base, attach, prepare
 from vmrun.images.partitions import read_head
-from vmrun.machine import PANIC_MARKERS, SERIAL_LOG_LIMIT, SERIAL_TAIL, Result, notice_stderr
+from vmrun.machine import Result, notice_stderr
 from vmrun.qemu import accel as accellib
 from vmrun.qemu import firmware as fwlib
 from vmrun.qemu import process
@@ -112,35 +111,6 @@ def run_cloud_config(keys: sshlib.Keys) -> dict[str, Any]:
 
 
 # ---- the machine -------------------------------------------------------------------------
-
-@dataclass
-class Serial:
-    """The guest console: a capped log file, a tail for errors, optionally shown."""
-
-    log: Path
-    show: bool = False
-    written: int = 0
-    truncated: bool = False
-    tail: bytearray = field(default_factory=bytearray)
-
-    def feed(self, data: bytes) -> None:
-        self.tail += data
-        del self.tail[:-SERIAL_TAIL]
-        if self.show:
-            os.write(2, data)
-        if self.truncated:
-            return
-        room = SERIAL_LOG_LIMIT - self.written
-        with open(self.log, "ab") as out:
-            out.write(data[:room])
-            if len(data) > room:
-                out.write(b"\n[vmrun: serial log truncated here]\n")
-                self.truncated = True
-        self.written += min(len(data), room)
-
-    def tail_text(self, lines: int = 25) -> str:
-        return "\n".join(bytes(self.tail).decode(errors="replace").strip().splitlines()[-lines:])
-
 
 class FullMachine:
     """A disk image booted in full; commands run over SSH. Use it as a context manager."""
@@ -382,7 +352,7 @@ class FullMachine:
                     raise on_timeout
                 continue
             if serial.fileno() in readable:
-                self._read_serial()
+                self._console().read(serial)
             if ready.fileno() in readable:
                 self._read_ready()
             if self.qmp.fileno() in readable:
@@ -391,28 +361,11 @@ class FullMachine:
             if extra is not None:
                 extra(readable)
             if qemu.pidfd in readable:
-                self._drain_serial()
+                self._console().drain(serial)
                 qemu.process.wait()
                 if on_exit is not None and on_exit():
                     return
                 self._guest_gone()
-
-    def _read_serial(self) -> None:
-        try:
-            data = self.socks["serial"].recv(1 << 16)
-        except BlockingIOError:
-            return
-        if data and self.serial is not None:
-            self.serial.feed(data)
-
-    def _drain_serial(self) -> None:
-        for _ in range(256):
-            if not select.select([self.socks["serial"]], [], [], 0)[0]:
-                return
-            before = self.serial.written if self.serial else 0
-            self._read_serial()
-            if self.serial is None or self.serial.written == before:
-                return
 
     def _read_ready(self) -> None:
         try:
@@ -427,32 +380,26 @@ class FullMachine:
             self.failed = True
             raise ChannelLost("the guest sent an oversized message on vmrun's ready port")
 
+    def _console(self) -> Serial:
+        assert self.serial is not None
+        return self.serial
+
     def _check_events(self) -> None:
         assert self.qmp is not None
         for event in self.qmp.events:
             if event.get("event") == "SHUTDOWN":
                 self.shutdown_reason = str((event.get("data") or {}).get("reason", ""))
-            if event.get("event") == "GUEST_PANICKED":
-                self._raise_panic()
-            data = event.get("data") or {}
-            if event.get("event") == "BLOCK_IO_ERROR" and (
-                data.get("nospace") or "No space left" in str(data.get("reason", ""))
-            ):
+            failure = event_failure(event, self._console(), self.rundir)
+            if failure is not None:
                 self.failed = True
-                raise ImageError("host disk full: the VM's disk overlay could not grow",
-                                 hint=f"free space under {self.rundir}")
+                raise failure
         self.qmp.events.clear()
-
-    def _raise_panic(self) -> None:
-        self.failed = True
-        assert self.serial is not None
-        raise GuestPanic("the guest kernel panicked", serial_tail=self.serial.tail_text(40))
 
     def _guest_gone(self) -> None:
         self.failed = True
         assert self.serial is not None and self.qemu is not None
-        if any(marker in self.serial.tail for marker in PANIC_MARKERS):
-            self._raise_panic()
+        if self.serial.panicked():
+            raise self.serial.panic()
         code = self.qemu.process.returncode
         if code not in (0, None):
             raise self.qemu.failure(f"QEMU exited with status {code}")
@@ -652,39 +599,35 @@ def _end_master(master: subprocess.Popen[bytes]) -> None:
 
 
 class ExitTrailer:
-    """Passes ssh's stderr through and takes the exit status from after the token."""
+    """Passes ssh's stderr through; the exit status follows the token, on its line."""
 
     def __init__(self, token: bytes) -> None:
-        self.token = token
-        self.held = b""
+        self.scanner = TokenScanner(token)
         self.status: int | None = None
-        self.rest = bytearray()  # what came without a token: ssh's own complaints
+        self.trailer = b""
+        self.rest = bytearray()  # the end of what came without a token: ssh's complaints
 
     def feed(self, data: bytes) -> bytes:
-        if self.status is not None:
+        if self.scanner.done:
+            self._take_status(data)
             return b""
-        data = self.held + data
-        index = data.find(self.token)
-        if index >= 0:
-            after = data[index + len(self.token):]
-            end = after.find(b"\n")
-            if end < 0:
-                self.held = data[index:]
-                return data[:index]
-            digits = after[:end].strip()
-            self.status = int(digits) if digits.isdigit() and len(digits) <= 3 else 255
-            self.held = b""
-            return data[:index]
-        keep = 0
-        for size in range(min(len(self.token) - 1, len(data)), 0, -1):
-            if self.token.startswith(data[-size:]):
-                keep = size
-                break
-        out = data[: len(data) - keep]
-        self.held = data[len(data) - keep:]
-        self.rest += out
-        del self.rest[:-4096]
+        out = self.scanner.feed(data)
+        if self.scanner.done:
+            self._take_status(self.scanner.after)
+        else:
+            self.rest += out
+            del self.rest[:-4096]
         return out
+
+    def _take_status(self, data: bytes) -> None:
+        if self.status is not None:
+            return
+        self.trailer = (self.trailer + data)[:16]
+        line, newline, _ = self.trailer.partition(b"\n")
+        if newline:
+            digits = line.strip()
+            ok = digits.isdigit() and len(digits) <= 3 and int(digits) <= 255
+            self.status = int(digits) if ok else 255
 
 
 def _write_all(fd: int, data: bytes) -> None:

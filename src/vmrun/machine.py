@@ -31,11 +31,11 @@ from vmrun.channel import (
     encode_request,
     new_token,
 )
+from vmrun.console import Serial, event_failure
 from vmrun.errors import (
     BootTimeout,
     ChannelLost,
     CommandTimeout,
-    GuestPanic,
     ImageError,
     UsageError,
 )
@@ -61,10 +61,7 @@ if TYPE_CHECKING:
 
 Notice = Callable[[str], None]
 
-SERIAL_LOG_LIMIT = 1 << 20
-SERIAL_TAIL = 16 << 10
 PENDING_LIMIT = 256 << 10
-PANIC_MARKERS = (b"Kernel panic - not syncing", b"kernel BUG at", b"Oops: ")
 
 
 def notice_stderr(message: str) -> None:
@@ -181,10 +178,7 @@ class Machine:
         self.socks: dict[str, socket.socket] = {}
         self.status = StatusReader()
         self.events: list[str] = []
-        self.serial_log: Path | None = None
-        self.serial_written = 0
-        self.serial_truncated = False
-        self.serial_tail = bytearray()
+        self.serial: Serial | None = None
         self.outputs: dict[str, Output] = {}
         self.to_guest: dict[str, bytearray] = {}
         self.stdin_fd: int | None = None
@@ -252,8 +246,8 @@ class Machine:
         (self.rundir / "qemu.argv").write_text(shlex.join(self.argv) + "\n")
         if spec.verbose:
             self.notice("qemu argv: " + shlex.join(self.argv))
-        self.serial_log = self.rundir / "serial.log"
-        self.serial_log.touch()
+        self.serial = Serial(self.rundir / "serial.log", show=spec.console)
+        self.serial.log.touch()
         t = self._phase("prepare", t)
         self.qemu = process.spawn(self.argv, log=self.rundir / "qemu.log",
                                   pass_fds=tuple(fds.values()))
@@ -444,7 +438,7 @@ class Machine:
                     raise on_timeout
                 continue
             if serial.fileno() in readable:
-                self._read_serial()
+                self._console().read(serial)
             if self.qmp.fileno() in readable:
                 self.qmp.read_available()
                 self._check_qmp_events()
@@ -494,79 +488,36 @@ class Machine:
         self.events += self.status.feed(data)
         return True
 
-    def _read_serial(self) -> None:
-        try:
-            data = self.socks["serial"].recv(1 << 16)
-        except BlockingIOError:
-            return
-        if not data:
-            return
-        self.serial_tail += data
-        del self.serial_tail[:-SERIAL_TAIL]
-        if self.spec.console:
-            os.write(2, data)
-        assert self.serial_log is not None
-        if self.serial_truncated:
-            return
-        room = SERIAL_LOG_LIMIT - self.serial_written
-        with open(self.serial_log, "ab") as log:
-            log.write(data[:room])
-            if len(data) > room:
-                log.write(b"\n[vmrun: serial log truncated here]\n")
-                self.serial_truncated = True
-        self.serial_written += min(len(data), room)
+    def _console(self) -> Serial:
+        assert self.serial is not None
+        return self.serial
 
     def _check_qmp_events(self) -> None:
         assert self.qmp is not None
         for event in self.qmp.events:
-            if event.get("event") == "GUEST_PANICKED":
-                self._raise_panic()
-            data = event.get("data") or {}
-            # QEMU names ENOSPC by "nospace" only when it tracks I/O status (werror=stop);
-            # with werror=report the reason says it.
-            if event.get("event") == "BLOCK_IO_ERROR" and (
-                data.get("nospace") or "No space left" in str(data.get("reason", ""))
-            ):
+            failure = event_failure(event, self._console(), self.rundir)
+            if failure is not None:
                 self.failed = True
-                raise ImageError("host disk full: the VM's disk overlay could not grow",
-                                 hint=f"free space under {self.rundir}")
+                raise failure
         self.qmp.events.clear()
-
-    def _raise_panic(self) -> None:
-        self.failed = True
-        tail = bytes(self.serial_tail).decode(errors="replace").strip().splitlines()
-        # Show from the panic's own message on (the stack dump follows it), else the end.
-        start = max(0, len(tail) - 25)
-        for index in range(len(tail) - 1, -1, -1):
-            if any(marker.decode() in tail[index] for marker in PANIC_MARKERS):
-                start = max(index, len(tail) - 60)
-                break
-        raise GuestPanic("the guest kernel panicked", serial_tail="\n".join(tail[start:]))
 
     def _guest_gone(self) -> None:
         """QEMU exited while vmrun still waited for the guest: say why, never succeed."""
         assert self.qemu is not None
         self.failed = True
         # Whatever the guest wrote before it went is still in the sockets.
-        for _ in range(64):
-            ready, _, _ = select.select([self.socks["serial"]], [], [], 0)
-            if not ready:
-                break
-            before = len(self.serial_tail)
-            self._read_serial()
-            if len(self.serial_tail) == before:
-                break
+        self._console().drain(self.socks["serial"])
         try:
             code = self.qemu.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             # A channel closed but QEMU lives on: nothing good can come of it.
             self.qemu.process.kill()
             code = self.qemu.process.wait()
-        if any(marker in self.serial_tail for marker in PANIC_MARKERS):
-            self._raise_panic()
+        if self._console().panicked():
+            raise self._console().panic()
         if code != 0:
             raise self.qemu.failure(f"QEMU exited with status {code}")
-        tail = bytes(self.serial_tail).decode(errors="replace").strip().splitlines()[-10:]
+        tail = self._console().tail_lines(10)
         raise ChannelLost("the VM stopped before the command reported its exit status",
                           hint="serial console tail:\n" + "\n".join(tail) if tail else None)
 
