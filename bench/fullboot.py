@@ -108,12 +108,15 @@ def vmrun(image: Path, work: Path, boot: str, cpus: int) -> dict[str, float]:
     done = subprocess.run(
         [sys.executable, "-m", "vmrun", "--image", str(image), "--boot", boot, "--cpus",
          str(cpus), "--share", "none", "--accel", "tcg", "--timings-file", str(timings),
-         "--", "true"],
+         "-v", "--", "true"],
         cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     total = time.monotonic() - started
     if done.returncode != 0:
         raise SystemExit(f"fullboot.py: vmrun --boot {boot} failed: {done.stderr.decode()}")
+    for line in done.stderr.decode(errors="replace").splitlines():
+        if "SSH server on guest port" in line:
+            print(f"  {line.removeprefix('vmrun: ')}", file=sys.stderr)
     phases = json.loads(timings.read_text())
     before_command = sum(v for k, v in phases.items() if k not in ("command", "power-off",
                                                                    "shutdown", "collect"))

@@ -2,9 +2,10 @@
 
 The image boots with its own firmware, bootloader, kernel and init on a per-run overlay,
 with a NoCloud seed that vmrun writes: a login user authorized for this run's key only,
-the host key vmrun made (so it is pinned, and the guest generates none), and a transient
-unit that tells vmrun on a virtio-serial port the moment the SSH server runs. The
-datasource is pinned through SMBIOS. The working directory is copied in (with --include /
+the host key vmrun made (so it is pinned, and the guest generates none), and transient
+units that start an SSH server as soon as the user, keys and network are there and say
+so on a virtio-serial port (see early_ssh_commands). The datasource is pinned through
+SMBIOS. The working directory is copied in (with --include /
 --exclude rules) and chosen results are copied back (--collect).
 """
 
@@ -46,15 +47,33 @@ from vmrun.qemu import accel as accellib
 from vmrun.qemu import firmware as fwlib
 from vmrun.qemu import process
 from vmrun.qemu.arch import Arch, host_arch, lookup_arch
-from vmrun.qemu.argv import READY_PORT, FullBootPlan, full_boot_argv
+from vmrun.qemu.argv import (
+    EARLY_SSH_PORT,
+    READY_PORT,
+    SSH_PORT,
+    FullBootPlan,
+    full_boot_argv,
+)
 from vmrun.qemu.qmp import Qmp
 from vmrun.rundir import run_directory
 from vmrun.spec import Accel, Command, MachineSpec, Net, Share
 
 Notice = Callable[[str], None]
 MAX_READY_LINE = 64 << 10  # a base64 cloud-init result.json fits; anything longer is refused
-HOSTFWD = re.compile(rb"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+22\b")
+HOSTFWD = re.compile(rb"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+(\d+)\b")
 SSH_PROPS = ("After=ssh.service", "After=sshd.service", "After=ssh.socket")
+# What cloud-init's network stage waits for before it starts, but cloud-init itself: the
+# user, the keys (cloud-init's local stage writes them when the seed is a local disk) and
+# a configured network, whichever of the usual network managers brings it up.
+EARLY_PROPS = ("DefaultDependencies=no", "After=cloud-init-local.service",
+               "After=systemd-networkd-wait-online.service", "After=networking.service",
+               "After=NetworkManager-wait-online.service", "Conflicts=shutdown.target",
+               "Before=shutdown.target")
+EARLY_SSHD = (
+    'mkdir -p -m 0755 /run/sshd && exec /usr/sbin/sshd -D -e -p {port} -o PidFile=none '
+    '-o PasswordAuthentication=no -o KbdInteractiveAuthentication=no '
+    '-o PermitRootLogin=no -o AllowUsers={user} -o UsePAM=no'
+)
 
 # Run in the guest by the login shell: cd, run, then the exit status after a token on
 # stderr, so an exit status of 255 is never mistaken for ssh's own failure.
@@ -74,20 +93,43 @@ class FullOptions:
     collect: tuple[str, ...] = ()
 
 
-def ready_unit_command(message: str, props: Sequence[str] = SSH_PROPS) -> list[str]:
-    """A bootcmd entry: a transient unit, ordered after PROPS, that writes MESSAGE to the
-    ready port. bootcmd runs in cloud-init's init stage, before the SSH server starts."""
-    argv = ["systemd-run", "--no-block", "--unit=vmrun-ready", "--quiet"]
-    argv += [f"--property={prop}" for prop in props]
-    argv += ["/bin/sh", "-c", f"echo {message} > /dev/virtio-ports/{READY_PORT}"]
-    return argv
+def transient_unit(name: str, props: Sequence[str], script: str) -> list[str]:
+    """A bootcmd entry that queues the transient unit NAME running SCRIPT, with PROPS.
+    bootcmd runs in cloud-init's first stage, before the SSH server starts."""
+    return ["systemd-run", "--no-block", f"--unit={name}", "--quiet",
+            *(f"--property={prop}" for prop in props), "/bin/sh", "-c", script]
+
+
+def ready_unit_command(message: str, props: Sequence[str] = SSH_PROPS,
+                       name: str = "vmrun-ready") -> list[str]:
+    """A transient unit, ordered after PROPS, that writes MESSAGE to the ready port."""
+    return transient_unit(name, props, f"echo {message} > /dev/virtio-ports/{READY_PORT}")
+
+
+def early_ssh_commands() -> list[list[str]]:
+    """An SSH server of the image's own, on another port, started as soon as the user,
+    the keys and the network are there, without waiting for cloud-init's network stage
+    (a Python start-up that does nothing more for a local seed; 15 s and more under TCG)
+    and all that is ordered after it. Its readiness (sshd's own sd_notify) is announced
+    as `ssh PORT`; should it fail, the image's SSH server still announces `ssh 22`.
+
+    It runs without PAM: PAM's nologin check keeps users out until the boot is over, which
+    is the wait this server exists to skip. Without PAM sshd refuses a locked account, so
+    the login user's password is "*" (matches no password) rather than locked."""
+    sshd = transient_unit("vmrun-sshd", (*EARLY_PROPS, "Type=notify"),
+                          EARLY_SSHD.format(port=EARLY_SSH_PORT, user=sshlib.LOGIN_USER))
+    ready = ready_unit_command(f"ssh {EARLY_SSH_PORT}", (
+        "DefaultDependencies=no", "After=vmrun-sshd.service", "Requisite=vmrun-sshd.service"),
+        name="vmrun-ready-early")
+    return [sshd, ready]
 
 
 def run_cloud_config(keys: sshlib.Keys) -> dict[str, Any]:
     """vmrun's cloud-config for a run: its login user, the pinned host key, readiness."""
     return {
         "users": [{
-            "name": sshlib.LOGIN_USER, "shell": "/bin/sh", "lock_passwd": True,
+            "name": sshlib.LOGIN_USER, "shell": "/bin/sh", "lock_passwd": False,
+            "hashed_passwd": "*",
             "sudo": "ALL=(ALL) NOPASSWD:ALL", "ssh_authorized_keys": [keys.client_public],
         }],
         "ssh_pwauth": False,
@@ -104,8 +146,10 @@ def run_cloud_config(keys: sshlib.Keys) -> dict[str, Any]:
             # cloud-init's later stages (a Python start-up each, seconds under TCG) still
             # run, but yield the CPU to the login and the command.
             *(["systemctl", "set-property", "--runtime", unit, "CPUWeight=1"]
-              for unit in ("cloud-config.service", "cloud-final.service")),
-            ready_unit_command("ssh"),
+              for unit in ("cloud-init.service", "cloud-config.service",
+                           "cloud-final.service")),
+            *early_ssh_commands(),
+            ready_unit_command(f"ssh {SSH_PORT}"),
         ],
     }
 
@@ -224,16 +268,32 @@ class FullMachine:
         self.qmp = Qmp(self.socks["qmp"])
         self.qmp.execute("qmp_capabilities")
         t = self._phase("booting", t)
-        self.port = self._forwarded_port()
+        forwarded = self._forwarded_ports()
         t = self._phase("port ready", t)
         if self.user_data is None:
             deadline = time.monotonic() + spec.boot_timeout
             timeout = BootTimeout(f"the guest's SSH server did not start within "
                                   f"{spec.boot_timeout:.0f}s (--boot-timeout)")
-            self.pump(lambda: b"ssh" in self.ready_lines, spec.boot_timeout, timeout)
+            self.pump(lambda: self._ssh_announced() is not None, spec.boot_timeout, timeout)
+            guest_port = self._ssh_announced()
+            assert guest_port is not None
+            self.port = forwarded.get(guest_port, forwarded[SSH_PORT])
+            if spec.verbose:
+                self.notice(f"SSH server on guest port {guest_port}, "
+                            f"127.0.0.1:{self.port} here")
             t = self._phase("sshd started", t)
             self._start_master(deadline, timeout)
             self._phase("ssh ready", t)
+
+    def _ssh_announced(self) -> int | None:
+        """The guest port of the first SSH server the guest announced, if one has."""
+        for line in self.ready_lines:
+            words = line.split()
+            if words[:1] == [b"ssh"]:
+                port = words[1] if len(words) > 1 else b""
+                return int(port) if port in (b"%d" % SSH_PORT, b"%d" % EARLY_SSH_PORT) \
+                    else SSH_PORT
+        return None
 
     def _start_master(self, deadline: float, timeout: VmrunError) -> None:
         """Log in once; later sessions share this connection (see ssh.ssh_options)."""
@@ -307,13 +367,14 @@ class FullMachine:
             child_fds[name] = theirs.detach()
         return child_fds
 
-    def _forwarded_port(self) -> int:
+    def _forwarded_ports(self) -> dict[int, int]:
+        """Guest port -> the host port QEMU bound for it on 127.0.0.1."""
         assert self.qmp is not None
         text = self.qmp.execute("human-monitor-command", {"command-line": "info usernet"})
-        found = HOSTFWD.search(str(text).encode())
-        if found is None:
+        ports = {int(guest): int(host) for host, guest in HOSTFWD.findall(str(text).encode())}
+        if SSH_PORT not in ports:
             raise self._qemu().failure("QEMU did not report the forwarded SSH port")
-        return int(found.group(1))
+        return ports
 
     def _qemu(self) -> process.Qemu:
         assert self.qemu is not None

@@ -48,7 +48,9 @@ def test_x86_bios_argv() -> None:
     assert "if=pflash" not in " ".join(argv)
     assert option_after(argv, "-smbios") == ["type=1,serial=ds=nocloud"]
     netdev = option_after(argv, "-netdev")[0]
-    assert netdev == "user,id=net0,hostfwd=tcp:127.0.0.1:0-:22"  # loopback, kernel-chosen
+    # Loopback only, the port chosen by the kernel: the image's sshd and vmrun's early one.
+    assert netdev == ("user,id=net0,hostfwd=tcp:127.0.0.1:0-:22,"
+                      "hostfwd=tcp:127.0.0.1:0-:10022")
     drives = option_after(argv, "-drive")
     assert drives[0].startswith("file=/run/d,,isk.qcow2,format=qcow2,")  # comma doubled
     assert "werror=report" in drives[0]
@@ -211,7 +213,7 @@ def test_run_config_pins_the_host_key_and_signals_readiness(tmp_path: Path) -> N
     merged = yaml.safe_load(seedlib.merge_cloud_config(b"#cloud-config\n", config))
     user = merged["users"][0]
     assert user["ssh_authorized_keys"] == [keys.client_public]
-    assert user["lock_passwd"] is True
+    assert user["hashed_passwd"] == "*"  # no password matches; not "locked" for sshd
     assert merged["ssh_pwauth"] is False
     assert merged["ssh_genkeytypes"] == ["ed25519"]  # the type the seed brings: none made
     assert merged["ssh_keys"]["ed25519_public"] == keys.host_public
@@ -221,7 +223,15 @@ def test_run_config_pins_the_host_key_and_signals_readiness(tmp_path: Path) -> N
     bootcmd = merged["bootcmd"][-1]
     assert bootcmd[:2] == ["systemd-run", "--no-block"]
     assert "--property=After=ssh.service" in bootcmd
-    assert bootcmd[-1] == f"echo ssh > /dev/virtio-ports/{READY_PORT}"
+    assert bootcmd[-1] == f"echo ssh 22 > /dev/virtio-ports/{READY_PORT}"
+    early, early_ready = merged["bootcmd"][-3:-1]
+    assert "--unit=vmrun-sshd" in early and "--property=Type=notify" in early
+    assert "--property=After=cloud-init-local.service" in early
+    assert "--property=After=systemd-networkd-wait-online.service" in early
+    assert "--property=After=cloud-init.service" not in early
+    assert "-p 10022" in early[-1] and "PasswordAuthentication=no" in early[-1]
+    assert "--property=Requisite=vmrun-sshd.service" in early_ready
+    assert early_ready[-1] == f"echo ssh 10022 > /dev/virtio-ports/{READY_PORT}"
 
 
 def test_ready_unit_orders_after_the_given_units() -> None:

@@ -155,6 +155,9 @@ def build_argv(plan: BootPlan, qemu: str | None = None) -> list[str]:
 # ---- full boot: the image's own firmware, bootloader, kernel and init ----------------------
 
 READY_PORT = "org.vmrun.ready"
+# Guest ports QEMU forwards: the image's own SSH server, and the one vmrun starts early.
+SSH_PORT = 22
+EARLY_SSH_PORT = 10022
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,8 @@ def full_boot_argv(plan: FullBootPlan, qemu: str | None = None) -> list[str]:
              "-device", f"virtserialport,chardev=ready,name={READY_PORT}"]
     # Port 0: the host's kernel picks a free port when QEMU binds it, so no other process
     # can take it between choosing and binding; vmrun reads it back over QMP.
-    netdev = "user,id=net0,hostfwd=tcp:127.0.0.1:0-:22"
+    netdev = "user,id=net0" + "".join(f",hostfwd=tcp:127.0.0.1:0-:{port}"
+                                      for port in (SSH_PORT, EARLY_SSH_PORT))
     if not plan.net_outbound:
         netdev += ",restrict=on"
     argv += ["-netdev", netdev, "-device", f"virtio-net-{suffix},netdev=net0"]
