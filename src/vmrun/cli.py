@@ -118,6 +118,9 @@ def run_parser() -> argparse.ArgumentParser:
                         "pattern; with --exclude, the first matching rule wins)")
     parser.add_argument("--exclude", action=RuleAction, dest="rules", metavar="PATTERN",
                         help="--boot full: do not copy what matches")
+    parser.add_argument("--sync", action=RuleAction, dest="rules", metavar="'+|- PATTERN'",
+                        help="--boot full: a copy rule in rsync's filter spelling, like "
+                        "'+ src/***' or '- *'")
     parser.add_argument("--collect", action="append", default=[], metavar="GLOB",
                         help="--boot full: copy what matches GLOB (in the guest's working "
                         "directory) back into the working directory after the command")
@@ -135,12 +138,20 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 class RuleAction(argparse.Action):
-    """--include and --exclude keep their order in one list, as rsync's rules do."""
+    """--include, --exclude and --sync keep their order in one list, as rsync's rules do;
+    --sync takes rsync's filter-rule spelling, '+ PATTERN' or '- PATTERN'."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
         rules = list(getattr(namespace, self.dest, None) or [])
-        rules.append((self.option_strings[0].lstrip("-"), str(values)))
+        kind, value = self.option_strings[0].lstrip("-"), str(values)
+        if kind == "sync":
+            sign, pattern = value[:1], value[1:].lstrip(" ")
+            if sign not in ("+", "-") or not pattern:
+                raise UsageError(f"bad --sync rule {value!r}",
+                                 hint="write '+ PATTERN' to copy, '- PATTERN' to leave out")
+            kind, value = ("include" if sign == "+" else "exclude"), pattern
+        rules.append((kind, value))
         setattr(namespace, self.dest, rules)
 
 
@@ -199,7 +210,7 @@ def cmd_run(argv: Sequence[str]) -> int:
     command = Command(argv=tuple(command_argv), env=env, timeout=args.timeout, tty=args.tty,
                       stdin_stream=not os.isatty(0))
     spec = machine_spec(args)
-    full_only = [name for name, given in (("--include/--exclude", args.rules),
+    full_only = [name for name, given in (("--include/--exclude/--sync", args.rules),
                                           ("--collect", args.collect),
                                           ("--firmware", args.firmware != "auto")) if given]
     if spec.boot == Boot.FULL:

@@ -303,7 +303,7 @@ def test_cli_full_boot_gets_the_rules_in_order(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(vmrun.fullboot, "FullMachine", FakeMachine)
     code = vmrun.cli.main(["--image", "img", "--boot", "full", "--include", "src/***",
-                           "--exclude", "*.pyc", "--exclude", "*", "--collect", "out/*",
+                           "--sync", "- *.pyc", "--exclude", "*", "--collect", "out/*",
                            "--firmware", "uefi", "--", "make", "check"])
     assert code == 0
     [machine] = FakeMachine.instances
@@ -320,7 +320,8 @@ def test_cli_full_boot_gets_the_rules_in_order(monkeypatch: pytest.MonkeyPatch) 
     ("argv", "message"),
     [
         (["--boot", "full", "--", "true"], "--boot full needs --image"),
-        (["--include", "src/***", "--", "true"], "--include/--exclude works with --boot full"),
+        (["--include", "src/***", "--", "true"], "--include/--exclude/--sync works with --boot"),
+        (["--image", "x", "--boot", "full", "--sync", "src", "--", "true"], "bad --sync rule"),
         (["--image", "x", "--collect", "out", "--", "true"], "--collect works with --boot full"),
         (["--firmware", "bios", "--", "true"], "--firmware works with --boot full"),
         (["--boot", "sideways", "--", "true"], "argument --boot: invalid choice"),
