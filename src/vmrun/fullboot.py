@@ -194,7 +194,6 @@ class FullMachine:
         self.ready_buffer = b""
         self.port = 0
         self.firmware = fwlib.Firmware.AUTO
-        self.keep_overlay = False  # a bake keeps it as its layer
         self.ssh = ""
         self.copied = False
         self.shutdown_reason = ""
