@@ -67,8 +67,9 @@ def result_errors(result: dict[str, Any]) -> list[str]:
 
 
 def _store_name(file_name: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9._:+@-]", "-", file_name).lstrip("._:+@-")[:100]
-    return name or "base"
+    """The store name for a base given as a file: its file name, marked as a bake's base
+    so that it never replaces a name the user gave."""
+    return "bake-base-" + re.sub(r"[^A-Za-z0-9._:+@-]", "-", file_name)[:100]
 
 
 def bake(base_ref: str, *, name: str, user_data: bytes, meta_data: bytes | None = None,

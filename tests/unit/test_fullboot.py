@@ -268,3 +268,11 @@ def test_bake_key_changes_with_every_input() -> None:
                 bakelib.bake_key("a" * 64, b"ud2", None, "x86_64"),
                 bakelib.bake_key("a" * 64, b"ud", b"md", "x86_64"),
                 bakelib.bake_key("a" * 64, b"ud", None, "aarch64")}) == 5
+
+
+def test_a_file_base_gets_a_store_name_of_its_own() -> None:
+    from vmrun.images.store import check_name
+
+    for file_name in ("debian-12.qcow2", "my image (1).img", ".hidden", "é.raw"):
+        name = bakelib._store_name(file_name)
+        assert name.startswith("bake-base-") and check_name(name) == name
