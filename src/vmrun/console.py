@@ -1,17 +1,22 @@
-"""What both kinds of machine read from QEMU besides the guest's own channel: the serial
-console (a capped log, a tail for error messages) and the QMP events that end a run
-(a guest panic, a host disk that is full)."""
+"""What both kinds of machine share: the serial console (a capped log, a tail for error
+messages), the QMP events that end a run (a guest panic, a host disk that is full), and
+their lifecycle (start, phases, the sockets QEMU inherits, the stack that undoes it all)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from vmrun.errors import GuestPanic, ImageError, VmrunError
+from vmrun.qemu.qmp import Qmp
 
 SERIAL_LOG_LIMIT = 1 << 20
 SERIAL_TAIL = 16 << 10
@@ -94,3 +99,77 @@ def event_failure(event: dict[str, Any], serial: Serial, rundir: Path | None
         return ImageError("host disk full: the VM's disk overlay could not grow",
                           hint=f"free space under {rundir}")
     return None
+
+
+class Lifecycle:
+    """What both kinds of machine share: a context manager around start(), one ExitStack
+    that undoes what start() did, the time of each phase, and the socketpairs whose other
+    ends QEMU inherits (so no socket path can be raced)."""
+
+    def __init__(self, *, verbose: bool, notice: Callable[[str], None]) -> None:
+        self.verbose = verbose
+        self.notice = notice
+        self.stack = contextlib.ExitStack()
+        self.timings: dict[str, float] = {}
+        self.failed = False
+        self.socks: dict[str, socket.socket] = {}
+        self.rundir: Path | None = None
+        self.serial: Serial | None = None
+        self.qmp: Qmp | None = None
+        self.shutdown_reason = ""  # QEMU's reason in its SHUTDOWN event, once it has one
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.failed = True
+            self.stack.close()
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if kind is not None:
+            self.failed = True
+        self.close()
+
+    def close(self) -> None:
+        self.stack.close()
+
+    def _phase(self, name: str, since: float) -> float:
+        now = time.monotonic()
+        self.timings[name] = now - since
+        if self.verbose:
+            self.notice(f"{name}: {now - since:.3f}s")
+        return now
+
+    def _socketpairs(self, names: Iterable[str]) -> dict[str, int]:
+        """Our non-blocking end of a socketpair per name in self.socks; the other ends' fds,
+        for QEMU to inherit (the caller closes them once QEMU has them)."""
+        child_fds: dict[str, int] = {}
+        for name in names:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            ours.setblocking(False)
+            self.stack.callback(ours.close)
+            self.socks[name] = ours
+            child_fds[name] = theirs.detach()
+        return child_fds
+
+    def _console(self) -> Serial:
+        assert self.serial is not None
+        return self.serial
+
+    def _check_qmp_events(self) -> None:
+        """Act on what QMP reported: a panic or a full host disk ends the run."""
+        assert self.qmp is not None
+        for event in self.qmp.events:
+            if event.get("event") == "SHUTDOWN":
+                self.shutdown_reason = str((event.get("data") or {}).get("reason", ""))
+            failure = event_failure(event, self._console(), self.rundir)
+            if failure is not None:
+                self.failed = True
+                raise failure
+        self.qmp.events.clear()

@@ -17,21 +17,19 @@ import re
 import select
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, BinaryIO, cast
 
 from vmrun import seed as seedlib
 from vmrun import ssh as sshlib
 from vmrun import sync
 from vmrun.channel import TokenScanner, new_token
-from vmrun.console import Serial, event_failure
+from vmrun.console import Lifecycle, Serial
 from vmrun.errors import (
     BootTimeout,
     ChannelLost,
@@ -156,7 +154,7 @@ def run_cloud_config(keys: sshlib.Keys) -> dict[str, Any]:
 
 # ---- the machine -------------------------------------------------------------------------
 
-class FullMachine:
+class FullMachine(Lifecycle):
     """A disk image booted in full; commands run over SSH. Use it as a context manager."""
 
     def __init__(self, spec: MachineSpec, options: FullOptions | None = None, *,
@@ -170,59 +168,29 @@ class FullMachine:
         if options is not None and options.collect and spec.share != Share.RW:
             raise UsageError("--collect writes into the working directory, which needs "
                              "--share rw")
+        super().__init__(verbose=spec.verbose, notice=notice)
         self.spec = spec
         self.options = options or FullOptions()
-        self.notice = notice
         self.stdout_fd = stdout_fd
         self.stderr_fd = stderr_fd
         self.user_data = user_data  # None: vmrun's own run config (SSH); else a bake
         self.meta_data = meta_data
         self.arch: Arch = lookup_arch(spec.arch or host_arch())
         self.share_path = (spec.share_dir or Path.cwd()).resolve()
-        self.stack = contextlib.ExitStack()
-        self.timings: dict[str, float] = {}
-        self.failed = False
-        self.rundir: Path | None = None
         self.base: Base | None = None
         self.overlay: Path | None = None
         self.keys: sshlib.Keys | None = None
         self.qemu: process.Qemu | None = None
-        self.qmp: Qmp | None = None
-        self.socks: dict[str, socket.socket] = {}
-        self.serial: Serial | None = None
         self.ready_lines: list[bytes] = []
         self.ready_buffer = b""
         self.port = 0
         self.firmware = fwlib.Firmware.AUTO
         self.ssh = ""
         self.copied = False
-        self.shutdown_reason = ""
         self.control: Path | None = None
         self.masters: list[subprocess.Popen[bytes]] = []
 
     # -- lifecycle
-
-    def __enter__(self) -> FullMachine:
-        try:
-            self.start()
-        except BaseException:
-            self.failed = True
-            self.stack.close()
-            raise
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if kind is not None:
-            self.failed = True
-        self.stack.close()
-
-    def _phase(self, name: str, since: float) -> float:
-        now = time.monotonic()
-        self.timings[name] = now - since
-        if self.spec.verbose:
-            self.notice(f"{name}: {now - since:.3f}s")
-        return now
 
     def start(self) -> None:
         t = time.monotonic()
@@ -246,7 +214,7 @@ class FullMachine:
         if firmware.vars_template is not None:
             uefi_vars = self.rundir / "uefi-vars.fd"
             shutil.copyfile(firmware.vars_template, uefi_vars)
-        fds = self._make_sockets()
+        fds = self._socketpairs(("qmp", "serial", "ready"))
         plan = FullBootPlan(
             arch=self.arch, accel=accel, cpus=spec.cpus, memory_mib=spec.memory_mib,
             disk=self.overlay, seed=seed, fds=fds, uefi_code=firmware.code,
@@ -356,16 +324,6 @@ class FullMachine:
         seedlib.write_seed(path, user_data=user_data, meta_data=meta)
         return path
 
-    def _make_sockets(self) -> dict[str, int]:
-        child_fds: dict[str, int] = {}
-        for name in ("qmp", "serial", "ready"):
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            ours.setblocking(False)
-            self.stack.callback(ours.close)
-            self.socks[name] = ours
-            child_fds[name] = theirs.detach()
-        return child_fds
-
     def _forwarded_ports(self) -> dict[int, int]:
         """Guest port -> the host port QEMU bound for it on 127.0.0.1."""
         assert self.qmp is not None
@@ -417,7 +375,7 @@ class FullMachine:
                 self._read_ready()
             if self.qmp.fileno() in readable:
                 self.qmp.read_available()
-                self._check_events()
+                self._check_qmp_events()
             if extra is not None:
                 extra(readable)
             if qemu.pidfd in readable:
@@ -439,21 +397,6 @@ class FullMachine:
         if len(self.ready_buffer) > MAX_READY_LINE:
             self.failed = True
             raise ChannelLost("the guest sent an oversized message on vmrun's ready port")
-
-    def _console(self) -> Serial:
-        assert self.serial is not None
-        return self.serial
-
-    def _check_events(self) -> None:
-        assert self.qmp is not None
-        for event in self.qmp.events:
-            if event.get("event") == "SHUTDOWN":
-                self.shutdown_reason = str((event.get("data") or {}).get("reason", ""))
-            failure = event_failure(event, self._console(), self.rundir)
-            if failure is not None:
-                self.failed = True
-                raise failure
-        self.qmp.events.clear()
 
     def _guest_gone(self) -> None:
         self.failed = True

@@ -17,7 +17,6 @@ import tty
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from vmrun import share
@@ -31,7 +30,7 @@ from vmrun.channel import (
     encode_request,
     new_token,
 )
-from vmrun.console import Serial, event_failure
+from vmrun.console import Lifecycle, Serial
 from vmrun.errors import (
     BootTimeout,
     ChannelLost,
@@ -145,7 +144,7 @@ class Output:
 
 # ---- the machine -----------------------------------------------------------------------
 
-class Machine:
+class Machine(Lifecycle):
     """A booted VM that runs commands one after another; use it as a context manager.
 
     >>> with Machine(MachineSpec(share=Share.NONE)) as vm:
@@ -156,17 +155,12 @@ class Machine:
                  stdout_fd: int | None = None, stderr_fd: int | None = None,
                  share_via: str = "auto") -> None:
         self.spec = spec or MachineSpec()
-        self.notice = notice
+        super().__init__(verbose=self.spec.verbose, notice=notice)
         self.stdout_fd = stdout_fd
         self.stderr_fd = stderr_fd
         self.share_via = share_via
-        self.stack = contextlib.ExitStack()
-        self.timings: dict[str, float] = {}
-        self.failed = False
         self.first_request = True
-        self.rundir: Path | None = None
         self.qemu: process.Qemu | None = None
-        self.qmp: Qmp | None = None
         self.argv: list[str] = []
         self.accel: accellib.AccelChoice | None = None
         self.guest: Guest | None = None
@@ -175,38 +169,14 @@ class Machine:
         self.share_device: ShareDevice | None = None
         self.arch: Arch = lookup_arch(self.spec.arch or host_arch())
         self.share_path = (self.spec.share_dir or Path.cwd()).resolve()
-        self.socks: dict[str, socket.socket] = {}
         self.status = StatusReader()
         self.events: list[str] = []
-        self.serial: Serial | None = None
         self.outputs: dict[str, Output] = {}
         self.to_guest: dict[str, bytearray] = {}
         self.stdin_fd: int | None = None
         self.tty_mode = False
 
     # -- lifecycle
-
-    def __enter__(self) -> Machine:
-        try:
-            self.start()
-        except BaseException:
-            self.failed = True
-            self.stack.close()
-            raise
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if kind is not None:
-            self.failed = True
-        self.close()
-
-    def _phase(self, name: str, since: float) -> float:
-        now = time.monotonic()
-        self.timings[name] = now - since
-        if self.spec.verbose:
-            self.notice(f"{name}: {now - since:.3f}s")
-        return now
 
     def start(self) -> None:
         t = time.monotonic()
@@ -282,14 +252,8 @@ class Machine:
         return ShareDevice(kind, self.share_path, readonly)
 
     def _make_sockets(self) -> dict[str, int]:
-        child_fds: dict[str, int] = {}
         extra = ("tty",) if self.spec.tty else ()
-        for name in (*PORTS, *extra, "serial", "qmp"):
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            ours.setblocking(False)
-            self.stack.callback(ours.close)
-            self.socks[name] = ours
-            child_fds[name] = theirs.detach()
+        child_fds = self._socketpairs((*PORTS, *extra, "serial", "qmp"))
         for name, fd in (("stdout", self.stdout_fd), ("stderr", self.stderr_fd)):
             self.outputs[name] = Output(self.socks[name], fd)
         if self.spec.tty:
@@ -309,9 +273,6 @@ class Machine:
                 self.qemu.process.wait(timeout=5)
         process.stop(self.qemu, self.qmp)
         self._phase("shutdown", t)
-
-    def close(self) -> None:
-        self.stack.close()
 
     # -- running commands
 
@@ -487,19 +448,6 @@ class Machine:
             return False
         self.events += self.status.feed(data)
         return True
-
-    def _console(self) -> Serial:
-        assert self.serial is not None
-        return self.serial
-
-    def _check_qmp_events(self) -> None:
-        assert self.qmp is not None
-        for event in self.qmp.events:
-            failure = event_failure(event, self._console(), self.rundir)
-            if failure is not None:
-                self.failed = True
-                raise failure
-        self.qmp.events.clear()
 
     def _guest_gone(self) -> None:
         """QEMU exited while vmrun still waited for the guest: say why, never succeed."""
