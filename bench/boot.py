@@ -24,7 +24,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))  # benchmark this checkout, installed or not
 
 from vmrun.guest.build import ensure_guest  # noqa: E402
-from vmrun.guest.cpio import CpioWriter  # noqa: E402
+from vmrun.guest.cpio import CpioWriter, read_newc  # noqa: E402
 from vmrun.qemu import accel as accellib  # noqa: E402
 from vmrun.qemu import process  # noqa: E402
 from vmrun.qemu.arch import Transport, host_arch, lookup_arch  # noqa: E402
@@ -37,19 +37,10 @@ POWEROFF_INIT = b"#!/bin/busybox sh\n/bin/busybox poweroff -f\n"
 
 def cpio_member(archive: bytes, wanted: str) -> bytes:
     """One file out of a newc cpio archive (vmrun's initramfs is uncompressed newc)."""
-    offset = 0
-    while archive[offset:offset + 6] == b"070701":
-        fields = [int(archive[offset + 6 + 8 * i:offset + 14 + 8 * i], 16) for i in range(13)]
-        size, name_size = fields[6], fields[11]
-        name_end = offset + 110 + name_size
-        name = archive[offset + 110:name_end - 1].decode()
-        data = name_end + (-name_end % 4)
-        if name == wanted:
-            return archive[data:data + size]
-        if name == "TRAILER!!!":
-            break
-        offset = data + size + (-(data + size) % 4)
-    raise SystemExit(f"boot.py: no {wanted} in the guest's initramfs")
+    member = read_newc(archive).get(wanted)
+    if member is None:
+        raise SystemExit(f"boot.py: no {wanted} in the guest's initramfs")
+    return member
 
 
 def baseline_argv(workdir: Path, arch_name: str) -> tuple[list[str], accellib.AccelChoice]:

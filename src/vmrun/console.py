@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from vmrun.errors import GuestPanic, ImageError, VmrunError
+from vmrun.qemu import process
 from vmrun.qemu.qmp import Qmp
 
 SERIAL_LOG_LIMIT = 1 << 20
@@ -116,6 +117,7 @@ class Lifecycle:
         self.rundir: Path | None = None
         self.serial: Serial | None = None
         self.qmp: Qmp | None = None
+        self.qemu: process.Qemu | None = None
         self.shutdown_reason = ""  # QEMU's reason in its SHUTDOWN event, once it has one
 
     def start(self) -> None:
@@ -157,6 +159,21 @@ class Lifecycle:
             self.socks[name] = ours
             child_fds[name] = theirs.detach()
         return child_fds
+
+    def _stop(self) -> None:
+        raise NotImplementedError
+
+    def _spawn(self, argv: list[str], child_fds: dict[str, int]) -> Qmp:
+        """Start QEMU with CHILD_FDS (closed here once it has them), stopped by _stop when
+        the stack unwinds; its QMP connection, not yet greeted."""
+        assert self.rundir is not None
+        self.qemu = process.spawn(argv, log=self.rundir / "qemu.log",
+                                  pass_fds=tuple(child_fds.values()))
+        self.stack.callback(self._stop)
+        for child_fd in child_fds.values():
+            os.close(child_fd)
+        self.qmp = Qmp(self.socks["qmp"])
+        return self.qmp
 
     def _console(self) -> Serial:
         assert self.serial is not None

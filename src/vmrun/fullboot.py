@@ -52,7 +52,6 @@ from vmrun.qemu.argv import (
     FullBootPlan,
     full_boot_argv,
 )
-from vmrun.qemu.qmp import Qmp
 from vmrun.rundir import run_directory
 from vmrun.spec import Accel, Command, MachineSpec, Net, Share
 
@@ -180,7 +179,6 @@ class FullMachine(Lifecycle):
         self.base: Base | None = None
         self.overlay: Path | None = None
         self.keys: sshlib.Keys | None = None
-        self.qemu: process.Qemu | None = None
         self.ready_lines: list[bytes] = []
         self.ready_buffer = b""
         self.port = 0
@@ -227,13 +225,7 @@ class FullMachine(Lifecycle):
         self.serial = Serial(self.rundir / "serial.log", show=spec.console)
         self.serial.log.touch()
         t = self._phase("prepare", t)
-        self.qemu = process.spawn(argv, log=self.rundir / "qemu.log",
-                                  pass_fds=tuple(fds.values()))
-        self.stack.callback(self._stop)
-        for child_fd in fds.values():
-            os.close(child_fd)
-        self.qmp = Qmp(self.socks["qmp"])
-        self.qmp.execute("qmp_capabilities")
+        self._spawn(argv, fds).execute("qmp_capabilities")
         t = self._phase("booting", t)
         forwarded = self._forwarded_ports()
         t = self._phase("port ready", t)

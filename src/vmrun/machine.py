@@ -51,7 +51,6 @@ from vmrun.qemu.argv import (
     build_argv,
     kernel_cmdline,
 )
-from vmrun.qemu.qmp import Qmp
 from vmrun.rundir import run_directory
 from vmrun.spec import Boot, Command, MachineSpec, Net, Share
 
@@ -160,7 +159,6 @@ class Machine(Lifecycle):
         self.stderr_fd = stderr_fd
         self.share_via = share_via
         self.first_request = True
-        self.qemu: process.Qemu | None = None
         self.argv: list[str] = []
         self.accel: accellib.AccelChoice | None = None
         self.guest: Guest | None = None
@@ -219,13 +217,7 @@ class Machine(Lifecycle):
         self.serial = Serial(self.rundir / "serial.log", show=spec.console)
         self.serial.log.touch()
         t = self._phase("prepare", t)
-        self.qemu = process.spawn(self.argv, log=self.rundir / "qemu.log",
-                                  pass_fds=tuple(fds.values()))
-        self.stack.callback(self._stop)
-        for child_fd in fds.values():
-            os.close(child_fd)
-        self.qmp = Qmp(self.socks["qmp"])
-        self.qmp.send("qmp_capabilities")
+        self._spawn(self.argv, fds).send("qmp_capabilities")
         self._pump(lambda: "ready" in self.events, spec.boot_timeout, BootTimeout(
             f"the guest agent was not ready within {spec.boot_timeout:.0f}s (--boot-timeout)"))
         self._phase("boot", t)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from vmrun.errors import VmrunError
+from vmrun.guest.cpio import read_newc
 from vmrun.guest.modules import (
     Module,
     closure,
@@ -256,19 +257,7 @@ DEBIAN_LAYOUT = {
 
 def cpio_files(archive: bytes) -> dict[str, bytes]:
     """The members of a newc archive, by name."""
-    files: dict[str, bytes] = {}
-    offset = 0
-    while archive[offset:offset + 6] == b"070701":
-        fields = [int(archive[offset + 6 + 8 * i:offset + 14 + 8 * i], 16) for i in range(13)]
-        size, name_size = fields[6], fields[11]
-        name_end = offset + 110 + name_size
-        name = archive[offset + 110:name_end - 1].decode()
-        data = name_end + (-name_end % 4)
-        if name == "TRAILER!!!":
-            break
-        files[name] = archive[data:data + size]
-        offset = data + size + (-(data + size) % 4)
-    return files
+    return read_newc(archive)
 
 
 def test_initrd_has_the_root_filesystem_sets(tmp_path: Path) -> None:

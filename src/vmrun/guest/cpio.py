@@ -131,3 +131,21 @@ class CpioWriter:
         if data:
             self._out.write(data)
             self._written += len(data)
+
+
+def read_newc(archive: bytes) -> dict[str, bytes]:
+    """The members of an uncompressed newc archive (what CpioWriter writes), by name: for
+    tests and benchmarks that look inside vmrun's initramfs."""
+    files: dict[str, bytes] = {}
+    offset = 0
+    while archive[offset:offset + 6] == b"070701":
+        fields = [int(archive[offset + 6 + 8 * i:offset + 14 + 8 * i], 16) for i in range(13)]
+        size, name_size = fields[6], fields[11]
+        name_end = offset + 110 + name_size
+        name = archive[offset + 110:name_end - 1].decode()
+        data = name_end + (-name_end % 4)
+        if name == "TRAILER!!!":
+            break
+        files[name] = archive[data:data + size]
+        offset = data + size + (-(data + size) % 4)
+    return files
