@@ -339,7 +339,8 @@ class FullMachine(Lifecycle):
 
     # -- the event loop
 
-    def pump(self, until: Callable[[], bool], timeout: float | None, on_timeout: VmrunError,
+    def pump(self, until: Callable[[], bool], timeout: float | None,
+             on_timeout: VmrunError | None,
              extra: Callable[[list[int]], None] | None = None,
              readers: Callable[[], list[int]] | None = None,
              on_exit: Callable[[], bool] | None = None) -> None:
@@ -359,6 +360,7 @@ class FullMachine(Lifecycle):
             if not readable:
                 if deadline is not None and time.monotonic() >= deadline:
                     self.failed = True
+                    assert on_timeout is not None, "a timeout needs its error"
                     raise on_timeout
                 continue
             if serial.fileno() in readable:
@@ -454,7 +456,7 @@ class FullMachine(Lifecycle):
         """Wait for PROC while still reading the console and QMP (QEMU must not stall)."""
         pidfd = os.pidfd_open(proc.pid)
         try:
-            self.pump(lambda: proc.poll() is not None, None, ChannelLost("unreachable"),
+            self.pump(lambda: proc.poll() is not None, None, None,
                       readers=lambda: [pidfd])
         finally:
             os.close(pidfd)
