@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from vmrun import runhook
 from vmrun import seed as seedlib
 from vmrun.cache import key_of
 from vmrun.errors import BakeFailed, CommandTimeout
@@ -28,7 +29,7 @@ from vmrun.qemu.argv import READY_PORT
 from vmrun.spec import MachineSpec, Share
 
 Notice = Callable[[str], None]
-BAKE_FORMAT = "1"  # bump when what a bake does changes, so old layers are rebuilt
+BAKE_FORMAT = "2"  # bump when what a bake does changes, so old layers are rebuilt
 RESULT_FILE = "/run/cloud-init/result.json"
 # Run by cloud-init's power_state after cloud-init has finished and written its result.
 REPORT_RESULT = (f'printf "result %s\\n" "$(base64 -w0 {RESULT_FILE})" '
@@ -40,14 +41,16 @@ def bake_key(base_digest: str, user_data: bytes, meta_data: bytes | None, arch: 
 
 
 def bake_user_data(user_data: bytes) -> bytes:
-    """USER_DATA with the power-off (when it has none) and the result report merged in."""
+    """USER_DATA with the power-off (when it has none), the result report and vmrun's run
+    hook (see runhook) merged in."""
     power_state: dict[str, Any] = {"mode": "poweroff", "delay": "now",
                                    "message": "vmrun: provisioning done",
                                    "condition": ["/bin/sh", "-c", REPORT_RESULT]}
     theirs = (seedlib.cloud_config_of(user_data) or {}).get("power_state")
     if isinstance(theirs, dict) and "condition" in theirs:
         del power_state["condition"]  # the user's condition decides; no result then
-    return seedlib.merge_cloud_config(user_data, {"power_state": power_state})
+    return seedlib.merge_cloud_config(
+        user_data, {**runhook.bake_cloud_config(), "power_state": power_state})
 
 
 def parse_result(line: bytes) -> dict[str, Any] | None:

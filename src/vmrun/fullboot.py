@@ -5,7 +5,8 @@ with a NoCloud seed that vmrun writes: a login user authorized for this run's ke
 the host key vmrun made (so it is pinned, and the guest generates none), and transient
 units that start an SSH server as soon as the user, keys and network are there and say
 so on a virtio-serial port (see early_ssh_commands). The datasource is pinned through
-SMBIOS. The working directory is copied in (with --include /
+SMBIOS. An image baked by vmrun logs in sooner, over a second virtio-serial port, before
+cloud-init (see runhook). The working directory is copied in (with --include /
 --exclude rules) and chosen results are copied back (--collect).
 """
 
@@ -17,17 +18,20 @@ import re
 import select
 import shlex
 import shutil
+import socket
+import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+from vmrun import runhook, sync
 from vmrun import seed as seedlib
 from vmrun import ssh as sshlib
-from vmrun import sync
 from vmrun.channel import TokenScanner, new_token
 from vmrun.console import Lifecycle, Serial
 from vmrun.errors import (
@@ -48,6 +52,7 @@ from vmrun.qemu.arch import Arch, host_arch, lookup_arch
 from vmrun.qemu.argv import (
     EARLY_SSH_PORT,
     READY_PORT,
+    SERIAL_SSH_PORT,
     SSH_PORT,
     FullBootPlan,
     full_boot_argv,
@@ -56,6 +61,7 @@ from vmrun.rundir import run_directory
 from vmrun.spec import Accel, Command, MachineSpec, Net, Share
 
 Notice = Callable[[str], None]
+SERIAL = -1  # "port" of the run hook's SSH server, on the virtio-serial port
 MAX_READY_LINE = 64 << 10  # a base64 cloud-init result.json fits; anything longer is refused
 HOSTFWD = re.compile(rb"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+(\d+)\b")
 SSH_PROPS = ("After=ssh.service", "After=sshd.service", "After=ssh.socket")
@@ -88,6 +94,9 @@ class FullOptions:
     firmware: fwlib.Firmware = fwlib.Firmware.AUTO
     rules: tuple[sync.Rule, ...] = ()
     collect: tuple[str, ...] = ()
+    # Log in over the virtio-serial port when the image has vmrun's run hook (a baked
+    # image); False: always over the forwarded TCP port.
+    serial_ssh: bool = True
 
 
 def transient_unit(name: str, props: Sequence[str], script: str) -> list[str]:
@@ -182,6 +191,8 @@ class FullMachine(Lifecycle):
         self.ready_lines: list[bytes] = []
         self.ready_buffer = b""
         self.port = 0
+        self.proxy: Path | None = None  # the socket ssh takes the serial stream from
+        self.sockets: Path | None = None
         self.firmware = fwlib.Firmware.AUTO
         self.ssh = ""
         self.copied = False
@@ -212,7 +223,10 @@ class FullMachine(Lifecycle):
         if firmware.vars_template is not None:
             uefi_vars = self.rundir / "uefi-vars.fd"
             shutil.copyfile(firmware.vars_template, uefi_vars)
-        fds = self._socketpairs(("qmp", "serial", "ready"))
+        fds = self._socketpairs(("qmp", "serial", "ready", "ssh"))
+        if self.keys is not None:
+            # Read by the run hook, if the image has one, before the SSH client's bytes.
+            self.socks["ssh"].sendall(runhook.run_header(self.keys))
         plan = FullBootPlan(
             arch=self.arch, accel=accel, cpus=spec.cpus, memory_mib=spec.memory_mib,
             disk=self.overlay, seed=seed, fds=fds, uefi_code=firmware.code,
@@ -236,32 +250,83 @@ class FullMachine(Lifecycle):
             self.pump(lambda: self._ssh_announced() is not None, spec.boot_timeout, timeout)
             guest_port = self._ssh_announced()
             assert guest_port is not None
-            self.port = forwarded.get(guest_port, forwarded[SSH_PORT])
-            if spec.verbose:
-                self.notice(f"SSH server on guest port {guest_port}, "
-                            f"127.0.0.1:{self.port} here")
+            if guest_port == SERIAL:
+                self.proxy = self._socket_dir() / "proxy"
+                if spec.verbose:
+                    self.notice(f"SSH server on the virtio-serial port {SERIAL_SSH_PORT} "
+                                "(the image's run hook)")
+            else:
+                self.port = forwarded.get(guest_port, forwarded[SSH_PORT])
+                if spec.verbose:
+                    self.notice(f"SSH server on guest port {guest_port}, "
+                                f"127.0.0.1:{self.port} here")
             t = self._phase("sshd started", t)
             self._start_master(deadline, timeout)
             self._phase("ssh ready", t)
 
     def _ssh_announced(self) -> int | None:
-        """The guest port of the first SSH server the guest announced, if one has."""
+        """The guest port of the first SSH server the guest announced (SERIAL: the run
+        hook's, on the virtio-serial port), if one has."""
         for line in self.ready_lines:
             words = line.split()
             if words[:1] == [b"ssh"]:
                 port = words[1] if len(words) > 1 else b""
+                if port == b"serial":
+                    if self.options.serial_ssh:
+                        return SERIAL
+                    continue
                 return int(port) if port in (b"%d" % SSH_PORT, b"%d" % EARLY_SSH_PORT) \
                     else SSH_PORT
         return None
 
+    def _socket_dir(self) -> Path:
+        """A private directory for the run's UNIX sockets, short enough for their names
+        (about 108 bytes): the keys' own, else one under the temporary directory."""
+        assert self.keys is not None
+        if self.sockets is None:
+            self.sockets = self.keys.directory
+            if len(os.fsencode(self.keys.directory / "control")) > 100:
+                self.sockets = Path(tempfile.mkdtemp(prefix="vmrun-ssh-"))
+                self.stack.callback(shutil.rmtree, self.sockets, ignore_errors=True)
+        return self.sockets
+
+    def _listen_for_proxy(self) -> socket.socket | None:
+        """The socket ssh's ProxyCommand fetches the serial stream from (None: TCP)."""
+        if self.proxy is None:
+            return None
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.stack.callback(listener.close)
+        listener.bind(str(self.proxy))
+        listener.listen(1)
+        listener.setblocking(False)
+        return listener
+
+    def _hand_over_stream(self, listener: socket.socket) -> bool:
+        """Give the serial stream to the ProxyCommand that connected (ours: same user).
+        True once handed over; the stream serves one connection, so this is once."""
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return False
+        with conn:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+            if struct.unpack("3i", creds)[1] != os.getuid():
+                return False
+            stream = self.socks["ssh"]
+            stream.setblocking(True)  # ssh expects a blocking descriptor
+            socket.send_fds(conn, [b"x"], [stream.fileno()])
+        stream.close()
+        listener.close()
+        return True
+
     def _start_master(self, deadline: float, timeout: VmrunError) -> None:
         """Log in once; later sessions share this connection (see ssh.ssh_options)."""
         assert self.rundir is not None and self.keys is not None
-        control = self.keys.directory / "control"
-        if len(os.fsencode(control)) > 100:
-            return  # a UNIX socket path has room for about 108 bytes: connect each time
+        control = self._socket_dir() / "control"
+        listener = self._listen_for_proxy()
         argv = sshlib.ssh_argv(self.keys, self.port, ["sh", "-c", "echo ready; exec cat"],
-                               ssh=self.ssh, control=control, master=True)
+                               ssh=self.ssh, control=control, master=True, proxy=self.proxy)
         with open(self._ssh_log(), "ab") as log:
             master = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=log)
@@ -272,20 +337,25 @@ class FullMachine(Lifecycle):
         said = bytearray()
 
         def read(readable: list[int]) -> None:
+            nonlocal listener
+            if listener is not None and listener.fileno() in readable \
+                    and self._hand_over_stream(listener):
+                listener = None
             if out in readable:
                 data = os.read(out, 64)
                 said.extend(data if data else b"<eof>")
 
         self.pump(lambda: b"ready\n" in said or b"<eof>" in said,
                   max(1.0, deadline - time.monotonic()), timeout, extra=read,
-                  readers=lambda: [out])
+                  readers=lambda: [out] if listener is None else [out, listener.fileno()])
         if b"ready\n" not in said:
             master.wait()
             raise self._ssh_failure("logging in to the guest")
         self.control = control
 
     def end_master(self) -> None:
-        """Close the shared connection; later sessions connect (and check the key) anew."""
+        """Close the shared connection; later sessions connect (and check the key) anew,
+        which only TCP allows (the serial stream serves one connection)."""
         self.control = None
         for callback_master in list(self.masters):
             _end_master(callback_master)
@@ -409,7 +479,7 @@ class FullMachine(Lifecycle):
     def _ssh(self, remote: Sequence[str], *, tty: bool = False) -> list[str]:
         assert self.keys is not None
         return sshlib.ssh_argv(self.keys, self.port, remote, tty=tty, ssh=self.ssh,
-                               control=self.control)
+                               control=self.control, proxy=self.proxy)
 
     def _ssh_log(self) -> Path:
         assert self.rundir is not None

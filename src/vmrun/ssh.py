@@ -13,6 +13,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,18 +75,32 @@ def make_keys(directory: Path) -> Keys:
     )
 
 
+# A ProxyCommand that connects to vmrun's socket $1, receives the guest's stream from it
+# and hands that to ssh (ProxyUseFdpass): no relay stays between them.
+FD_PASS = ("import socket,sys;s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);"
+           "_,f,_,_=socket.recv_fds(s,1,1);socket.send_fds(socket.socket(fileno=1),[b'x'],f)")
+
+
+def proxy_options(listener: Path) -> list[str]:
+    """ssh options that take the connection from the socket LISTENER (see FullMachine)."""
+    command = shlex.join([sys.executable, "-S", "-c", FD_PASS, str(listener)])  # ssh adds exec
+    return ["-o", "ProxyCommand=" + command.replace("%", "%%"), "-o", "ProxyUseFdpass=yes"]
+
+
 def ssh_options(keys: Keys, port: int, *, control: Path | None = None,
-                master: bool = False) -> list[str]:
-    """Options that make ssh talk to this run's guest and nothing else.
+                master: bool = False, proxy: Path | None = None) -> list[str]:
+    """Options that make ssh talk to this run's guest and nothing else: on 127.0.0.1:PORT,
+    or with PROXY over the stream that socket hands out (a virtio-serial port).
 
     With CONTROL, sessions share one connection through that socket (MASTER makes it):
     one key exchange and login per run instead of one per step.
     """
     shared = [] if control is None else [
         "-o", f"ControlMaster={'yes' if master else 'no'}", "-o", f"ControlPath={control}"]
+    route = ["-p", str(port)] if proxy is None else proxy_options(proxy)
     return [*shared,
         "-F", "/dev/null",  # no user or system configuration changes what follows
-        "-p", str(port),
+        *route,
         "-i", str(keys.client_key),
         "-o", "IdentitiesOnly=yes",
         "-o", "IdentityAgent=none",
@@ -109,12 +124,12 @@ def ssh_options(keys: Keys, port: int, *, control: Path | None = None,
 
 def ssh_argv(keys: Keys, port: int, remote: Sequence[str], *, tty: bool = False,
              ssh: str = "ssh", user: str = LOGIN_USER, control: Path | None = None,
-             master: bool = False) -> list[str]:
+             master: bool = False, proxy: Path | None = None) -> list[str]:
     """argv for running REMOTE (an argv) in the guest as USER.
 
     ssh hands the remote side one string for the login shell to parse, so REMOTE is
     quoted word by word with POSIX rules; the login shell is /bin/sh.
     """
-    return [ssh, *ssh_options(keys, port, control=control, master=master),
+    return [ssh, *ssh_options(keys, port, control=control, master=master, proxy=proxy),
             "-tt" if tty else "-T",
             f"{user}@127.0.0.1", "--", shlex.join(remote)]

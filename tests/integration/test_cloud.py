@@ -2,9 +2,10 @@
 the baked image with --boot full (SSH) and --boot fast (vmrun's kernel), copy in and out.
 
 The image is tests/cloudimage.py's Debian cloud-style image, built from Debian packages
-once and cached. Full boots take a minute or two each under TCG here, so this module does
-three: the bake, one full run that checks everything a full run does, and the impostor
-check inside that same run.
+once and cached. Full boots take a minute or two each under TCG here, so this module keeps
+them few: the bake (which installs vmrun's run hook), one full run that checks everything
+a full run does and logs in over the hook's virtio-serial port, and one over the forwarded
+TCP port, as an image without the hook does, with the impostor check inside it.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def test_full_boot_runs_over_ssh_with_copy_in_and_collect(
     (project / "src" / "input.txt").write_text("from the host\n")
     (project / "secret.key").write_text("must not be copied\n")
     script = (
-        f"set -e; id tester; {PACKAGE}; cat src/input.txt; "
+        f"set -e; id tester; sudo -n true; {PACKAGE}; cat src/input.txt; "
         "test ! -e secret.key; mkdir -p out; echo result > out/report.txt; "
         "ln -s /etc/passwd out/escape; echo to-stderr >&2; exit 42"
     )
@@ -214,6 +215,10 @@ def test_full_boot_runs_over_ssh_with_copy_in_and_collect(
     assert b"hello from the package" in done.stdout
     assert b"from the host" in done.stdout
     assert "to-stderr" in err and "<<vmrun-end-" not in err
+    # The bake installed vmrun's run hook: the login came over the virtio-serial port,
+    # before cloud-init and the network, and sudo works without resolver warnings.
+    assert "SSH server on the virtio-serial port org.vmrun.ssh" in err
+    assert "unable to resolve host" not in err
     for phase in ("booting", "port ready", "sshd started", "ssh ready", "copy-in", "command",
                   "collect",
                   "power-off"):
@@ -224,15 +229,18 @@ def test_full_boot_runs_over_ssh_with_copy_in_and_collect(
 
 
 def test_full_boot_refuses_an_impostor(baked: store.StoredImage, tmp_path: Path) -> None:
-    """Inside one full boot: a command works; with another host key pinned (as if another
+    """Inside one full boot over the forwarded TCP port (the way an image without vmrun's
+    run hook logs in): a command works; with another host key pinned (as if another
     server answered on the port) ssh refuses to talk, and vmrun says why."""
     from vmrun import ssh as sshlib
-    from vmrun.fullboot import FullMachine
+    from vmrun.fullboot import FullMachine, FullOptions
     from vmrun.spec import Boot, Command, MachineSpec, Share
 
     spec = MachineSpec(image="vmrun-test-baked", boot=Boot.FULL, share=Share.NONE)
-    with FullMachine(spec, notice=lambda message: None) as machine:
+    with FullMachine(spec, FullOptions(serial_ssh=False), notice=lambda message: None) \
+            as machine:
         ok = machine.run(Command(("sh", "-c", "echo hi; exit 255")), capture=True)
+        assert machine.proxy is None and machine.port != 0  # TCP, not the serial port
         assert (ok.exit_code, ok.stdout) == (255, b"hi\n")  # 255 is the command's own
         machine.end_master()  # the next session connects anew, as to a new server
         other = sshlib.make_keys(tmp_path / "other")

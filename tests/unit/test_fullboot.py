@@ -21,10 +21,10 @@ from vmrun.errors import UsageError
 from vmrun.fullboot import ExitTrailer, ready_unit_command, run_cloud_config
 from vmrun.qemu import firmware as fw
 from vmrun.qemu.arch import ARCHES
-from vmrun.qemu.argv import READY_PORT, FullBootPlan, full_boot_argv
+from vmrun.qemu.argv import READY_PORT, SERIAL_SSH_PORT, FullBootPlan, full_boot_argv
 from vmrun.spec import Accel
 
-FDS = {"qmp": 3, "serial": 4, "ready": 5}
+FDS = {"qmp": 3, "serial": 4, "ready": 5, "ssh": 6}
 
 
 def plan(arch: str = "x86_64", **changes: object) -> FullBootPlan:
@@ -57,6 +57,10 @@ def test_x86_bios_argv() -> None:
     assert drives[1] == "file=/run/seed.iso,format=raw,if=none,id=seed,readonly=on"
     devices = option_after(argv, "-device")
     assert f"virtserialport,chardev=ready,name={READY_PORT}" in devices
+    # The run hook's SSH port, on QEMU's end of a socketpair vmrun holds from the start.
+    assert f"virtserialport,chardev=sshport,name={SERIAL_SSH_PORT}" in devices
+    assert "socket,id=sshport,fd=6" in option_after(argv, "-chardev")
+    assert "virtio-serial-pci,max_ports=4" in devices
     assert "virtio-blk-pci,drive=disk0,bootindex=0" in devices
     assert "virtio-rng-pci" in devices
     assert "socket,id=qmp,fd=3" in option_after(argv, "-chardev")

@@ -155,6 +155,7 @@ def build_argv(plan: BootPlan, qemu: str | None = None) -> list[str]:
 # ---- full boot: the image's own firmware, bootloader, kernel and init ----------------------
 
 READY_PORT = "org.vmrun.ready"
+SERIAL_SSH_PORT = "org.vmrun.ssh"
 # Guest ports QEMU forwards: the image's own SSH server, and the one vmrun starts early.
 SSH_PORT = 22
 EARLY_SSH_PORT = 10022
@@ -207,9 +208,12 @@ def full_boot_argv(plan: FullBootPlan, qemu: str | None = None) -> list[str]:
     else:
         argv += ["-serial", "chardev:serial"]
     # The guest says on this port when its SSH server runs: no polling for readiness.
-    argv += ["-device", f"virtio-serial-{suffix},max_ports=2"]
+    argv += ["-device", f"virtio-serial-{suffix},max_ports=4"]
     argv += ["-chardev", f"socket,id=ready,fd={plan.fds['ready']}",
              "-device", f"virtserialport,chardev=ready,name={READY_PORT}"]
+    # An image baked by vmrun serves SSH on this port, before cloud-init (see runhook).
+    argv += ["-chardev", f"socket,id=sshport,fd={plan.fds['ssh']}",
+             "-device", f"virtserialport,chardev=sshport,name={SERIAL_SSH_PORT}"]
     # Port 0: the host's kernel picks a free port when QEMU binds it, so no other process
     # can take it between choosing and binding; vmrun reads it back over QMP.
     netdev = "user,id=net0" + "".join(f",hostfwd=tcp:127.0.0.1:0-:{port}"
