@@ -8,12 +8,19 @@ partition and the root partition (the Discoverable Partitions Specification's x8
 type, as Debian's images have), and GRUB for both BIOS and UEFI, installed by writing its
 images into place. The result is cached by the hash of this recipe.
 
-    python -m tests.cloudimage            # build (or find) it and print its path
+The arm64 variant boots from UEFI only (no BIOS boot partition), with GRUB's arm64-efi
+image at EFI/BOOT/BOOTAA64.EFI made from the modules of grub-efi-arm64-bin inside the new
+root, and the DPS aarch64 root type. mmdebstrap runs its maintainer scripts through
+qemu-user, which scripts/setup registers with binfmt_misc on an x86_64 host.
+
+    python -m tests.cloudimage               # build (or find) it and print its path
+    python -m tests.cloudimage --arch arm64  # the same for arm64
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import shutil
 import struct
@@ -21,9 +28,11 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from vmrun import cache as cachelib
+from vmrun.qemu.arch import host_arch
 
 SUITE = "bookworm"
 PACKAGES = (
@@ -38,9 +47,11 @@ ESP_SIZE = 32 * MIB
 BIOS_BOOT_SIZE = 1 * MIB
 GRUB_I386 = Path("/usr/lib/grub/i386-pc")
 GRUB_EFI = Path("/usr/lib/grub/x86_64-efi")
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 BIOS_BOOT_TYPE = "21686148-6449-6E6F-744E-656564454649"
 ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
+ROOT_AARCH64_TYPE = "B921B045-1DF0-41C3-AF44-4C6F280D3FAE"
 KERNEL_ARGS = "ro console=tty0 console=ttyS0,115200 net.ifnames=0"
 
 # Run on the host with the root directory as $1, after the packages are installed.
@@ -72,58 +83,122 @@ rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/log/*
 """
 
 
-def recipe_key() -> str:
-    return cachelib.key_of(SUITE, ",".join(PACKAGES), CUSTOMIZE, KERNEL_ARGS,
-                           Path(__file__).read_bytes())
+@dataclass(frozen=True)
+class Variant:
+    """What differs between the amd64 and the arm64 image."""
+
+    arch: str  # Debian's name
+    packages: tuple[str, ...]
+    kernel_args: str
+    root_type: str  # the GPT type of the root partition
+    efi_target: str  # grub-mkimage -O
+    efi_name: str  # the removable-media path's file name, under EFI/BOOT
+    efi_modules: tuple[str, ...]  # beside GRUB_MODULES
+    bios: bool  # a BIOS boot partition with GRUB's i386-pc core image
+    grub_efi: Path | None  # the host's GRUB EFI modules; None: the new root's own
 
 
-def image_path(cache: Path | None = None) -> Path:
+VARIANTS = {
+    "amd64": Variant(
+        arch="amd64", packages=PACKAGES, kernel_args=KERNEL_ARGS, root_type=ROOT_X86_64_TYPE,
+        efi_target="x86_64-efi", efi_name="BOOTX64.EFI", efi_modules=("all_video", "efi_gop"),
+        bios=True, grub_efi=GRUB_EFI,
+    ),
+    "arm64": Variant(
+        # The host has no arm64 GRUB of its own: grub-mkimage (any host's) takes the
+        # modules from the package installed in the new root.
+        arch="arm64",
+        packages=(*(p.replace("-amd64", "-arm64") for p in PACKAGES), "grub-efi-arm64-bin"),
+        kernel_args="ro console=ttyAMA0 net.ifnames=0", root_type=ROOT_AARCH64_TYPE,
+        efi_target="arm64-efi", efi_name="BOOTAA64.EFI", efi_modules=(), bios=False,
+        grub_efi=None,
+    ),
+}
+
+def recipe_key(arch: str = "amd64") -> str:
+    variant = VARIANTS[arch]
+    steps = (build, make_esp, make_bios_core, assemble, install_bios_boot, grub_embed_config,
+             run, shlex_quote)
+    return cachelib.key_of(SUITE, repr(variant), CUSTOMIZE, repr(GRUB_MODULES),
+                          repr((SECTOR, MIB, ROOT_SIZE, ESP_SIZE, BIOS_BOOT_SIZE, ESP_TYPE,
+                                BIOS_BOOT_TYPE)),
+                          *(inspect.getsource(step) for step in steps))
+
+
+def image_path(cache: Path | None = None, arch: str = "amd64") -> Path:
     root = (cache or cachelib.cache_dir()) / "testimages"
-    return root / f"debian-{SUITE}-cloud-{recipe_key()[:16]}.qcow2"
+    name = "cloud" if arch == "amd64" else f"cloud-{arch}"
+    return root / f"debian-{SUITE}-{name}-{recipe_key(arch)[:16]}.qcow2"
 
 
-def ensure_cloud_image(cache: Path | None = None, *, mirror: str | None = None) -> Path:
-    """The test image's path, built first if the cache lacks it (a few minutes)."""
-    final = image_path(cache)
+def ensure_cloud_image(cache: Path | None = None, *, mirror: str | None = None,
+                       arch: str = "amd64") -> Path:
+    """The test image's path, built first if the cache lacks it (a few minutes; arm64's
+    maintainer scripts run under qemu-user, which takes longer)."""
+    if arch not in VARIANTS:
+        raise ValueError(f"no test image recipe for {arch!r} (known: {', '.join(VARIANTS)})")
+    final = image_path(cache, arch)
     if final.exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with cachelib.locked(final.with_suffix(".lock")):
         if final.exists():
             return final
+        check_emulation(arch)
         with cachelib.staged(final) as temp:
             build(temp, mirror=mirror or os.environ.get("VMRUN_DEBIAN_MIRROR")
-                  or "http://deb.debian.org/debian")
+                  or "http://deb.debian.org/debian", variant=VARIANTS[arch])
     return final
+
+
+def check_emulation(arch: str) -> None:
+    """mmdebstrap runs a foreign root's maintainer scripts through qemu-user, which the
+    kernel finds by binfmt_misc; without it mmdebstrap fails only after the downloads."""
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}[arch]
+    if host_arch() == machine:
+        return
+    entry = BINFMT / f"qemu-{machine}"
+    try:
+        enabled = entry.read_text().startswith("enabled")
+    except OSError:
+        enabled = False
+    if not enabled:
+        raise RuntimeError(f"building the {arch} test image here needs qemu-{machine} "
+                           f"registered with binfmt_misc ({entry}): run scripts/setup")
 
 
 def run(argv: list[str], **kwargs: object) -> None:
     subprocess.run(argv, check=True, **kwargs)  # type: ignore[call-overload]
 
 
-def build(out: Path, *, mirror: str) -> None:
+def build(out: Path, *, mirror: str, variant: Variant) -> None:
     missing = [tool for tool in ("mmdebstrap", "mke2fs", "sfdisk", "mkfs.vfat", "mcopy",
                                  "grub-mkimage", "qemu-img") if shutil.which(tool) is None]
     if missing:
         raise RuntimeError(f"building the test image needs {', '.join(missing)}: "
                            "run scripts/setup")
-    root_uuid = str(uuid.UUID(recipe_key()[:32]))
+    root_uuid = str(uuid.UUID(recipe_key(variant.arch)[:32]))
     with tempfile.TemporaryDirectory(prefix="vmrun-cloudimage-", dir=out.parent) as tmp:
         work = Path(tmp)
         rootfs = work / "rootfs"
-        env = {**os.environ, "ROOT_UUID": root_uuid, "KERNEL_ARGS": KERNEL_ARGS}
-        run(["mmdebstrap", "--quiet", "--variant=apt", "--include=" + ",".join(PACKAGES),
+        env = {**os.environ, "ROOT_UUID": root_uuid, "KERNEL_ARGS": variant.kernel_args}
+        run(["mmdebstrap", "--quiet", "--variant=apt", f"--architectures={variant.arch}",
+             "--include=" + ",".join(variant.packages),
              "--customize-hook", f"sh -c {shlex_quote(CUSTOMIZE)} hook \"$1\"",
              SUITE, str(rootfs), mirror], env=env)
         root_img = work / "root.img"
         run(["mke2fs", "-q", "-t", "ext4", "-d", str(rootfs), "-L", "root", "-U", root_uuid,
              str(root_img), f"{ROOT_SIZE // 1024}k"])
         esp_img = work / "esp.img"
-        make_esp(esp_img, work, root_uuid)
-        core_img = work / "core.img"
-        make_bios_core(core_img, work, root_uuid)
+        make_esp(esp_img, work, root_uuid, variant=variant,
+                 grub_dir=variant.grub_efi or rootfs / "usr/lib/grub" / variant.efi_target)
+        core_img = None
+        if variant.bios:
+            core_img = work / "core.img"
+            make_bios_core(core_img, work, root_uuid)
         raw = work / "disk.raw"
-        assemble(raw, core_img=core_img, esp_img=esp_img, root_img=root_img)
+        assemble(raw, core_img=core_img, esp_img=esp_img, root_img=root_img,
+                 root_type=variant.root_type)
         run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(out)])
 
 
@@ -141,16 +216,17 @@ GRUB_MODULES = ["part_gpt", "ext2", "search", "search_fs_uuid", "configfile", "n
                 "linux", "echo", "test"]
 
 
-def make_esp(esp_img: Path, work: Path, root_uuid: str) -> None:
+def make_esp(esp_img: Path, work: Path, root_uuid: str, *, variant: Variant,
+             grub_dir: Path) -> None:
     embed = work / "embed-efi.cfg"
     embed.write_text(grub_embed_config(root_uuid))
-    efi = work / "BOOTX64.EFI"
-    run(["grub-mkimage", "-O", "x86_64-efi", "-d", str(GRUB_EFI), "-o", str(efi),
-         "-p", "/boot/grub", "-c", str(embed), *GRUB_MODULES, "all_video", "efi_gop"])
+    efi = work / variant.efi_name
+    run(["grub-mkimage", "-O", variant.efi_target, "-d", str(grub_dir), "-o", str(efi),
+         "-p", "/boot/grub", "-c", str(embed), *GRUB_MODULES, *variant.efi_modules])
     run(["mkfs.vfat", "-C", "-n", "EFI", str(esp_img), str(ESP_SIZE // 1024)],
         stdout=subprocess.DEVNULL)
     run(["mmd", "-i", str(esp_img), "::EFI", "::EFI/BOOT"])
-    run(["mcopy", "-i", str(esp_img), str(efi), "::EFI/BOOT/BOOTX64.EFI"])
+    run(["mcopy", "-i", str(esp_img), str(efi), f"::EFI/BOOT/{variant.efi_name}"])
 
 
 def make_bios_core(core_img: Path, work: Path, root_uuid: str) -> None:
@@ -162,19 +238,23 @@ def make_bios_core(core_img: Path, work: Path, root_uuid: str) -> None:
         raise RuntimeError("GRUB's core image does not fit the BIOS boot partition")
 
 
-def assemble(raw: Path, *, core_img: Path, esp_img: Path, root_img: Path) -> None:
+def assemble(raw: Path, *, core_img: Path | None, esp_img: Path, root_img: Path,
+             root_type: str) -> None:
+    """The GPT disk: a BIOS boot partition holding CORE_IMG (unless None), the ESP, root."""
     start = MIB  # first partition at 1 MiB, like every modern partitioner
+    bios_size = BIOS_BOOT_SIZE if core_img is not None else 0
     bios_lba = start // SECTOR
-    esp_lba = bios_lba + BIOS_BOOT_SIZE // SECTOR
+    esp_lba = bios_lba + bios_size // SECTOR
     root_lba = esp_lba + ESP_SIZE // SECTOR
-    total = start + BIOS_BOOT_SIZE + ESP_SIZE + ROOT_SIZE + MIB  # room for the backup GPT
+    total = start + bios_size + ESP_SIZE + ROOT_SIZE + MIB  # room for the backup GPT
     with open(raw, "wb") as f:
         f.truncate(total)
-    table = (
-        "label: gpt\n"
-        f"start={bios_lba}, size={BIOS_BOOT_SIZE // SECTOR}, type={BIOS_BOOT_TYPE}, name=bios\n"
+    table = "label: gpt\n"
+    if core_img is not None:
+        table += f"start={bios_lba}, size={bios_size // SECTOR}, type={BIOS_BOOT_TYPE}, name=bios\n"
+    table += (
         f"start={esp_lba}, size={ESP_SIZE // SECTOR}, type={ESP_TYPE}, name=esp\n"
-        f"start={root_lba}, size={ROOT_SIZE // SECTOR}, type={ROOT_X86_64_TYPE}, name=root\n"
+        f"start={root_lba}, size={ROOT_SIZE // SECTOR}, type={root_type}, name=root\n"
     )
     run(["sfdisk", "--quiet", str(raw)], input=table.encode())
     with open(raw, "r+b") as disk:
@@ -182,7 +262,8 @@ def assemble(raw: Path, *, core_img: Path, esp_img: Path, root_img: Path) -> Non
             disk.seek(lba * SECTOR)
             with open(image, "rb") as src:
                 shutil.copyfileobj(src, disk, 1 << 20)
-        install_bios_boot(disk, core_img.read_bytes(), core_lba=bios_lba)
+        if core_img is not None:
+            install_bios_boot(disk, core_img.read_bytes(), core_lba=bios_lba)
 
 
 def install_bios_boot(disk: object, core: bytes, *, core_lba: int) -> None:
@@ -209,8 +290,10 @@ def install_bios_boot(disk: object, core: bytes, *, core_lba: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.cloudimage", description=__doc__)
     parser.add_argument("--cache", type=Path, help="cache directory (default vmrun's)")
+    parser.add_argument("--arch", choices=sorted(VARIANTS), default="amd64",
+                        help="Debian architecture of the image (default amd64)")
     args = parser.parse_args()
-    print(ensure_cloud_image(args.cache))
+    print(ensure_cloud_image(args.cache, arch=args.arch))
     return 0
 
 

@@ -37,7 +37,9 @@ REPORT_RESULT = (f'printf "result %s\\n" "$(base64 -w0 {RESULT_FILE})" '
 
 
 def bake_key(base_digest: str, user_data: bytes, meta_data: bytes | None, arch: str) -> str:
-    return key_of("vmrun-bake", BAKE_FORMAT, base_digest, user_data, meta_data or b"", arch)
+    # The run hook is part of what a bake writes: a new hook bakes again.
+    return key_of("vmrun-bake", BAKE_FORMAT, runhook.GENERATOR, runhook.hook_script(),
+                  base_digest, user_data, meta_data or b"", arch)
 
 
 def bake_user_data(user_data: bytes) -> bytes:

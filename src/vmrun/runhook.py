@@ -6,7 +6,7 @@ A baked image is vmrun's own, so the bake adds two small files to it (through cl
 `write_files`, merged like every vmrun addition):
 
 - a systemd generator that adds `vmrun-run.service` to every boot, ordered after the local
-  file systems and nothing else;
+  file systems and the boot's clean-up of /tmp (systemd-tmpfiles-setup), nothing else;
 - the hook that service runs (guest/run_hook.sh). On a vmrun run it reads the run's user,
   client key and host key from the virtio-serial port org.vmrun.ssh, says `ssh serial` on
   the ready port, and serves the one SSH connection the run makes with the image's own sshd
@@ -41,7 +41,9 @@ cat > "$dir/{UNIT_NAME}" <<'EOF'
 [Unit]
 Description=vmrun: this run's SSH login on a virtio-serial port
 DefaultDependencies=no
-After=local-fs.target systemd-journald.socket
+# Once the local file systems are mounted and the boot's own clean-up is done (Debian
+# empties /tmp then, where a run's copy-in may go), before the rest of sysinit.
+After=local-fs.target systemd-tmpfiles-setup.service systemd-journald.socket
 Conflicts=shutdown.target
 Before=shutdown.target
 

@@ -24,7 +24,11 @@ STUBS = {
                'for last; do :; done\n'
                'echo "$last:x:1000:1000::/home/$last:/bin/sh" >> "$VMRUN_HOOK_ROOT/etc/passwd"\n',
 }
-SSHD = ('printf "%s\\n" "$@" > "$VMRUN_HOOK_ROOT/sshd.args"\n'
+# `sshd -t` checks the configuration (SSHD_TEST_STATUS says how that went); `sshd -i`
+# records its arguments and the stream it was given.
+SSHD = ('if [ "$1" = -t ]; then shift; printf "%s\\n" "$@" > "$VMRUN_HOOK_ROOT/sshd-t.args"; '
+        'exit "${SSHD_TEST_STATUS:-0}"; fi\n'
+        'printf "%s\\n" "$@" > "$VMRUN_HOOK_ROOT/sshd.args"\n'
         'cat > "$VMRUN_HOOK_ROOT/sshd.stdin"\n')
 
 
@@ -58,11 +62,12 @@ def fake_root(tmp_path: Path, port_data: bytes, *, users: str = "root:x:0:0::/ro
     return root
 
 
-def run_hook(shell: str, root: Path) -> subprocess.CompletedProcess[str]:
+def run_hook(shell: str, root: Path, **env: str) -> subprocess.CompletedProcess[str]:
     script = Path(runhook.__file__).with_name("guest") / "run_hook.sh"
     argv = [shell, "sh", str(script)] if shell == "busybox" else [shell, str(script)]
-    env = {"PATH": f"{root.parent / 'stubs'}:/usr/bin:/bin", "VMRUN_HOOK_ROOT": str(root)}
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+    env |= {"PATH": f"{root.parent / 'stubs'}:/usr/bin:/bin", "VMRUN_HOOK_ROOT": str(root)}
+    return subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +92,7 @@ def test_hook_reads_the_header_then_leaves_the_stream_to_sshd(
     assert (state / "authorized_keys").read_text() == keys.client_public + "\n"
     args = (root / "sshd.args").read_text().splitlines()
     assert args[:4] == ["-i", "-e", "-h", str(host_key)]
+    assert (root / "sshd-t.args").read_text().splitlines() == args[1:]  # checked first
     assert f"AuthorizedKeysFile={state}/authorized_keys" in args
     assert {"UsePAM=no", "AllowUsers=vmrun", "PasswordAuthentication=no"} <= set(args)
     assert (root / "useradd.log").read_text().split()[-1] == "vmrun"
@@ -99,6 +105,15 @@ def test_hook_reads_the_header_then_leaves_the_stream_to_sshd(
     assert hosts == "127.0.0.1\tlocalhost\n127.0.1.1\tvmrun-host\n"
     assert run_hook(shell, root).returncode == 0  # the name is there: not added twice
     assert (root / "etc/hosts").read_text() == hosts
+
+
+def test_hook_announces_nothing_when_sshd_refuses_the_configuration(
+        tmp_path: Path, keys: sshlib.Keys) -> None:
+    """The login then takes the usual path (TCP), which a run waits for next."""
+    root = fake_root(tmp_path, runhook.run_header(keys))
+    assert run_hook(SHELLS[0], root, SSHD_TEST_STATUS="255").returncode == 1
+    assert (root / "dev/vport1p1").read_text() == ""
+    assert not (root / "sshd.args").exists()
 
 
 def test_hook_keeps_an_existing_user(tmp_path: Path, keys: sshlib.Keys) -> None:
@@ -144,7 +159,10 @@ def test_generator_writes_the_unit_and_its_want(tmp_path: Path) -> None:
     subprocess.run(["sh", str(generator), str(out), str(out), str(out)], check=True)
     unit = (out / runhook.UNIT_NAME).read_text()
     assert f"ExecStart={runhook.HOOK_PATH}" in unit
-    assert "DefaultDependencies=no" in unit and "After=local-fs.target" in unit
+    assert "DefaultDependencies=no" in unit
+    after = next(line for line in unit.splitlines() if line.startswith("After="))
+    # Not before /tmp is emptied (Debian does at boot): a copy-in may go there.
+    assert {"local-fs.target", "systemd-tmpfiles-setup.service"} <= set(after[6:].split())
     want = out / "sysinit.target.wants" / runhook.UNIT_NAME
     assert os.readlink(want) == f"../{runhook.UNIT_NAME}"
     assert want.resolve() == (out / runhook.UNIT_NAME).resolve()
@@ -199,3 +217,9 @@ def test_proxy_command_hands_over_the_stream(tmp_path: Path) -> None:
         assert guest.recv(64) == b"hello guest"
     for sock in (listener, guest, stream, ssh_side):
         sock.close()
+
+
+def test_a_new_hook_bakes_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = bakelib.bake_key("a" * 64, b"ud", None, "x86_64")
+    monkeypatch.setattr(runhook, "hook_script", lambda: "#!/bin/sh\nexit 0\n")
+    assert bakelib.bake_key("a" * 64, b"ud", None, "x86_64") != key

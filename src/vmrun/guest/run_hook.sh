@@ -82,12 +82,15 @@ if [ -n "$host" ] && ! grep -qw -e "$host" "$root/etc/hosts" 2>/dev/null; then
     printf '127.0.1.1\t%s\n' "$host" >> "$root/etc/hosts"
 fi
 
+sshd=$root/usr/sbin/sshd
+[ -x "$sshd" ] || sshd=$(command -v sshd) || exit 1
+set -- -e -h "$state/ssh_host_ed25519_key" \
+    -o AuthorizedKeysFile="$state/authorized_keys" -o UsePAM=no \
+    -o PasswordAuthentication=no -o KbdInteractiveAuthentication=no \
+    -o PermitRootLogin=no -o AllowUsers="$user" -o LoginGraceTime=0
+# Whatever fails before the announcement leaves the login to the usual path (TCP).
+"$sshd" -t "$@" </dev/null || exit 1
 if ready=$(port_of org.vmrun.ready); then
     echo "ssh serial" > "$ready" 2>/dev/null
 fi
-sshd=$root/usr/sbin/sshd
-[ -x "$sshd" ] || sshd=$(command -v sshd) || exit 1
-exec "$sshd" -i -e -h "$state/ssh_host_ed25519_key" \
-    -o AuthorizedKeysFile="$state/authorized_keys" -o UsePAM=no \
-    -o PasswordAuthentication=no -o KbdInteractiveAuthentication=no \
-    -o PermitRootLogin=no -o AllowUsers="$user" -o LoginGraceTime=0 <&3 >&3
+exec "$sshd" -i "$@" <&3 >&3
