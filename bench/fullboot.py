@@ -159,7 +159,9 @@ def main() -> int:
     for run in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="vmrun-bench-") as tmp:
             work = Path(tmp)
-            results["recipe"].append(recipe(image, work, args.cpus))
+            (work / "stock").mkdir()
+            (work / "baked").mkdir()
+            results["recipe"].append(recipe(image, work / "stock", args.cpus))
             results["full"].append(vmrun(image, work, "full", args.cpus))
             results["fast"].append(vmrun(image, work, "fast", args.cpus))
             line = (f"run {run + 1}: recipe ssh {results['recipe'][-1]['ssh']:.1f}s, "
@@ -167,7 +169,7 @@ def main() -> int:
                     f"fast {results['fast'][-1]['total']:.1f}s")
             if runner is not None:
                 name, layer = runner
-                results["recipe-baked"].append(recipe(layer, work, args.cpus))
+                results["recipe-baked"].append(recipe(layer, work / "baked", args.cpus))
                 results["full-baked"].append(vmrun(name, work, "full", args.cpus))
                 line += (f"; baked: recipe ssh {results['recipe-baked'][-1]['ssh']:.1f}s, "
                          f"full {results['full-baked'][-1]['ready']:.1f}s")

@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -33,11 +34,16 @@ SSHD = ('if [ "$1" = -t ]; then shift; printf "%s\\n" "$@" > "$VMRUN_HOOK_ROOT/s
 
 
 def fake_root(tmp_path: Path, port_data: bytes, *, users: str = "root:x:0:0::/root:/bin/sh\n",
-              ssh_port: bool = True) -> Path:
+              ssh_port: bool = True, console: bool = True) -> Path:
     root = tmp_path / "root"
     ports = {"vport1p1": READY_PORT}
     if ssh_port:
         ports["vport1p2"] = SERIAL_SSH_PORT
+    if console:
+        (root / "sys/bus/virtio/devices/virtio1").mkdir(parents=True)
+        (root / "sys/bus/virtio/devices/virtio1/device").write_text("0x0003\n")
+    (root / "sys/bus/virtio/devices/virtio0").mkdir(parents=True)
+    (root / "sys/bus/virtio/devices/virtio0/device").write_text("0x0002\n")  # a disk
     for dev, name in ports.items():
         (root / "sys/class/virtio-ports" / dev).mkdir(parents=True)
         (root / "sys/class/virtio-ports" / dev / "name").write_text(name + "\n")
@@ -144,10 +150,19 @@ def test_hook_refuses_what_is_not_a_whole_header(tmp_path: Path, header: bytes,
 
 
 def test_hook_without_the_port_does_nothing(tmp_path: Path) -> None:
-    """An image booted outside vmrun: the port never appears, the hook gives up (5 s)."""
+    """Virtio-serial ports, but not vmrun's: the hook gives up after 5 s."""
     root = fake_root(tmp_path, b"", ssh_port=False)
     done = run_hook(SHELLS[0], root)
     assert done.returncode == 0
+    assert not (root / "run/vmrun").exists()
+
+
+def test_hook_without_a_virtio_console_ends_at_once(tmp_path: Path) -> None:
+    """The image booted outside vmrun (plain QEMU, a cloud): no waiting at all."""
+    root = fake_root(tmp_path, b"", ssh_port=False, console=False)
+    started = time.monotonic()
+    assert run_hook(SHELLS[0], root).returncode == 0
+    assert time.monotonic() - started < 2
     assert not (root / "run/vmrun").exists()
 
 
