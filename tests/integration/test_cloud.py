@@ -205,7 +205,10 @@ def test_full_boot_runs_over_ssh_with_copy_in_and_collect(
     script = (
         f"set -e; id tester; sudo -n true; {PACKAGE}; cat src/input.txt; "
         "test ! -e secret.key; mkdir -p out; echo result > out/report.txt; "
-        "ln -s /etc/passwd out/escape; echo to-stderr >&2; exit 42"
+        "ln -s /etc/passwd out/escape; echo to-stderr >&2; "
+        # The login came before the network; the documented wait gives the guest its route.
+        "sudo systemctl start network-online.target; ip -4 route | grep -q '^default'; "
+        "exit 42"
     )
     done = run_cli("--image", "vmrun-test-baked", "--boot", "full", "-v",
                    "--include", "src/***", "--exclude", "*", "--collect", "out",
