@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmrun import cache as cachelib
-from vmrun.qemu.arch import host_arch
+from vmrun.qemu.arch import host_arch, lookup_arch
 
 SUITE = "bookworm"
 PACKAGES = (
@@ -151,10 +151,14 @@ def ensure_cloud_image(cache: Path | None = None, *, mirror: str | None = None,
     return final
 
 
+class EmulationMissing(RuntimeError):
+    """A foreign architecture's image cannot be built: no qemu-user registered for it."""
+
+
 def check_emulation(arch: str) -> None:
     """mmdebstrap runs a foreign root's maintainer scripts through qemu-user, which the
     kernel finds by binfmt_misc; without it mmdebstrap fails only after the downloads."""
-    machine = {"amd64": "x86_64", "arm64": "aarch64"}[arch]
+    machine = lookup_arch(arch).name
     if host_arch() == machine:
         return
     entry = BINFMT / f"qemu-{machine}"
@@ -163,8 +167,8 @@ def check_emulation(arch: str) -> None:
     except OSError:
         enabled = False
     if not enabled:
-        raise RuntimeError(f"building the {arch} test image here needs qemu-{machine} "
-                           f"registered with binfmt_misc ({entry}): run scripts/setup")
+        raise EmulationMissing(f"building the {arch} test image here needs qemu-{machine} "
+                               f"registered with binfmt_misc ({entry}): run scripts/setup")
 
 
 def run(argv: list[str], **kwargs: object) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cloudimage import check_emulation, ensure_cloud_image, image_path
+from tests.cloudimage import EmulationMissing, ensure_cloud_image
 from tests.integration.vmtools import run_cli
 
 pytestmark = pytest.mark.vm
@@ -32,12 +32,10 @@ PHASES = ("prepare", "booting", "port ready", "sshd started", "ssh ready", "comm
 def arm64_image() -> Path:
     """The arm64 test image, built (minutes, far more under emulation) or found cached."""
     t = time.monotonic()
-    if not image_path(arch="arm64").exists():
-        try:
-            check_emulation("arm64")
-        except RuntimeError as e:  # scripts/setup warned: a container that forbids it
-            pytest.skip(str(e))
-    image = ensure_cloud_image(arch="arm64")
+    try:
+        image = ensure_cloud_image(arch="arm64")
+    except EmulationMissing as e:  # scripts/setup warned: a container that forbids it
+        pytest.skip(str(e))
     print(f"arm64 test image ready in {time.monotonic() - t:.0f}s: {image}")
     return image
 
