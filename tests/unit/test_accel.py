@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,7 +225,7 @@ def test_kvm_usable_memoises(
     assert calls[0]["cmdline"] == "console=ttyS0 vmrun.probe"
     assert usable(tmp_path) == problem
     assert len(calls) == 1
-    memos = list((tmp_path / "accel").iterdir())
+    memos = list((tmp_path / "accel").glob("*.json"))
     assert len(memos) == 1 and memos[0].name.startswith("kvm-")
 
 
@@ -260,10 +261,51 @@ def test_kvm_usable_ignores_a_corrupt_memo(
 ) -> None:
     calls = counted_probe("broken")
     usable(tmp_path)
-    [memo] = (tmp_path / "accel").iterdir()
+    [memo] = (tmp_path / "accel").glob("*.json")
     memo.write_text("{not json")
     assert usable(tmp_path) == "broken"
     assert len(calls) == 2
     assert usable(tmp_path) == "broken"
     assert len(calls) == 2
     assert not list((tmp_path / "accel").glob(".*.part"))
+
+
+def test_kvm_usable_probes_once_for_many_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Processes starting together wait for one probe instead of each booting their own.
+    monkeypatch.setattr(accellib, "_boot_id", lambda: "boot-1")
+    log = tmp_path / "probes"
+
+    def slow_probe(qemu: str, kernel: Path, initrd: Path, cmdline: str, machine: str) -> None:
+        with open(log, "a") as f:
+            f.write("probe\n")
+        time.sleep(0.5)
+
+    monkeypatch.setattr(accellib, "probe_kvm", slow_probe)
+    children = []
+    for _ in range(4):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                usable(tmp_path)
+            finally:
+                os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.waitpid(pid, 0)
+    assert log.read_text() == "probe\n"
+
+
+def test_the_fall_back_is_news_once_per_boot_and_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(accellib, "_boot_id", lambda: "boot-1")
+    fell = AccelChoice(Accel.TCG, "/dev/kvm is present but unusable: x", fell_back=True)
+    assert accellib.fallback_news(fell, tmp_path)
+    assert not accellib.fallback_news(fell, tmp_path)
+    other = AccelChoice(Accel.TCG, "no /dev/kvm", fell_back=True)
+    assert accellib.fallback_news(other, tmp_path)
+    assert not accellib.fallback_news(AccelChoice(Accel.TCG, "TCG requested"), tmp_path)
+    monkeypatch.setattr(accellib, "_boot_id", lambda: "boot-2")
+    assert accellib.fallback_news(fell, tmp_path)

@@ -70,15 +70,34 @@ def kvm_usable(qemu: str, qemu_version: str, kernel: Path, initrd: Path, cmdline
     """Like probe_kvm, but remembered for this host boot, QEMU and kernel."""
     key = cachelib.key_of(_boot_id(), qemu, qemu_version, str(kernel), str(initrd), machine)
     memo = cache / "accel" / f"kvm-{key}.json"
-    if memo.exists():
-        try:
-            return json.loads(memo.read_text())["problem"]  # type: ignore[no-any-return]
-        except (ValueError, KeyError):
-            pass
-    problem = probe_kvm(qemu, kernel, initrd, cmdline, machine)
-    with cachelib.staged(memo) as tmp:
-        tmp.write_text(json.dumps({"problem": problem}))
+    # Many runs starting at once probe once; the others wait for its answer.
+    with cachelib.locked(memo.with_suffix(".lock")):
+        if memo.exists():
+            try:
+                return json.loads(memo.read_text())["problem"]  # type: ignore[no-any-return]
+            except (ValueError, KeyError):
+                pass
+        problem = probe_kvm(qemu, kernel, initrd, cmdline, machine)
+        with cachelib.staged(memo) as tmp:
+            tmp.write_text(json.dumps({"problem": problem}))
     return problem
+
+
+def fallback_news(choice: AccelChoice, cache: Path | None = None) -> bool:
+    """Whether CHOICE's fall-back to TCG is news: True once per host boot and reason.
+
+    The notice is worth one line when the fall-back is found, not on every run after.
+    """
+    if not choice.fell_back:
+        return False
+    key = cachelib.key_of(_boot_id(), choice.reason)
+    marker = (cache or cachelib.cache_dir()) / "accel" / f"told-{key}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        return False
+    return True
 
 
 def choose_accel(
