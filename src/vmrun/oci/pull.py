@@ -1,0 +1,212 @@
+"""From an image reference to a cached root image: resolve, choose the platform, fetch, convert.
+
+Layout under ``cache_dir()/"oci"``::
+
+    blobs/sha256/<hex>     manifests' blobs (configs, layers), verified, read-only
+    tmp/<hex>.lock|.part   one fetch per blob at a time; a dead fetch's part is resumed
+    roots/<key>.sqfs       the root image of (resolved digest, architecture, RECIPE)
+    roots/<key>.json       what it was made from and the image config; written last
+    roots/<key>.lock       one conversion per key at a time
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from vmrun.cache import cache_dir, key_of, locked, staged
+from vmrun.errors import ImageError
+from vmrun.oci import manifest as mf
+from vmrun.oci.layers import Layer
+from vmrun.oci.reference import ImageRef, RegistryRef, parse_reference
+from vmrun.oci.rootfs import COMPRESSOR, COMPRESSOR_OPTIONS, FORMAT, build_rootfs
+from vmrun.oci.sources import Progress, Source, open_source
+from vmrun.qemu.arch import lookup_arch
+
+# Part of every root image's key: a change to how images are built makes new ones.
+RECIPE = f"oci-rootfs-1:{FORMAT}:{COMPRESSOR}:{COMPRESSOR_OPTIONS}"
+_MAX_NESTING = 2
+
+
+@dataclass(frozen=True)
+class RootImage:
+    """A guest-mountable root image made from an OCI image, and its config."""
+
+    path: Path  # read-only squashfs
+    config: mf.ImageConfig
+    reference: str
+    digest: str  # what the reference resolved to (an index or a manifest)
+    manifest_digest: str  # the platform's manifest
+    arch: str  # vmrun's name for it
+    format: str = FORMAT
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def oci_root(cache: Path | None = None) -> Path:
+    return (cache if cache is not None else cache_dir()) / "oci"
+
+
+def _key(digest: str, arch: str) -> str:
+    return key_of(RECIPE, digest, arch)
+
+
+def ensure_root_image(
+    reference: str | ImageRef,
+    *,
+    arch: str,
+    cache: Path | None = None,
+    progress: Progress | None = None,
+    notice: Callable[[str], None] = _quiet,
+    insecure: bool = False,
+    auth_files: list[Path] | None = None,
+) -> RootImage:
+    """The root image for REFERENCE on ARCH, pulled and converted unless cached.
+
+    A reference by digest is answered from the cache without asking the registry; a tag
+    costs one manifest request. Raises UsageError (bad reference, no such platform),
+    FetchError, VerificationError, ImageError or UnsafeImage (a hostile layer).
+    """
+    ref = parse_reference(reference) if isinstance(reference, str) else reference
+    arch = lookup_arch(arch).name
+    root = oci_root(cache)
+    if isinstance(ref, RegistryRef) and ref.digest is not None:
+        cached = _cached(root, _key(ref.digest, arch))
+        if cached is not None:
+            return cached
+    with open_source(ref, insecure=insecure, auth_files=auth_files) as source:
+        data, declared, digest = source.resolve()
+        key = _key(digest, arch)
+        cached = _cached(root, key)
+        if cached is not None:
+            return cached
+        manifest_digest, manifest = _platform_manifest(source, str(ref), data, declared,
+                                                       digest, arch)
+        config = _fetch_config(root, source, manifest, str(ref), arch)
+        layers = _fetch_layers(root, source, manifest, config, progress)
+    with locked(root / "roots" / f"{key}.lock"):
+        cached = _cached(root, key)
+        if cached is not None:
+            return cached
+        total = sum(layer.path.stat().st_size for layer in layers)
+        notice(f"converting {len(layers)} layers ({total / 1e6:.1f} MB) of {ref}")
+        image = RootImage(root / "roots" / f"{key}.sqfs", config, str(ref), digest,
+                          manifest_digest, arch)
+        _build(root, key, layers, image)
+        return image
+
+
+def _platform_manifest(source: Source, what: str, data: bytes, declared: str | None,
+                       digest: str, arch: str) -> tuple[str, mf.Manifest]:
+    for _ in range(_MAX_NESTING + 1):
+        media_type = mf.media_type_of(data, declared, what)
+        parsed = mf.parse_manifest(data, media_type, what)
+        if isinstance(parsed, mf.Manifest):
+            return digest, parsed
+        chosen = _choose_any(parsed, arch, what)
+        data, declared, digest = source.manifest(chosen), chosen.media_type, chosen.digest
+    raise ImageError(f"{what}: indexes nested deeper than {_MAX_NESTING}")
+
+
+def _choose_any(index: mf.Index, arch: str, what: str) -> mf.Descriptor:
+    """The platform's manifest, or the one nested index (an OCI layout's index.json)."""
+    nested = [d for d in index.manifests if d.media_type in mf.INDEXES]
+    if len(index.manifests) == 1 and nested:
+        return nested[0]
+    return mf.choose(index, arch, what)
+
+
+def _fetch_config(root: Path, source: Source, manifest: mf.Manifest, what: str,
+                  arch: str) -> mf.ImageConfig:
+    if manifest.config.size > mf.CONFIG_LIMIT:
+        raise ImageError(f"{what}: image config over {mf.CONFIG_LIMIT} bytes")
+    path = ensure_blob(root, source, manifest.config, None)
+    config = mf.parse_config(path.read_bytes(), f"{what} config")
+    if len(config.diff_ids) != len(manifest.layers):
+        raise ImageError(f"{what}: {len(manifest.layers)} layers but "
+                         f"{len(config.diff_ids)} diff_ids in the config")
+    mf.check_platform(config, arch, what)
+    return config
+
+
+def _fetch_layers(root: Path, source: Source, manifest: mf.Manifest, config: mf.ImageConfig,
+                  progress: Progress | None) -> list[Layer]:
+    layers = []
+    for number, (descriptor, diff_id) in enumerate(
+            zip(manifest.layers, config.diff_ids, strict=True), start=1):
+        path = ensure_blob(root, source, descriptor, progress)
+        layers.append(Layer(path, mf.LAYER_COMPRESSION[descriptor.media_type], diff_id,
+                            f"layer {number} ({descriptor.digest[:19]})"))
+    return layers
+
+
+def ensure_blob(root: Path, source: Source, descriptor: mf.Descriptor,
+                progress: Progress | None) -> Path:
+    """DESCRIPTOR's blob in the store, fetched once however many processes ask at once."""
+    final = root / "blobs" / "sha256" / descriptor.hex
+    if _present(final, descriptor):
+        return final
+    tmp = root / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    with locked(tmp / f"{descriptor.hex}.lock"):
+        if _present(final, descriptor):
+            return final
+        part = tmp / f"{descriptor.hex}.part"
+        source.blob(descriptor, part, progress)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(part, 0o444)
+        os.replace(part, final)
+    return final
+
+
+def _present(path: Path, descriptor: mf.Descriptor) -> bool:
+    # Blobs are verified before they get their name and are read-only after.
+    try:
+        return path.stat().st_size == descriptor.size
+    except FileNotFoundError:
+        return False
+
+
+def _build(root: Path, key: str, layers: list[Layer], image: RootImage) -> None:
+    log = root / "tmp" / f"{key}.log"
+    try:
+        with staged(image.path) as tmp:
+            entries = build_rootfs(layers, tmp, log=log)
+            os.chmod(tmp, 0o444)
+    finally:
+        log.unlink(missing_ok=True)
+    record: dict[str, Any] = {
+        "reference": image.reference, "digest": image.digest,
+        "manifest_digest": image.manifest_digest, "arch": image.arch, "format": image.format,
+        "recipe": RECIPE, "entries": entries, "size": image.path.stat().st_size,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": dataclasses.asdict(image.config),
+    }
+    with staged(root / "roots" / f"{key}.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _cached(root: Path, key: str) -> RootImage | None:
+    path = root / "roots" / f"{key}.sqfs"
+    try:
+        record = json.loads((root / "roots" / f"{key}.json").read_text())
+        raw = record["config"]
+        config = mf.ImageConfig(
+            architecture=str(raw["architecture"]), os=str(raw["os"]),
+            diff_ids=tuple(raw["diff_ids"]), env=tuple(raw["env"]),
+            entrypoint=tuple(raw["entrypoint"]) if raw["entrypoint"] is not None else None,
+            cmd=tuple(raw["cmd"]) if raw["cmd"] is not None else None,
+            working_dir=str(raw["working_dir"]), user=str(raw["user"]))
+        image = RootImage(path, config, str(record["reference"]), str(record["digest"]),
+                          str(record["manifest_digest"]), str(record["arch"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return image if path.is_file() else None
