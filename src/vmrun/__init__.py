@@ -1,7 +1,10 @@
 """vmrun: run a command in a throwaway virtual machine.
 
     import vmrun
-    result = vmrun.run(["uname", "-r"], capture=True)
+    result = vmrun.run(["uname", "-r"], capture=True)  # result.stdout, result.exit_code
+    # capture keeps at most capture_limit bytes of each stream (64 MiB by default); past
+    # it the rest is dropped, the exit code still arrives and result.truncated is True.
+    log = vmrun.run(["make", "check"], capture=True, capture_limit=1 << 20)
     with vmrun.Machine(vmrun.MachineSpec(share=vmrun.Share.NONE)) as vm:
         vm.run(vmrun.Command(("make", "check")))
     spec = vmrun.MachineSpec(image="debian:12", boot=vmrun.Boot.FULL)

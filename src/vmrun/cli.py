@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import platform
@@ -32,15 +33,20 @@ from vmrun.qemu import process
 from vmrun.qemu.arch import host_arch, lookup_arch
 from vmrun.qemu.firmware import Firmware
 from vmrun.spec import (
+    BOOT_TIMEOUT_HELP,
+    MAX_CPUS,
     Accel,
     Boot,
     Command,
     MachineSpec,
     Net,
     Share,
+    parse_count,
     parse_env,
     parse_memory,
+    parse_seconds,
 )
+from vmrun.userfiles import read_user_file
 
 if TYPE_CHECKING:
     from vmrun.fullboot import FullMachine, FullOptions
@@ -62,8 +68,22 @@ exit status:
 """
 
 
+SUBCOMMANDS = ("run", "info", "seed", "image", "disk")
+MAX_JOBS = 256
+
+
 class Terminated(Exception):
     pass
+
+
+def seconds(option: str) -> Any:
+    """An argparse type for OPTION's number of seconds (finite, above 0)."""
+    return lambda text: parse_seconds(text, option)
+
+
+def count(option: str, most: int) -> Any:
+    """An argparse type for OPTION's whole number from 1 to MOST."""
+    return lambda text: parse_count(text, option, most)
 
 
 class Parser(argparse.ArgumentParser):
@@ -85,14 +105,18 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vmrun {__version__}")
     parser.add_argument("--arch", help="guest architecture (default: the host's); several, "
                         "comma-separated, run in parallel with prefixed output and a summary")
-    parser.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--jobs", "-j", type=count("--jobs", MAX_JOBS),
+                        default=os.cpu_count() or 1,
                         help="with several architectures: how many VMs at once")
     parser.add_argument("--timings-file", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--cpus", type=int, default=1, help="virtual CPUs (default 1)")
-    parser.add_argument("--memory", default="1G", help="guest memory, like 512M or 2G")
-    parser.add_argument("--timeout", type=float, help="seconds the command may run")
-    parser.add_argument("--boot-timeout", type=float, default=120.0,
-                        help="seconds until the guest agent must be ready (default 120)")
+    parser.add_argument("--cpus", type=count("--cpus", MAX_CPUS), default=1,
+                        help=f"virtual CPUs (default 1, at most {MAX_CPUS})")
+    parser.add_argument("--memory", default="1G", help="guest memory, like 512M or 2G "
+                        "(at most the host's memory)")
+    parser.add_argument("--timeout", type=seconds("--timeout"),
+                        help="seconds the command may run")
+    parser.add_argument("--boot-timeout", type=seconds("--boot-timeout"),
+                        help=BOOT_TIMEOUT_HELP)
     parser.add_argument("--env", "-e", action="append", default=[], metavar="K[=V]",
                         help="set K=V in the guest, or pass the host's K")
     parser.add_argument("--share", choices=[s.value for s in Share], default="rw",
@@ -105,6 +129,9 @@ def run_parser() -> argparse.ArgumentParser:
                         help="accelerator (auto: KVM or HVF where they work, else TCG)")
     parser.add_argument("--image", help="attach a disk: a stored image (name or digest), an "
                         "image file or an alias like debian:12, on a fresh overlay per run")
+    parser.add_argument("--image-format", choices=["raw"],
+                        help="the --image file is a raw disk, though it has no partition "
+                        "table or filesystem vmrun knows")
     parser.add_argument("--boot", choices=[b.value for b in Boot], default="auto",
                         help="with --image: fast (vmrun's kernel, the command runs in the "
                         "image's root partition), full (the image's own firmware, kernel "
@@ -126,6 +153,10 @@ def run_parser() -> argparse.ArgumentParser:
                         "directory) back into the working directory after the command")
     parser.add_argument("--mirror", help="Debian mirror (default $VMRUN_DEBIAN_MIRROR or "
                         "http://deb.debian.org/debian)")
+    parser.add_argument("--insecure-unverified-guest", action="store_true",
+                        help="boot vmrun's guest without checking the Debian archive's "
+                        "signature (when neither gpgv nor sqv is installed): whoever can "
+                        "alter the download then runs code with your shared directory")
     parser.add_argument("--keep", action="store_true",
                         help="keep the run directory (serial log, QEMU log, argv)")
     parser.add_argument("--console", action="store_true", help="show the guest's console")
@@ -168,7 +199,9 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
         arch=args.arch, cpus=args.cpus, memory_mib=parse_memory(args.memory),
         boot_timeout=args.boot_timeout, share=Share(args.share), net=Net(args.net),
         accel=Accel(args.accel), keep=args.keep, console=args.console, verbose=args.verbose,
-        mirror=args.mirror, tty=args.tty, image=args.image, boot=Boot(args.boot),
+        mirror=args.mirror, insecure_unverified_guest=args.insecure_unverified_guest,
+        tty=args.tty, image=args.image, boot=Boot(args.boot),
+        image_format=args.image_format,
     )
 
 
@@ -187,16 +220,25 @@ def without_options(argv: Sequence[str], names: set[str]) -> list[str]:
     return kept
 
 
+def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """ARGV's options and the command after its first "--" (empty without one)."""
+    if "--" not in argv:
+        return list(argv), []
+    at = list(argv).index("--")
+    return list(argv[:at]), list(argv[at + 1:])
+
+
 def cmd_run(argv: Sequence[str]) -> int:
-    args = run_parser().parse_args(argv)
-    command_argv = list(args.command)
-    if command_argv[:1] == ["--"]:
-        command_argv = command_argv[1:]
+    options, command_argv = split_command(argv)
+    args = run_parser().parse_args(options)
+    if args.command:
+        # A word before "--" is never taken for the command: a typo like `vmrun --cpus 2
+        # nrpoc` or `vmrun run images` must not boot a VM.
+        raise UsageError(f"unexpected {args.command[0]!r}: the command goes after '--'",
+                         hint=f"vmrun [OPTIONS] -- {' '.join(args.command)}")
     if args.arch and "," in args.arch:
         if args.tty:
             raise UsageError("-t cannot be used with several architectures")
-        if args.jobs < 1:
-            raise UsageError("--jobs must be at least 1")
         if not command_argv:
             raise UsageError("no command given", hint="usage: vmrun [OPTIONS] -- COMMAND")
         arches = [a for a in args.arch.split(",") if a]
@@ -239,10 +281,12 @@ def cmd_info(argv: Sequence[str]) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--arch")
     parser.add_argument("--mirror")
+    parser.add_argument("--insecure-unverified-guest", action="store_true")
     args = parser.parse_args(argv)
     arch = lookup_arch(args.arch or host_arch())
     qemu = process.find_qemu(arch)
-    guest = ensure_guest(arch, mirror=args.mirror, notice=notice_stderr)
+    guest = ensure_guest(arch, mirror=args.mirror, notice=notice_stderr,
+                         insecure_unverified_guest=args.insecure_unverified_guest)
 
     choice = accellib.choose_for_guest(Accel.AUTO, arch, guest.kernel, guest.initrd)
     info: dict[str, Any] = {
@@ -290,10 +334,10 @@ def cmd_bake(argv: Sequence[str]) -> int:
     parser.add_argument("--user-data", type=Path, required=True)
     parser.add_argument("--meta-data", type=Path)
     parser.add_argument("--name", required=True)
-    parser.add_argument("--timeout", type=float, default=1800.0,
+    parser.add_argument("--timeout", type=seconds("--timeout"), default=1800.0,
                         help="seconds until the guest must have powered off (default 1800)")
     parser.add_argument("--arch")
-    parser.add_argument("--cpus", type=int, default=1)
+    parser.add_argument("--cpus", type=count("--cpus", MAX_CPUS), default=1)
     parser.add_argument("--memory", default="1G")
     parser.add_argument("--accel", choices=[a.value for a in Accel], default="auto")
     parser.add_argument("--firmware", choices=[f.value for f in Firmware], default="auto")
@@ -305,19 +349,12 @@ def cmd_bake(argv: Sequence[str]) -> int:
     from vmrun.bake import bake
     from vmrun.fullboot import FullOptions
 
-    def read(path: Path, what: str) -> bytes:
-        try:
-            return path.read_bytes()
-        except OSError as err:
-            raise UsageError(f"cannot read {what} {path}: {err.strerror}") from None
-
     spec = MachineSpec(arch=args.arch, cpus=args.cpus, memory_mib=parse_memory(args.memory),
                        accel=Accel(args.accel), net=Net(args.net), console=not args.quiet,
                        keep=args.keep, verbose=args.verbose, boot=Boot.FULL)
-    if args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
-    image, built = bake(args.base, name=args.name, user_data=read(args.user_data, "user-data"),
-                        meta_data=read(args.meta_data, "meta-data") if args.meta_data else None,
+    user_data = read_user_file(args.user_data, "user-data")
+    meta_data = read_user_file(args.meta_data, "meta-data") if args.meta_data else None
+    image, built = bake(args.base, name=args.name, user_data=user_data, meta_data=meta_data,
                         spec=spec, options=FullOptions(firmware=Firmware(args.firmware)),
                         timeout=args.timeout, notice=notice_stderr)
     if not built:
@@ -345,10 +382,22 @@ def report(error: VmrunError) -> None:
         print(f"hint: {error.hint}", file=sys.stderr)
 
 
+def unknown_command(word: str) -> UsageError:
+    """A first word that is neither a subcommand nor an option: a typo, or a command
+    that lacks its "--"; either way nothing boots."""
+    near = difflib.get_close_matches(word, SUBCOMMANDS, n=1)
+    guess = f"; did you mean 'vmrun {near[0]}'?" if near else ""
+    return UsageError(f"unknown command {word!r}{guess}",
+                      hint=f"commands: {', '.join(SUBCOMMANDS)}; to run {word!r} in a VM: "
+                      f"vmrun [OPTIONS] -- {word} ...")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        if args and not args[0].startswith("-") and args[0] not in SUBCOMMANDS:
+            raise unknown_command(args[0])
         if args[:1] == ["info"]:
             return cmd_info(args[1:])
         if args[:1] == ["seed"]:

@@ -16,6 +16,12 @@ from vmrun.images import disk
 
 FORMATS = [f.value for f in disk.Format]
 DETECTED = "default: qcow2 if its header says so, else raw"
+FOLLOW = ("read the backing files its header names even though its format was guessed "
+          "(naming the format says so too); never json: or protocol names")
+
+
+def follow_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--follow-backing", action="store_true", help=FOLLOW)
 
 
 class Parser(argparse.ArgumentParser):
@@ -38,6 +44,7 @@ def disk_parser() -> argparse.ArgumentParser:
     p.add_argument("new", type=Path, metavar="NEW")
     p.add_argument("--base-format", choices=FORMATS,
                    help="BASE's format (" + DETECTED + ")")
+    follow_option(p)
 
     p = sub.add_parser("chain", help="list the backing chain, top first")
     p.add_argument("file", type=Path, metavar="FILE")
@@ -45,6 +52,8 @@ def disk_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("commit", help="write an overlay's changes into its base")
     p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--format", choices=FORMATS, help=DETECTED)
+    follow_option(p)
 
     p = sub.add_parser("rebase", help="give an overlay another base, or none")
     p.add_argument("file", type=Path, metavar="FILE")
@@ -55,11 +64,16 @@ def disk_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-format", choices=FORMATS)
     p.add_argument("--unsafe", action="store_true",
                    help="only rewrite the backing file name (the base was moved)")
+    p.add_argument("--format", choices=FORMATS, help="FILE's format (" + DETECTED + ")")
+    follow_option(p)
 
     p = sub.add_parser("flatten", help="the whole chain as one standalone image")
     p.add_argument("src", type=Path, metavar="SRC")
     p.add_argument("dst", type=Path, metavar="DST")
     p.add_argument("--format", default="qcow2", choices=FORMATS)
+    p.add_argument("--from", dest="from_", choices=FORMATS,
+                   help="SRC's format (" + DETECTED + ")")
+    follow_option(p)
 
     p = sub.add_parser("snapshot", help="internal qcow2 snapshots")
     p.add_argument("action", choices=["create", "list", "apply", "delete"])
@@ -73,17 +87,20 @@ def disk_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_", choices=FORMATS,
                    help="SRC's format (" + DETECTED + ")")
     p.add_argument("--compress", action="store_true", help="compressed clusters (qcow2 only)")
+    follow_option(p)
 
     p = sub.add_parser("compact", help="drop unused and zeroed clusters")
     p.add_argument("file", type=Path, metavar="FILE")
     p.add_argument("--output", type=Path, metavar="DST", help="write here instead of in place")
     p.add_argument("--format", choices=FORMATS, help=DETECTED)
+    follow_option(p)
 
     p = sub.add_parser("resize", help="change the virtual size")
     p.add_argument("file", type=Path, metavar="FILE")
     p.add_argument("size", metavar="SIZE")
     p.add_argument("--shrink", action="store_true", help="allow a smaller size (loses data)")
     p.add_argument("--format", choices=FORMATS, help=DETECTED)
+    follow_option(p)
     return parser
 
 
@@ -126,53 +143,58 @@ def print_table(rows: list[list[str]]) -> None:
 
 
 def cmd_disk(argv: Sequence[str]) -> int:
+    """`vmrun disk ARGV`. A format left out is read from the header (qcow2 or raw), and
+    a guessed format never makes vmrun read another file: see disk.chain_for_reading."""
     args = disk_parser().parse_args(argv)
     op: str = args.op
     if op == "create":
         disk.create(args.path, args.size, args.format)
-    elif op == "overlay":
-        base_format = args.base_format or disk.detect_format(args.base)
-        disk.overlay(args.base, args.new, base_format=base_format)
     elif op == "chain":
-        layers = disk.chain(args.file)
-        if args.json:
-            print(json.dumps([{**dataclasses.asdict(layer), "path": str(layer.path)}
-                              for layer in layers], indent=2))
-        else:
-            rows = [["PATH", "FORMAT", "VIRTUAL", "ACTUAL", "BACKING"]]
-            rows += [[str(layer.path), layer.format, human(layer.virtual_size),
-                      human(layer.actual_size), layer.backing or "-"] for layer in layers]
-            print_table(rows)
-    elif op == "commit":
-        with progress_line("commit") as progress:
-            disk.commit(args.file, progress=progress)
+        show_chain(disk.chain(args.file), as_json=args.json)
+    elif op == "snapshot":
+        return snapshot(args.action, args.file, args.name)
+    elif op == "resize":
+        disk.resize(args.file, args.size, fmt=args.format, shrink=args.shrink,
+                    follow_backing=args.follow_backing)
+    elif op == "overlay":
+        disk.overlay(args.base, args.new, base_format=args.base_format,
+                     follow_backing=args.follow_backing)
+    else:
+        with progress_line(op) as progress:
+            transform(op, args, progress)
+    return 0
+
+
+def transform(op: str, args: argparse.Namespace, progress: Callable[[float], None] | None) -> None:
+    """The operations that move image data, with a progress line."""
+    follow: bool = args.follow_backing
+    if op == "commit":
+        disk.commit(args.file, args.format, follow_backing=follow, progress=progress)
     elif op == "rebase":
         if args.standalone and args.base_format:
             raise UsageError("--base-format goes with --base, not --standalone")
-        base_format = None
-        if args.base is not None:
-            base_format = args.base_format or disk.detect_format(args.base)
-        with progress_line("rebase") as progress:
-            disk.rebase(args.file, args.base, base_format=base_format, unsafe=args.unsafe,
-                        progress=progress)
+        disk.rebase(args.file, args.base, base_format=args.base_format, unsafe=args.unsafe,
+                    fmt=args.format, follow_backing=follow, progress=progress)
     elif op == "flatten":
-        with progress_line("flatten") as progress:
-            disk.flatten(args.src, args.dst, dst_format=args.format, progress=progress)
-    elif op == "snapshot":
-        return snapshot(args.action, args.file, args.name)
+        disk.flatten(args.src, args.dst, dst_format=args.format, src_format=args.from_,
+                     follow_backing=follow, progress=progress)
     elif op == "convert":
-        src_format = args.from_ or disk.detect_format(args.src)
-        with progress_line("convert") as progress:
-            disk.convert(args.src, args.dst, src_format=src_format, dst_format=args.to,
-                         compress=args.compress, progress=progress)
+        disk.convert(args.src, args.dst, src_format=args.from_, dst_format=args.to,
+                     compress=args.compress, follow_backing=follow, progress=progress)
     elif op == "compact":
-        with progress_line("compact") as progress:
-            disk.compact(args.file, args.output, fmt=args.format or disk.detect_format(args.file),
-                         progress=progress)
-    elif op == "resize":
-        disk.resize(args.file, args.size, fmt=args.format or disk.detect_format(args.file),
-                    shrink=args.shrink)
-    return 0
+        disk.compact(args.file, args.output, fmt=args.format, follow_backing=follow,
+                     progress=progress)
+
+
+def show_chain(layers: list[disk.Layer], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([{**dataclasses.asdict(layer), "path": str(layer.path)}
+                          for layer in layers], indent=2))
+        return
+    rows = [["PATH", "FORMAT", "VIRTUAL", "ACTUAL", "BACKING"]]
+    rows += [[str(layer.path), layer.format, human(layer.virtual_size),
+              human(layer.actual_size), layer.backing or "-"] for layer in layers]
+    print_table(rows)
 
 
 def snapshot(action: str, path: Path, name: str | None) -> int:

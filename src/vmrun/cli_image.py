@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn, TextIO
 
-from vmrun.errors import UsageError
+from vmrun.errors import ImageError, UsageError
 from vmrun.images import store
 from vmrun.images.aliases import ALIASES, ARCHES
+from vmrun.images.rawdisk import require_disk
 
 Validate = Callable[[Path], object]
 
@@ -45,6 +47,8 @@ def image_parser() -> argparse.ArgumentParser:
     imp = commands.add_parser("import", help="copy a local image file into the store")
     imp.add_argument("file", type=Path, metavar="FILE")
     imp.add_argument("--name", help="name to store it under (default: the file's name)")
+    imp.add_argument("--format", choices=["raw"], help="FILE is a raw disk, though it has "
+                     "no partition table or filesystem vmrun knows")
 
     ls = commands.add_parser("ls", help="list stored images")
     ls.add_argument("--json", action="store_true", help="one JSON array on stdout")
@@ -151,6 +155,7 @@ def cmd_image(
             progress.finish()
         print(f"{image.name}  sha256:{image.digest}")
     elif args.action == "import":
+        _require_disk_file(args.file, args.format)
         image = store.import_image(args.file, name=args.name, validate=validate)
         print(f"{image.name}  sha256:{image.digest}")
     elif args.action == "ls":
@@ -170,11 +175,33 @@ def cmd_image(
     return 0
 
 
+def _require_regular(path: Path) -> None:
+    """Refuse PATH unless it is a regular file (a FIFO would hang the first read)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ImageError(f"{path} does not exist") from None
+    except OSError as err:
+        raise ImageError(f"{path}: {err.strerror or err}") from None
+    if not stat.S_ISREG(mode):
+        raise ImageError(f"{path} is not a regular file")
+
+
+def _require_disk_file(path: Path, declared: str | None) -> None:
+    """Refuse PATH unless it is a disk image (see rawdisk) or DECLARED raw."""
+    from vmrun.images.formats import detect_format
+
+    _require_regular(path)
+    require_disk(path, str(detect_format(path)), declared, "--format")
+
+
 def _inspect(ref: str, *, as_json: bool) -> None:
     from vmrun.images.formats import inspect_image
 
     path = Path(ref)
-    if not path.exists():
+    if "/" in ref or path.exists() or path.is_symlink():
+        _require_regular(path)
+    else:
         path = store.resolve(ref).path
     info = inspect_image(path).to_json()
     if as_json:

@@ -9,6 +9,7 @@ from typing import NoReturn
 
 from vmrun import seed
 from vmrun.errors import UsageError
+from vmrun.userfiles import read_user_file
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,8 +60,4 @@ def cmd_seed(argv: Sequence[str]) -> int:
 
 
 def read_input(path: Path, option: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as error:
-        raise UsageError(f"{option} {path}: {error.strerror}",
-                         hint=f"{option} takes a readable file") from None
+    return read_user_file(path, option)

@@ -15,13 +15,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from vmrun.errors import GuestPanic, ImageError, VmrunError
+from vmrun.errors import ChannelLost, GuestPanic, ImageError, VmrunError
 from vmrun.qemu import process
 from vmrun.qemu.qmp import Qmp
 
 SERIAL_LOG_LIMIT = 1 << 20
 SERIAL_TAIL = 16 << 10
 PANIC_MARKERS = (b"Kernel panic - not syncing", b"kernel BUG at", b"Oops: ")
+PAUSE_GRACE = 3.0  # seconds a paused VM may take to resume before the run fails
 
 
 @dataclass
@@ -89,17 +90,62 @@ class Serial:
 
 def event_failure(event: dict[str, Any], serial: Serial, rundir: Path | None
                   ) -> VmrunError | None:
-    """The error a QMP event means for the run, or None if it means none."""
-    if event.get("event") == "GUEST_PANICKED":
+    """The error a QMP event means for the run at once, or None if it means none.
+
+    STOP is not here: a pause ends the run only when no RESUME follows (see Pause).
+    SHUTDOWN is not either: QEMU exits after it, and the exit tells what happened."""
+    name = event.get("event")
+    if name in ("GUEST_PANICKED", "GUEST_CRASHLOADED"):
         return serial.panic()
     data = event.get("data") or {}
     # QEMU names ENOSPC by "nospace" only when it tracks I/O status (werror=stop); with
     # werror=report the reason says it.
-    if event.get("event") == "BLOCK_IO_ERROR" and (
+    if name == "BLOCK_IO_ERROR" and (
             data.get("nospace") or "No space left" in str(data.get("reason", ""))):
         return ImageError("host disk full: the VM's disk overlay could not grow",
                           hint=f"free space under {rundir}")
+    if name == "SUSPEND":
+        # Suspended to RAM: nothing in the run ever wakes it.
+        return ChannelLost("the guest suspended itself before the command finished")
     return None
+
+
+@dataclass
+class Pause:
+    """QEMU's STOP and RESUME events: a VM paused longer than PAUSE_GRACE cannot finish
+    its run (an I/O error with werror=stop, a watchdog's or a panic's pause action, a
+    `stop` on the monitor); a pause lifted again within PAUSE_GRACE is forgiven."""
+
+    since: float | None = None
+    cause: str = ""  # what QEMU reported just before, when it says why
+    going: bool = False  # SHUTDOWN came: QEMU stops the vCPUs on its way out
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        name = event.get("event")
+        data = event.get("data") or {}
+        if name == "STOP" and not self.going and self.since is None:
+            self.since = time.monotonic()
+        elif name == "RESUME":
+            self.since, self.cause = None, ""
+        elif name == "SHUTDOWN":
+            self.going, self.since = True, None
+        elif name == "BLOCK_IO_ERROR":
+            self.cause = (f"an I/O error on {data.get('device') or data.get('node-name')}: "
+                          f"{data.get('reason', data.get('operation', '?'))}")
+        elif name == "WATCHDOG":
+            self.cause = f"the guest's watchdog fired ({data.get('action', '?')})"
+
+    def deadline(self) -> float | None:
+        return None if self.since is None else self.since + PAUSE_GRACE
+
+    def failure(self) -> str | None:
+        """What to say once the VM has stayed paused past the grace period."""
+        deadline = self.deadline()
+        if deadline is None or time.monotonic() < deadline:
+            return None
+        why = f" after {self.cause}" if self.cause else ""
+        return (f"QEMU paused the VM{why} and it did not resume within {PAUSE_GRACE:.0f}s: "
+                "the run cannot finish")
 
 
 class Lifecycle:
@@ -119,6 +165,7 @@ class Lifecycle:
         self.qmp: Qmp | None = None
         self.qemu: process.Qemu | None = None
         self.shutdown_reason = ""  # QEMU's reason in its SHUTDOWN event, once it has one
+        self.pause = Pause()
 
     def start(self) -> None:
         raise NotImplementedError
@@ -180,13 +227,28 @@ class Lifecycle:
         return self.serial
 
     def _check_qmp_events(self) -> None:
-        """Act on what QMP reported: a panic or a full host disk ends the run."""
+        """Act on what QMP reported: a panic, a full host disk or a suspended guest ends
+        the run; a pause ends it when it lasts (see _check_pause)."""
         assert self.qmp is not None
-        for event in self.qmp.events:
+        events, self.qmp.events = self.qmp.events, []
+        for event in events:
             if event.get("event") == "SHUTDOWN":
                 self.shutdown_reason = str((event.get("data") or {}).get("reason", ""))
+            self.pause.on_event(event)
             failure = event_failure(event, self._console(), self.rundir)
             if failure is not None:
                 self.failed = True
                 raise failure
-        self.qmp.events.clear()
+
+    def _wait_until(self, deadline: float | None) -> float | None:
+        """Seconds select() may wait: to DEADLINE, or sooner to check a pause."""
+        ends = [d for d in (deadline, self.pause.deadline()) if d is not None]
+        return None if not ends else max(0.0, min(ends) - time.monotonic())
+
+    def _check_pause(self) -> None:
+        """Fail once the VM has stayed paused past the grace period."""
+        failure = self.pause.failure()
+        if failure is not None:
+            self.failed = True
+            assert self.qemu is not None
+            raise self.qemu.failure(failure)

@@ -44,7 +44,7 @@ from vmrun.errors import (
 )
 from vmrun.images.attach import Base, attach, prepare
 from vmrun.images.partitions import read_head
-from vmrun.machine import Result, notice_stderr
+from vmrun.machine import CAPTURE_LIMIT, Result, notice_stderr
 from vmrun.qemu import accel as accellib
 from vmrun.qemu import firmware as fwlib
 from vmrun.qemu import process
@@ -58,11 +58,12 @@ from vmrun.qemu.argv import (
     full_boot_argv,
 )
 from vmrun.rundir import run_directory
-from vmrun.spec import Accel, Command, MachineSpec, Net, Share
+from vmrun.spec import Accel, Command, MachineSpec, Net, Share, boot_timeout_for
 
 Notice = Callable[[str], None]
 SERIAL = -1  # "port" of the run hook's SSH server, on the virtio-serial port
 MAX_READY_LINE = 64 << 10  # a base64 cloud-init result.json fits; anything longer is refused
+MAX_READY_LINES = 64  # distinct messages on the ready port; the guest sends two or three
 HOSTFWD = re.compile(rb"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+(\d+)\b")
 SSH_PROPS = ("After=ssh.service", "After=sshd.service", "After=ssh.socket")
 # What cloud-init's network stage waits for before it starts, but cloud-init itself: the
@@ -209,7 +210,8 @@ class FullMachine(Lifecycle):
         if self.user_data is None:
             self.ssh = sshlib.find_ssh()
         self.base = prepare(spec.image, guest_arch=self.arch.name,
-                            debian_arch=self.arch.debian_arch, notice=self.notice)
+                            debian_arch=self.arch.debian_arch, notice=self.notice,
+                            image_format=spec.image_format)
         bootable = fwlib.bootable_by(read_head(self.base.path, self.base.format))
         self.firmware = fwlib.choose_firmware(self.arch.name, self.options.firmware, bootable,
                                               spec.image)
@@ -231,6 +233,7 @@ class FullMachine(Lifecycle):
             arch=self.arch, accel=accel, cpus=spec.cpus, memory_mib=spec.memory_mib,
             disk=self.overlay, seed=seed, fds=fds, uefi_code=firmware.code,
             uefi_vars=uefi_vars, net_outbound=spec.net == Net.USER,
+            sandbox=process.sandbox_supported(qemu_binary, self.notice),
         )
         argv = full_boot_argv(plan, qemu_binary)
         (self.rundir / "qemu.argv").write_text(shlex.join(argv) + "\n")
@@ -244,10 +247,11 @@ class FullMachine(Lifecycle):
         forwarded = self._forwarded_ports()
         t = self._phase("port ready", t)
         if self.user_data is None:
-            deadline = time.monotonic() + spec.boot_timeout
+            boot_timeout = boot_timeout_for(spec, accel, self.arch.name)
+            deadline = time.monotonic() + boot_timeout
             timeout = BootTimeout(f"the guest's SSH server did not start within "
-                                  f"{spec.boot_timeout:.0f}s (--boot-timeout)")
-            self.pump(lambda: self._ssh_announced() is not None, spec.boot_timeout, timeout)
+                                  f"{boot_timeout:.0f}s (--boot-timeout)")
+            self.pump(lambda: self._ssh_announced() is not None, boot_timeout, timeout)
             guest_port = self._ssh_announced()
             assert guest_port is not None
             if guest_port == SERIAL:
@@ -366,10 +370,11 @@ class FullMachine(Lifecycle):
         if self.spec.accel == Accel.TCG or self.arch.name != host_arch():
             return Accel.TCG
         # KVM is proven with vmrun's own small guest, as for a fast boot.
-        guest = ensure_guest(self.arch, mirror=self.spec.mirror, notice=self.notice)
+        guest = ensure_guest(self.arch, mirror=self.spec.mirror, notice=self.notice,
+                             insecure_unverified_guest=self.spec.insecure_unverified_guest)
         choice = accellib.choose_for_guest(self.spec.accel, self.arch, guest.kernel,
                                            guest.initrd)
-        if choice.fell_back:
+        if accellib.fallback_news(choice) or (choice.fell_back and self.spec.verbose):
             self.notice(f"{choice.reason}; using TCG (slower)")
         return choice.accel
 
@@ -377,12 +382,18 @@ class FullMachine(Lifecycle):
         assert self.rundir is not None
         if self.user_data is None:
             self.keys = sshlib.make_keys(self.rundir / "ssh")
+            # Held in memory for the seed; no file keeps the host's private key.
+            _remove(self.keys.directory / "ssh_host_ed25519_key")
             user_data = seedlib.merge_cloud_config(b"#cloud-config\n",
                                                    run_cloud_config(self.keys))
         else:
             user_data = self.user_data
         meta = seedlib.meta_data(user_meta=self.meta_data)
         path = self.rundir / "seed.iso"
+        # The seed holds the guest's SSH host key: gone when the run ends, whatever
+        # happened, even with --keep (registered before QEMU starts, so it runs after
+        # QEMU has stopped).
+        self.stack.callback(_remove, path)
         seedlib.write_seed(path, user_data=user_data, meta_data=meta)
         return path
 
@@ -425,8 +436,9 @@ class FullMachine(Lifecycle):
         while not until():
             fds = [qemu.pidfd, serial.fileno(), ready.fileno(), self.qmp.fileno()]
             fds += readers() if readers is not None else []
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            readable, _, _ = select.select(fds, [], [], wait)
+            readable, _, _ = select.select(fds, [], [], self._wait_until(deadline))
+            if qemu.pidfd not in readable:
+                self._check_pause()  # (QEMU's exit says more than the pause before it)
             if not readable:
                 if deadline is not None and time.monotonic() >= deadline:
                     self.failed = True
@@ -457,7 +469,13 @@ class FullMachine(Lifecycle):
         self.ready_buffer += data
         while b"\n" in self.ready_buffer:
             line, self.ready_buffer = self.ready_buffer.split(b"\n", 1)
-            self.ready_lines.append(line.strip())
+            line = line.strip()
+            if line in self.ready_lines:
+                continue  # the same message again grows nothing
+            if len(self.ready_lines) >= MAX_READY_LINES:
+                self.failed = True
+                raise ChannelLost("the guest sent too many messages on vmrun's ready port")
+            self.ready_lines.append(line)
         if len(self.ready_buffer) > MAX_READY_LINE:
             self.failed = True
             raise ChannelLost("the guest sent an oversized message on vmrun's ready port")
@@ -552,8 +570,12 @@ class FullMachine(Lifecycle):
         self._phase("collect", t)
         return report
 
-    def run(self, command: Command, *, capture: bool = False) -> Result:
-        """Run COMMAND in the guest over SSH; the Result holds its exact exit status."""
+    def run(self, command: Command, *, capture: bool = False,
+            capture_limit: int = CAPTURE_LIMIT) -> Result:
+        """Run COMMAND in the guest over SSH; the Result holds its exact exit status (and
+        with capture at most CAPTURE_LIMIT bytes of each stream, see Result.truncated)."""
+        if capture_limit < 0:
+            raise UsageError(f"capture_limit must not be negative (got {capture_limit})")
         if self.qemu is None or self.keys is None:
             raise UsageError("the machine is not started (use it in a with statement)")
         if self.spec.share != Share.NONE and not self.copied:
@@ -575,6 +597,7 @@ class FullMachine(Lifecycle):
                                 stderr=subprocess.PIPE)
         trailer = ExitTrailer(token.encode())
         captured = {"stdout": bytearray(), "stderr": bytearray()}
+        truncated = False
         pending_input = bytearray(command.input or b"")
         pidfd = os.pidfd_open(proc.pid)
         streams = {proc.stderr.fileno(): "stderr"} if proc.stderr else {}
@@ -587,6 +610,7 @@ class FullMachine(Lifecycle):
                 proc.stdin.close()
 
         def handle(readable: list[int]) -> None:
+            nonlocal truncated
             for fd, name in list(streams.items()):
                 if fd not in readable:
                     continue
@@ -597,7 +621,9 @@ class FullMachine(Lifecycle):
                 if name == "stderr":
                     data = trailer.feed(data)
                 if capture:
-                    captured[name] += data
+                    room = capture_limit - len(captured[name])
+                    captured[name] += data[:max(0, room)]
+                    truncated |= len(data) > room
                 else:
                     sink = self.stderr_fd if name == "stderr" else self.stdout_fd
                     if sink is not None:
@@ -642,6 +668,7 @@ class FullMachine(Lifecycle):
         if capture:
             result.stdout = bytes(captured["stdout"])
             result.stderr = bytes(captured["stderr"])
+            result.truncated = truncated
         return result
 
     def _ssh_failure_from(self, stderr_tail: bytes) -> VmrunError:
@@ -697,6 +724,11 @@ class ExitTrailer:
             self.status = int(digits) if ok else 255
 
 
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -710,13 +742,13 @@ def _write_all(fd: int, data: bytes) -> None:
 def run_full(argv: Sequence[str], *, spec: MachineSpec, options: FullOptions | None = None,
              capture: bool = False, input: bytes | None = None,
              env: dict[str, str] | None = None, timeout: float | None = None,
-             notice: Notice = notice_stderr) -> Result:
+             notice: Notice = notice_stderr, capture_limit: int = CAPTURE_LIMIT) -> Result:
     """Boot SPEC's image in full, run ARGV over SSH, power off; like vmrun.run()."""
     command = Command(argv=tuple(argv), env=tuple((env or {}).items()), timeout=timeout,
                       input=input)
     fds = (None, None) if capture else (sys.stdout.fileno(), sys.stderr.fileno())
     with FullMachine(spec, options, notice=notice, stdout_fd=fds[0],
                      stderr_fd=fds[1]) as machine:
-        result = machine.run(command, capture=capture)
+        result = machine.run(command, capture=capture, capture_limit=capture_limit)
     result.timings = dict(machine.timings)
     return result

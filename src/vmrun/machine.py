@@ -52,7 +52,7 @@ from vmrun.qemu.argv import (
     kernel_cmdline,
 )
 from vmrun.rundir import run_directory
-from vmrun.spec import Boot, Command, MachineSpec, Net, Share
+from vmrun.spec import Boot, Command, MachineSpec, Net, Share, boot_timeout_for
 
 if TYPE_CHECKING:
     from vmrun.images.attach import Base
@@ -60,6 +60,9 @@ if TYPE_CHECKING:
 Notice = Callable[[str], None]
 
 PENDING_LIMIT = 256 << 10
+# What run(capture=True) keeps of each of stdout and stderr; past it the rest is read and
+# dropped (the exit status still arrives) and the Result says it was truncated.
+CAPTURE_LIMIT = 64 << 20
 
 
 def notice_stderr(message: str) -> None:
@@ -68,12 +71,17 @@ def notice_stderr(message: str) -> None:
 
 @dataclass
 class Result:
-    """What a command in the guest did."""
+    """What a command in the guest did.
+
+    With capture, stdout and stderr hold at most the capture limit's bytes each; when a
+    stream wrote more, its first bytes are kept, the rest dropped, and truncated is True.
+    """
 
     exit_code: int
     stdout: bytes | None = None
     stderr: bytes | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    truncated: bool = False
 
 
 # ---- output plumbing --------------------------------------------------------------------
@@ -91,15 +99,21 @@ class Output:
         self.active = False
         self.scanner: TokenScanner | None = None
         self.capture: bytearray | None = None
+        self.capture_limit = CAPTURE_LIMIT
+        self.truncated = False
+        self.received = 0  # bytes the guest sent while a command ran
         self.pending = bytearray()
         self.chunk = 4096
         if sink_fd is not None and stat.S_ISREG(os.fstat(sink_fd).st_mode):
             self.chunk = 1 << 20
 
-    def begin(self, token: bytes | None, capture: bool) -> None:
+    def begin(self, token: bytes | None, capture: bool, limit: int = CAPTURE_LIMIT) -> None:
         self.active = True
         self.scanner = None if token is None else TokenScanner(token)
         self.capture = bytearray() if capture else None
+        self.capture_limit = limit
+        self.truncated = False
+        self.received = 0
 
     def end(self) -> None:
         self.active = False
@@ -124,10 +138,13 @@ class Output:
             return False
         if not self.active:
             return True
+        self.received += len(data)
         if self.scanner is not None:
             data = self.scanner.feed(data)
         if self.capture is not None:
-            self.capture += data
+            room = self.capture_limit - len(self.capture)
+            self.capture += data[:max(0, room)]
+            self.truncated |= len(data) > room
         elif self.sink_fd is not None:
             self.pending += data
         return True
@@ -152,7 +169,8 @@ class Machine(Lifecycle):
 
     def __init__(self, spec: MachineSpec | None = None, *, notice: Notice = notice_stderr,
                  stdout_fd: int | None = None, stderr_fd: int | None = None,
-                 share_via: str = "auto") -> None:
+                 share_via: str = "auto", guest: Guest | None = None) -> None:
+        """GUEST replaces vmrun's own kernel and initramfs (tests boot other agents)."""
         self.spec = spec or MachineSpec()
         super().__init__(verbose=self.spec.verbose, notice=notice)
         self.stdout_fd = stdout_fd
@@ -161,7 +179,7 @@ class Machine(Lifecycle):
         self.first_request = True
         self.argv: list[str] = []
         self.accel: accellib.AccelChoice | None = None
-        self.guest: Guest | None = None
+        self.guest: Guest | None = guest
         self.base: Base | None = None
         self.root: int | None = None  # the image's partition the commands run in (FAST)
         self.share_device: ShareDevice | None = None
@@ -186,15 +204,20 @@ class Machine(Lifecycle):
             from vmrun.images.attach import prepare, root_for_boot
 
             self.base = prepare(spec.image, guest_arch=self.arch.name,
-                                debian_arch=self.arch.debian_arch, notice=self.notice)
+                                debian_arch=self.arch.debian_arch, notice=self.notice,
+                                image_format=spec.image_format)
             # AUTO: the image's root partition when it has one, else a plain disk.
             self.root = root_for_boot(self.base, spec.boot, spec.image)
-        self.guest = ensure_guest(self.arch, mirror=spec.mirror, notice=self.notice,
-                                  progress=progress_printer() if sys.stderr.isatty() else None)
+        if self.guest is None:
+            self.guest = ensure_guest(
+                self.arch, mirror=spec.mirror, notice=self.notice,
+                insecure_unverified_guest=spec.insecure_unverified_guest,
+                progress=progress_printer() if sys.stderr.isatty() else None)
         t = self._phase("fetch", t)
         self.accel = accellib.choose_for_guest(spec.accel, self.arch, self.guest.kernel,
                                                self.guest.initrd)
-        if self.accel.fell_back:
+        # Said once per host boot, when found (and with -v): not before every command.
+        if accellib.fallback_news(self.accel) or (self.accel.fell_back and spec.verbose):
             self.notice(f"{self.accel.reason}; using TCG (slower)")
         self.rundir = self.stack.enter_context(
             run_directory(keep=lambda: spec.keep, notice=self.notice))
@@ -209,6 +232,7 @@ class Machine(Lifecycle):
                 tsc_khz=accellib.tcg_tsc_khz(self.arch, self.accel.accel),
             ),
             fds=fds, share=share_device, net=spec.net == Net.USER, disk=overlay,
+            sandbox=process.sandbox_supported(qemu_binary, self.notice),
         )
         self.argv = build_argv(plan, qemu_binary)
         (self.rundir / "qemu.argv").write_text(shlex.join(self.argv) + "\n")
@@ -218,8 +242,9 @@ class Machine(Lifecycle):
         self.serial.log.touch()
         t = self._phase("prepare", t)
         self._spawn(self.argv, fds).send("qmp_capabilities")
-        self._pump(lambda: "ready" in self.events, spec.boot_timeout, BootTimeout(
-            f"the guest agent was not ready within {spec.boot_timeout:.0f}s (--boot-timeout)"))
+        boot_timeout = boot_timeout_for(spec, self.accel.accel, self.arch.name)
+        self._pump(lambda: "ready" in self.events, boot_timeout, BootTimeout(
+            f"the guest agent was not ready within {boot_timeout:.0f}s (--boot-timeout)"))
         self._phase("boot", t)
 
     def _attach_image(self) -> Path | None:
@@ -268,8 +293,12 @@ class Machine(Lifecycle):
 
     # -- running commands
 
-    def run(self, command: Command, *, capture: bool = False) -> Result:
-        """Run COMMAND in the guest; returns its exit code (and output when captured)."""
+    def run(self, command: Command, *, capture: bool = False,
+            capture_limit: int = CAPTURE_LIMIT) -> Result:
+        """Run COMMAND in the guest; returns its exit code (and output when captured:
+        at most CAPTURE_LIMIT bytes of each stream, see Result.truncated)."""
+        if capture_limit < 0:
+            raise UsageError(f"capture_limit must not be negative (got {capture_limit})")
         if self.qemu is None:
             raise UsageError("the machine is not started (use it in a with statement)")
         if command.tty and not self.spec.tty:
@@ -300,7 +329,7 @@ class Machine(Lifecycle):
         self.events.clear()
         self.to_guest["control"] = bytearray(encode_request(request))
         for name in ("stdout", "stderr"):
-            self.outputs[name].begin(token.encode(), capture)
+            self.outputs[name].begin(token.encode(), capture, capture_limit)
         self.tty_mode = command.tty
         if command.tty:
             self.outputs["tty"].begin(None, False)
@@ -340,6 +369,7 @@ class Machine(Lifecycle):
         if capture:
             result.stdout = bytes(self.outputs["stdout"].capture or b"")
             result.stderr = bytes(self.outputs["stderr"].capture or b"")
+            result.truncated = any(self.outputs[n].truncated for n in ("stdout", "stderr"))
         return result
 
     def _root_failure(self) -> str | None:
@@ -383,8 +413,9 @@ class Machine(Lifecycle):
                     writers.append(self.socks[name].fileno())
             if self.stdin_fd is not None and not self.to_guest.get(self._stdin_target()):
                 readers.append(self.stdin_fd)
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            readable, writable, _ = select.select(readers, writers, [], wait)
+            readable, writable, _ = select.select(readers, writers, [],
+                                                  self._wait_until(deadline))
+            self._check_pause()
             if not readable and not writable:
                 if deadline is not None and time.monotonic() >= deadline:
                     self.failed = True
@@ -438,7 +469,11 @@ class Machine(Lifecycle):
             return True
         if not data:
             return False
-        self.events += self.status.feed(data)
+        # Each message counts once: the protocol has a few hundred, so a flood of valid
+        # lines grows nothing.
+        for event in self.status.feed(data):
+            if event not in self.events:
+                self.events.append(event)
         return True
 
     def _guest_gone(self) -> None:
@@ -493,16 +528,17 @@ def progress_printer() -> Callable[[str, int, int | None], None]:
 def run(argv: Sequence[str], *, spec: MachineSpec | None = None, capture: bool = False,
         input: bytes | None = None, env: dict[str, str] | None = None,
         timeout: float | None = None, cwd: str | None = None,
-        notice: Notice = notice_stderr) -> Result:
+        notice: Notice = notice_stderr, capture_limit: int = CAPTURE_LIMIT) -> Result:
     """Boot a fresh VM, run ARGV in it, power it off; the Result holds the exit code.
 
-    With capture=False the guest's output goes to this process's stdout and stderr.
+    With capture=False the guest's output goes to this process's stdout and stderr; with
+    capture=True at most CAPTURE_LIMIT bytes of each are kept (see Result.truncated).
     """
     command = Command(argv=tuple(argv), env=tuple((env or {}).items()), cwd=cwd,
                       timeout=timeout, input=input)
     fds = (None, None) if capture else (sys.stdout.fileno(), sys.stderr.fileno())
     with Machine(spec, notice=notice, stdout_fd=fds[0], stderr_fd=fds[1]) as machine:
-        result = machine.run(command, capture=capture)
+        result = machine.run(command, capture=capture, capture_limit=capture_limit)
     result.timings = dict(machine.timings)
     return result
 

@@ -1,4 +1,18 @@
-"""Sharing the working directory with the guest: 9p (QEMU's server) or virtiofs."""
+"""Sharing the working directory with the guest: 9p (QEMU's server) or virtiofs.
+
+The guest is root in its VM and the share is the host's directory, so what a guest may do
+there is decided on the host. The model: files the guest creates belong to vmrun's user,
+with the modes the guest gives them (chmod +x, symlinks and FIFOs work as on a local
+disk), except that QEMU and virtiofsd run under a seccomp filter (vmrun.confine) that
+refuses set-user-ID and set-group-ID modes, device nodes, any owner or thread identity
+other than vmrun's own user, and extended attributes (security.capability would make a
+host binary privileged). So as root too, a guest leaves no setuid programs, device nodes
+or other users' files behind. Paths never leave the share: QEMU's 9p server walks every
+component with openat(O_NOFOLLOW) from the share's root, and virtiofsd is chrooted into
+it (C daemon: -o sandbox=chroot; Rust daemon: --sandbox chroot as root, namespace
+otherwise), so a symlink a guest makes is only ever resolved by the guest's own kernel.
+9p keeps security_model=none: failures to set the owner are ignored, as a guest's root
+creating files for a non-root vmrun needs; the filter, not the model, refuses the rest."""
 
 from __future__ import annotations
 
@@ -42,11 +56,35 @@ def choose_share_kind(share: Share, via: str, arch: Arch) -> ShareKind:
         if daemon is None:
             raise UsageError("--share-via virtiofs: virtiofsd not found",
                              hint="apt-get install virtiofsd (or qemu-system-common)")
+        if not daemon_runs_as(daemon, os.geteuid()):
+            raise UsageError(f"--share-via virtiofs: {daemon} runs as root only",
+                             hint="use --share-via 9p, or install the virtiofsd package")
         return ShareKind.VIRTIOFS
-    # The C virtiofsd shipped with QEMU <= 7 sandboxes itself with namespaces: root only.
-    if daemon is not None and (os.geteuid() == 0 or not daemon.startswith("/usr/lib/qemu")):
+    if daemon is not None and daemon_runs_as(daemon, os.geteuid()):
         return ShareKind.VIRTIOFS
     return ShareKind.NINEP
+
+
+def daemon_runs_as(daemon: str, euid: int) -> bool:
+    # The C virtiofsd shipped with QEMU <= 7 sandboxes itself with chroot or namespaces
+    # that need root; the Rust one also runs as an ordinary user.
+    return euid == 0 or not is_c_daemon(daemon)
+
+
+def is_c_daemon(daemon: str) -> bool:
+    return daemon.startswith("/usr/lib/qemu")
+
+
+def virtiofsd_argv(daemon: str, fd: int, path: Path, euid: int) -> list[str]:
+    """How vmrun starts DAEMON on the listening socket FD: confined to PATH, no xattrs."""
+    if is_c_daemon(daemon):
+        # Its own capability drops back up vmrun.confine's filter: no device nodes,
+        # no set-id bits kept, no file capabilities, no chown to others.
+        return [daemon, f"--fd={fd}", "-o", f"source={path}", "-o", "cache=auto",
+                "-o", "sandbox=chroot", "-o", "no_xattr",
+                "-o", "modcaps=-mknod:-setfcap:-fsetid:-chown"]
+    return [daemon, f"--fd={fd}", "-o", f"source={path}", "-o", "cache=auto",
+            "--sandbox", "chroot" if euid == 0 else "namespace"]
 
 
 @contextlib.contextmanager
@@ -57,11 +95,7 @@ def virtiofsd(path: Path, rundir: Path) -> Iterator[Path]:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(sock_path))
     listener.listen(1)
-    argv = [daemon, f"--fd={listener.fileno()}", "-o", f"source={path}", "-o", "cache=auto"]
-    if daemon.startswith("/usr/lib/qemu"):
-        argv += ["-o", "sandbox=chroot"]
-    else:
-        argv += ["--sandbox", "none"]
+    argv = virtiofsd_argv(daemon, listener.fileno(), path, os.geteuid())
     log = rundir / "virtiofsd.log"
     daemon_proc = process.spawn(argv, log=log, pass_fds=(listener.fileno(),))
     listener.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -43,7 +45,7 @@ class MachineSpec:
     arch: str | None = None  # None: the host's architecture
     cpus: int = 1
     memory_mib: int = 1024
-    boot_timeout: float = 120.0
+    boot_timeout: float | None = None  # None: default_boot_timeout() for what is booted
     share: Share = Share.RW
     share_dir: Path | None = None  # None: the current directory
     net: Net = Net.USER
@@ -52,17 +54,27 @@ class MachineSpec:
     console: bool = False
     verbose: bool = False
     mirror: str | None = None
+    insecure_unverified_guest: bool = False  # boot a guest whose packages are unsigned
     tty: bool = False  # give the VM a terminal port, for commands run with tty=True
     image: str | None = None  # a disk: stored name or digest, image file, or alias
     boot: Boot = Boot.AUTO
+    image_format: str | None = None  # "raw": an image file without a header is a raw disk
 
     def __post_init__(self) -> None:
-        if self.cpus < 1 or self.cpus > 64:
-            raise UsageError(f"--cpus must be between 1 and 64, not {self.cpus}")
-        if self.memory_mib < 128:
-            raise UsageError(f"--memory must be at least 128M, not {self.memory_mib}M")
-        if self.boot_timeout <= 0:
-            raise UsageError("--boot-timeout must be positive")
+        check_count(self.cpus, "--cpus", MAX_CPUS)
+        if self.memory_mib < MIN_MEMORY_MIB:
+            raise UsageError(f"--memory must be at least {MIN_MEMORY_MIB}M, "
+                             f"not {self.memory_mib}M")
+        ceiling = host_memory_mib()
+        if self.memory_mib > ceiling:
+            raise UsageError(f"--memory {self.memory_mib}M is more than this host's "
+                             f"{ceiling}M of memory",
+                             hint="a guest cannot have more memory than its host")
+        if self.boot_timeout is not None:
+            check_seconds(self.boot_timeout, "--boot-timeout")
+        if self.image_format not in (None, "raw"):
+            raise UsageError(f"bad --image-format {self.image_format!r}",
+                             hint="only 'raw' can be given: other formats have a header")
 
 
 @dataclass(frozen=True)
@@ -86,8 +98,94 @@ class Command:
         for key, _ in self.env:
             if not key or "=" in key:
                 raise UsageError(f"bad environment variable name {key!r}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise UsageError("--timeout must be positive")
+        if self.timeout is not None:
+            check_seconds(self.timeout, "--timeout")
+
+
+MAX_CPUS = 64  # vmrun's ceiling on every architecture (QEMU's arm virt machines take 8)
+MIN_MEMORY_MIB = 128
+# Where the host's memory cannot be read, the most that any supported architecture's
+# QEMU machine takes: 16 TiB.
+FALLBACK_MEMORY_CEILING_MIB = 16 << 20
+# A year: longer than any run, and far inside what select() takes as a timeout.
+MAX_SECONDS = 365 * 24 * 3600
+
+# Default seconds until the guest is ready, by (boot mode, hardware accelerated). Measured
+# on a 2-core host under TCG: an x86_64 fast boot takes 3-10 s, a full boot of a cloud
+# image 50-75 s idle and more than 120 s with the host busy. Each is a ceiling with room
+# for a loaded host, never a measurement.
+_BOOT_TIMEOUT_S = {(False, True): 60.0, (False, False): 180.0,
+                   (True, True): 180.0, (True, False): 600.0}
+# Emulated, these boot several times slower than x86_64 or aarch64 guests do.
+_TCG_SLOWDOWN = {"s390x": 2.0, "ppc64le": 2.0, "riscv64": 2.0}
+
+
+def default_boot_timeout(boot: Boot, accel: Accel, arch: str) -> float:
+    """Seconds a boot may take unless --boot-timeout says: by boot mode (FULL runs the
+    image's firmware and init), by accelerator (KVM, HVF or TCG; AUTO counts as TCG) and,
+    under TCG, by architecture."""
+    hardware = accel in (Accel.KVM, Accel.HVF)
+    seconds = _BOOT_TIMEOUT_S[(boot == Boot.FULL, hardware)]
+    return seconds if hardware else seconds * _TCG_SLOWDOWN.get(arch, 1.0)
+
+
+def boot_timeout_for(spec: MachineSpec, accel: Accel, arch: str) -> float:
+    """SPEC's --boot-timeout when given, else the default for what it boots and how."""
+    if spec.boot_timeout is not None:
+        return spec.boot_timeout
+    return default_boot_timeout(spec.boot, accel, arch)
+
+
+BOOT_TIMEOUT_HELP = ("seconds until the guest is ready (default: 180 under TCG, 60 with KVM "
+                     "or HVF; --boot full: 600 and 180; twice as long for s390x, ppc64le "
+                     "and riscv64 under TCG)")
+
+
+def check_seconds(value: float, option: str) -> float:
+    """VALUE when it is a usable number of seconds for OPTION: finite, above 0, at most
+    MAX_SECONDS (nan would never expire, inf would overflow the wait)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or not 0 < value <= MAX_SECONDS:
+        raise UsageError(f"{option} must be a number of seconds above 0 and at most "
+                         f"{MAX_SECONDS}, not {value}")
+    return float(value)
+
+
+def check_count(value: int, option: str, most: int) -> int:
+    """VALUE when it is a whole number from 1 to MOST."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise UsageError(f"{option} must be between 1 and {most}, not {value}")
+    return value
+
+
+def parse_seconds(text: str, option: str) -> float:
+    """Parse OPTION's value, a number of seconds like 30 or 2.5."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{option} takes a number of seconds, not {text!r}",
+                         hint="like 30 or 2.5") from None
+    return check_seconds(value, option)
+
+
+def parse_count(text: str, option: str, most: int) -> int:
+    """Parse OPTION's value, a whole number from 1 to MOST."""
+    stripped = text.strip()
+    if not (stripped.isascii() and stripped.isdigit()):
+        raise UsageError(f"{option} takes a whole number, not {text!r}",
+                         hint=f"a number from 1 to {most}")
+    return check_count(int(stripped), option, most)
+
+
+def host_memory_mib() -> int:
+    """The host's physical memory in MiB, or a fixed ceiling where it cannot be read."""
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return FALLBACK_MEMORY_CEILING_MIB
+    if pages <= 0 or page_size <= 0:
+        return FALLBACK_MEMORY_CEILING_MIB
+    return min(pages * page_size >> 20, FALLBACK_MEMORY_CEILING_MIB)
 
 
 def parse_memory(text: str) -> int:

@@ -124,7 +124,8 @@ def images(tmp_path_factory: pytest.TempPathFactory, guest: Guest) -> dict[str, 
     gpt_image(made["root"], root_tree(top / "tree"), root_type=root_type)
     gpt_image(made["noshell"], root_tree(top / "bare", shell=False), root_type=LINUX_DATA,
               root_mib=8)
-    made["plain"].write_bytes(b"plain-disk" + bytes(1 << 20))
+    # An empty MBR (its signature, no partitions): a disk, with nothing to mount.
+    made["plain"].write_bytes(b"plain-disk" + bytes(500) + b"\x55\xaa" + bytes(1 << 20))
     return made
 
 

@@ -80,8 +80,9 @@ def test_parallel_runs_from_one_base(guest: Guest, base: store.StoredImage,
 
 def test_an_image_file_by_path(guest: Guest, tmp_path: Path) -> None:
     image = tmp_path / "disk.raw"
-    image.write_bytes(b"by-path" + bytes(1 << 20))
-    done = run_cli("--image", str(image), "--share", "none", "--net", "none", "--",
+    image.write_bytes(b"by-path" + bytes(1 << 20))  # no disk signature: raw by our word
+    done = run_cli("--image", str(image), "--image-format", "raw", "--share", "none",
+                   "--net", "none", "--",
                    "sh", "-c", "[ -b /dev/vda ] || exit 99; "
                    "printf x | dd of=/dev/vda conv=notrunc 2>/dev/null; "
                    "head -c 7 /dev/vda", cwd=tmp_path)

@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import glob
 import os
+import select
+import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,9 @@ from vmrun.channel import (
     new_token,
     parse_status_line,
 )
-from vmrun.errors import ChannelLost
+from vmrun.errors import ChannelLost, UsageError
+from vmrun.machine import Machine, Output
+from vmrun.spec import Command
 
 
 def find_busybox() -> str | None:
@@ -470,3 +475,70 @@ def test_status_reader_rejects_garbage_line() -> None:
     reader = StatusReader()
     with pytest.raises(ChannelLost):
         reader.feed(b"ready\nexit 256\n")
+
+
+# ---- what the host keeps of a guest's flood (vmrun.machine's side of the channel) --------
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(vmrun's end, non-blocking; the guest's end) of a socketpair."""
+    ours, guest = socket.socketpair()
+    ours.setblocking(False)
+    yield ours, guest
+    ours.close()
+    guest.close()
+
+
+def readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def test_a_flood_of_valid_status_lines_grows_nothing(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, guest = pair
+    machine = Machine()
+    machine.socks["status"] = ours
+    lines = b"started\nready\nexit 3\nexit 4\n" * 100
+    for _ in range(2000):  # 800,000 valid lines
+        guest.sendall(lines)
+        while readable(ours):
+            assert machine._read_status()
+    assert machine.events == ["started", "ready", "exit 3", "exit 4"]
+
+
+@pytest.mark.parametrize("limit", [0, 1, 4096, 100_000])
+def test_captured_output_stops_at_the_limit_and_says_so(
+        pair: tuple[socket.socket, socket.socket], limit: int) -> None:
+    ours, guest = pair
+    token = b"<<vmrun-end-test>>"
+    output = Output(ours, None)
+    output.begin(token, capture=True, limit=limit)
+    chunk = bytes(range(256)) * 256  # 64 KiB
+    for _ in range(32):  # 2 MiB in all
+        guest.sendall(chunk)
+        while readable(ours):
+            assert output.on_readable()
+    guest.sendall(token)
+    while not output.done:
+        assert output.on_readable()
+    assert bytes(output.capture or b"") == (chunk * 32)[:limit]
+    assert output.truncated
+
+
+def test_captured_output_within_the_limit_is_whole(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, guest = pair
+    output = Output(ours, None)
+    output.begin(b"<<end>>", capture=True, limit=10)
+    guest.sendall(b"0123456789<<end>>")
+    while not output.done:
+        assert output.on_readable()
+    assert bytes(output.capture or b"") == b"0123456789"
+    assert not output.truncated
+
+
+def test_capture_limit_must_not_be_negative() -> None:
+    machine = Machine()
+    machine.qemu = object()  # type: ignore[assignment]  # the check comes before any I/O
+    with pytest.raises(UsageError, match="capture_limit must not be negative"):
+        machine.run(Command(("true",)), capture=True, capture_limit=-1)

@@ -1,220 +1,63 @@
 from __future__ import annotations
 
-import functools
-import gzip
 import hashlib
-import http.server
-import io
 import lzma
+import os
 import shutil
+import socket
 import subprocess
-import tarfile
-import tempfile
-import threading
+import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.unit.debian_fixtures import (
+    ARCH,
+    SUITE,
+    Mirror,
+    Signer,
+    build_archive,
+    have_gpg,
+    serve,
+    signing_key,
+    small_deb,
+)
 from vmrun.debian import DEFAULT_MIRROR, mirror_from_env
 from vmrun.debian.archive import (
+    SHIPPED_KEYRING,
     PackageIndex,
+    Verifier,
+    check_signature,
     compare_versions,
     fetch_deb,
     load_index,
     parse_relations,
+    split_clearsigned,
     strip_clearsign,
 )
 from vmrun.debian.deb import read_control
 from vmrun.errors import FetchError, VerificationError
 
-SUITE = "bookworm"
-ARCH = "amd64"
-needs_gpg = pytest.mark.skipif(
-    shutil.which("gpg") is None or shutil.which("gpgv") is None, reason="gpg is not installed"
-)
+needs_gpg = pytest.mark.skipif(not have_gpg(), reason="gpg is not installed")
 
 
 # -- fixtures: a throwaway signing key and a real HTTP mirror --
 
 
-@dataclass(frozen=True)
-class Signer:
-    home: str
-    keyring: Path
-
-
-@dataclass(frozen=True)
-class Mirror:
-    root: Path
-    url: str
-    server: http.server.ThreadingHTTPServer
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture(scope="session")
 def signer() -> Iterator[Signer]:
-    if shutil.which("gpg") is None or shutil.which("gpgv") is None:
+    if not have_gpg():
         pytest.skip("gpg is not installed")
-    # Short path: gpg-agent's socket path must fit in sun_path.
-    home = tempfile.mkdtemp(prefix="vg", dir="/tmp")
-    try:
-        gpg = ["gpg", "--homedir", home, "--batch", "--pinentry-mode", "loopback"]
-        subprocess.run(
-            [*gpg, "--passphrase", "", "--quick-gen-key", "vmrun test <t@vmrun.invalid>"]
-            + ["ed25519", "sign", "never"],
-            check=True,
-            capture_output=True,
-        )
-        keyring = Path(home) / "keyring.gpg"
-        subprocess.run([*gpg, "--output", str(keyring), "--export"], check=True)
-        yield Signer(home=home, keyring=keyring)
-    finally:
-        subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], check=False)
-        shutil.rmtree(home, ignore_errors=True)
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+    with signing_key() as key:
+        yield key
 
 
 @pytest.fixture
 def mirror(tmp_path: Path) -> Iterator[Mirror]:
-    root = tmp_path / "mirror"
-    root.mkdir()
-    handler = functools.partial(_QuietHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    served = Mirror(
-        root=root, url=f"http://127.0.0.1:{server.server_address[1]}/debian/", server=server
-    )
-    try:
+    with serve(tmp_path / "mirror") as served:
         yield served
-    finally:
-        if server.socket.fileno() != -1:
-            served.stop()
-        thread.join(timeout=5)
-
-
-# -- building the archive --
-
-
-def small_deb(name: str, version: str) -> bytes:
-    def tar_gz(files: dict[str, bytes]) -> bytes:
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-            for path, data in files.items():
-                info = tarfile.TarInfo(path)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        return buffer.getvalue()
-
-    control = f"Package: {name}\nVersion: {version}\nArchitecture: {ARCH}\n".encode()
-    members = [
-        ("debian-binary", b"2.0\n"),
-        ("control.tar.gz", tar_gz({"./control": control})),
-        ("data.tar.gz", tar_gz({f"./usr/bin/{name}": b"binary of " + name.encode()})),
-    ]
-    out = bytearray(b"!<arch>\n")
-    for member, data in members:
-        out += f"{member + '/':<16}{0:<12}{0:<6}{0:<6}{'100644':<8}{len(data):<10}`\n".encode()
-        out += data + (b"\n" if len(data) % 2 else b"")
-    return bytes(out)
-
-
-@dataclass(frozen=True)
-class Package:
-    name: str
-    version: str
-    extra: str = ""
-
-
-PACKAGES = [
-    Package("busybox-static", "1:1.30-1"),
-    Package("busybox-static", "1:1.35.0-4+b3", "Depends: libc6 (>= 2.34) | musl:any, zlib1g\n"),
-    Package("busybox-static", "1:1.35.0~rc1-1"),
-    Package("libc6", "2.36-9", "Provides: libc-any (= 2.36)\nPre-Depends: libgcc-s1\n"),
-    Package("zlib1g", "1:1.2.13.dfsg-1"),
-]
-
-
-def build_archive(
-    mirror: Mirror,
-    *,
-    signer: Signer | None,
-    compression: str = "xz",
-    suite_field: str = SUITE,
-    valid_until: datetime | None = None,
-    by_hash: bool = False,
-) -> None:
-    root = mirror.root / "debian"
-    stanzas = []
-    for package in PACKAGES:
-        deb = small_deb(package.name, package.version)
-        upstream = package.version.split(":")[-1]
-        filename = (
-            f"pool/main/{package.name[0]}/{package.name}/{package.name}_{upstream}_{ARCH}.deb"
-        )
-        (root / filename).parent.mkdir(parents=True, exist_ok=True)
-        (root / filename).write_bytes(deb)
-        stanzas.append(
-            f"Package: {package.name}\nVersion: {package.version}\nArchitecture: {ARCH}\n"
-            f"{package.extra}Filename: {filename}\nSize: {len(deb)}\n"
-            f"SHA256: {hashlib.sha256(deb).hexdigest()}\nDescription: test\n multi-line\n"
-        )
-    plain = "\n".join(stanzas).encode()
-    binary = root / "dists" / SUITE / "main" / f"binary-{ARCH}"
-    binary.mkdir(parents=True)
-    files = {"Packages": plain}
-    if compression == "xz":
-        files["Packages.xz"] = lzma.compress(plain)
-    elif compression == "gz":
-        files["Packages.gz"] = gzip.compress(plain)
-    lines = []
-    for name, data in files.items():
-        digest = hashlib.sha256(data).hexdigest()
-        (binary / name).write_bytes(data)
-        if by_hash:
-            (binary / "by-hash" / "SHA256").mkdir(parents=True, exist_ok=True)
-            (binary / "by-hash" / "SHA256" / digest).write_bytes(data)
-        lines.append(f" {digest} {len(data):>8} main/binary-{ARCH}/{name}")
-    if compression != "plain":
-        # Like Debian: the plain index is listed but not served.
-        (binary / "Packages").unlink()
-    now = datetime.now(UTC)
-    release = (
-        f"Origin: Test\nSuite: {suite_field}\nCodename: {suite_field}\n"
-        f"Date: {format_datetime(now, usegmt=True)}\n"
-        + (f"Valid-Until: {format_datetime(valid_until, usegmt=True)}\n" if valid_until else "")
-        + ("Acquire-By-Hash: yes\n" if by_hash else "")
-        + f"Architectures: {ARCH}\nComponents: main\nSHA256:\n"
-        + "\n".join(lines)
-        + "\n"
-    )
-    dist = root / "dists" / SUITE
-    (dist / "Release").write_text(release)
-    if signer is None:
-        fake = f"-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\n{release}"
-        fake += "-----BEGIN PGP SIGNATURE-----\n\nAAAA\n-----END PGP SIGNATURE-----\n"
-        (dist / "InRelease").write_text(fake)
-    else:
-        subprocess.run(
-            ["gpg", "--homedir", signer.home, "--batch", "--yes", "--clearsign"]
-            + ["--output", str(dist / "InRelease"), str(dist / "Release")],
-            check=True,
-            capture_output=True,
-        )
 
 
 def no_keyring(tmp_path: Path) -> Path:
@@ -266,27 +109,146 @@ def test_happy_path(tmp_path: Path, mirror: Mirror, signer: Signer) -> None:
 def test_missing_package(tmp_path: Path, mirror: Mirror) -> None:
     build_archive(mirror, signer=None)
     index = load_index(
-        mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, keyring=no_keyring(tmp_path)
+        mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, insecure_unverified=True
     )
     with pytest.raises(FetchError, match=f"package nope not found in {SUITE}/{ARCH} at http"):
         index.lookup("nope")
 
 
-def test_no_keyring_works_with_a_notice(tmp_path: Path, mirror: Mirror) -> None:
-    build_archive(mirror, signer=None)
+def _path_with(tmp_path: Path, tools: tuple[str, ...]) -> str:
+    """A PATH holding only TOOLS (links to the host's), as on a host lacking the others."""
+    directory = tmp_path / "bin"
+    directory.mkdir(exist_ok=True)
+    for tool in tools:
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (directory / tool).symlink_to(found)
+    return str(directory)
+
+
+@needs_gpg
+def test_missing_keyring_is_refused(
+    tmp_path: Path, mirror: Mirror, signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: "no keyring at ...: trusting ... by its hashes only" and an unsigned index.
+    build_archive(mirror, signer=signer)
+    monkeypatch.setenv("VMRUN_DEBIAN_KEYRING", str(no_keyring(tmp_path)))
     notices: list[str] = []
-    index = load_index(
-        mirror=mirror.url,
-        suite=SUITE,
-        arch=ARCH,
-        cache=tmp_path / "cache",
-        keyring=no_keyring(tmp_path),
-        notice=notices.append,
-    )
+    with pytest.raises(VerificationError, match="no keyring at .*no-such-keyring") as caught:
+        load_index(mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path / "cache",
+                   notice=notices.append)
+    assert "VMRUN_DEBIAN_KEYRING" in (caught.value.hint or "")
+    assert notices == []
+
+
+def test_no_verifier_is_refused(
+    tmp_path: Path, mirror: Mirror, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: "gpgv is not installed: trusting ... by its hashes only" and on it went.
+    build_archive(mirror, signer=None)
+    monkeypatch.setenv("PATH", _path_with(tmp_path, ()))
+    with pytest.raises(VerificationError, match="neither gpgv nor sqv is installed") as caught:
+        load_index(mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path / "cache")
+    assert "install gpgv or sqv" in (caught.value.hint or "")
+    assert "--insecure-unverified-guest" in (caught.value.hint or "")
+    assert "\n" not in str(caught.value)
+
+
+def test_insecure_unverified_reads_an_unsigned_archive(
+    tmp_path: Path, mirror: Mirror, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build_archive(mirror, signer=None)
+    monkeypatch.setenv("PATH", _path_with(tmp_path, ()))
+    index = load_index(mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path / "cache",
+                       insecure_unverified=True)
     assert not index.signed
-    assert len(notices) == 1 and "without a signature check" in notices[0]
-    assert "\n" not in notices[0]
     assert index.lookup("zlib1g").version == "1:1.2.13.dfsg-1"
+
+
+@needs_gpg
+def test_shipped_keys_are_the_default(
+    tmp_path: Path, mirror: Mirror, signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Signed, but by a key vmrun does not ship: refused without a keyring named.
+    build_archive(mirror, signer=signer)
+    monkeypatch.delenv("VMRUN_DEBIAN_KEYRING", raising=False)
+    with pytest.raises(VerificationError, match=f"against {SHIPPED_KEYRING}"):
+        load_index(mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("sqv") is None, reason="sqv is not installed "
+                    "(apt install sqv)")
+@pytest.mark.skipif(not have_gpg(), reason="gpg is not installed")
+def test_sqv_alone_verifies_and_refuses(
+    tmp_path: Path, mirror: Mirror, signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sqv_only = _path_with(tmp_path, ("sqv",))
+
+    def load(cache: str) -> PackageIndex:
+        with monkeypatch.context() as patch:
+            patch.setenv("PATH", sqv_only)
+            return load_index(mirror=mirror.url, suite=SUITE, arch=ARCH,
+                              cache=tmp_path / cache, keyring=signer.keyring)
+
+    build_archive(mirror, signer=signer)
+    index = load("a")
+    assert index.signed and "libc6" in index.records
+    inrelease = mirror.root / "debian/dists" / SUITE / "InRelease"
+    inrelease.write_text(inrelease.read_text().replace("Origin: Test", "Origin: Evil"))
+    with pytest.raises(VerificationError, match="signature check against .* failed"):
+        load("b")
+    # Signed by a key outside the keyring: refused too.
+    shutil.rmtree(mirror.root / "debian")
+    with signing_key() as stranger:
+        build_archive(mirror, signer=stranger)
+        with pytest.raises(VerificationError, match="signature check"):
+            load("c")
+
+
+def _real_inrelease(tmp_path: Path) -> Path:
+    """A real bookworm InRelease: from the test cache if one is there, else from Debian."""
+    cache = Path(os.environ.get("VMRUN_CACHE_DIR", "")) / "debian" / "by-hash"
+    for blob in sorted(cache.glob("*")) if cache.is_dir() else []:
+        with open(blob, "rb") as f:
+            head = f.read(400)
+        if head.startswith(b"-----BEGIN PGP SIGNED MESSAGE-----") and b"bookworm" in head:
+            return blob
+    try:
+        socket.create_connection(("deb.debian.org", 80), timeout=5).close()
+    except OSError:
+        pytest.skip("no bookworm InRelease cached and deb.debian.org is unreachable")
+    out = tmp_path / "InRelease"
+    with urllib.request.urlopen(f"{DEFAULT_MIRROR}/dists/bookworm/InRelease", timeout=60) as r:
+        out.write_bytes(r.read())
+    return out
+
+
+@pytest.mark.parametrize("tool", ["gpgv", "sqv"])
+def test_shipped_keys_verify_a_real_debian_inrelease(tmp_path: Path, tool: str) -> None:
+    found = shutil.which(tool)
+    if found is None:
+        if tool == "sqv":
+            pytest.skip("sqv is not installed (apt install sqv)")
+        pytest.fail("gpgv is not installed: the test host needs it")
+    verifier = Verifier(tool=tool, path=found)
+    inrelease = _real_inrelease(tmp_path)
+    check_signature(inrelease, keyring=SHIPPED_KEYRING, verifier=verifier, source="real")
+    tampered = tmp_path / "tampered"
+    tampered.write_text(inrelease.read_text().replace("Origin: Debian", "Origin: Debiam", 1))
+    with pytest.raises(VerificationError, match="signature check against"):
+        check_signature(tampered, keyring=SHIPPED_KEYRING, verifier=verifier, source="t")
+
+
+def test_split_clearsigned_gives_what_was_signed() -> None:
+    signed = (
+        "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA512\n\nSuite: x  \n- -dashed\n"
+        "-----BEGIN PGP SIGNATURE-----\n\nAAAA\n-----END PGP SIGNATURE-----\n"
+    )
+    data, signature = split_clearsigned(signed, source="t")
+    assert data == b"Suite: x\r\n-dashed"
+    assert signature == b"-----BEGIN PGP SIGNATURE-----\n\nAAAA\n-----END PGP SIGNATURE-----\n"
+    with pytest.raises(VerificationError):
+        split_clearsigned(signed + "Suite: evil\n", source="t")
 
 
 @needs_gpg
@@ -329,7 +291,7 @@ def test_tampered_packages_index(tmp_path: Path, mirror: Mirror) -> None:
     cache = tmp_path / "cache"
     with pytest.raises(VerificationError, match="Packages.xz"):
         load_index(
-            mirror=mirror.url, suite=SUITE, arch=ARCH, cache=cache, keyring=no_keyring(tmp_path)
+            mirror=mirror.url, suite=SUITE, arch=ARCH, cache=cache, insecure_unverified=True
         )
     blobs = cache / "debian" / "by-hash"
     assert [p.name for p in blobs.iterdir() if not p.name.startswith(".")] == [
@@ -344,7 +306,7 @@ def test_tampered_deb(tmp_path: Path, mirror: Mirror) -> None:
     build_archive(mirror, signer=None)
     cache = tmp_path / "cache"
     index = load_index(
-        mirror=mirror.url, suite=SUITE, arch=ARCH, cache=cache, keyring=no_keyring(tmp_path)
+        mirror=mirror.url, suite=SUITE, arch=ARCH, cache=cache, insecure_unverified=True
     )
     record = index.lookup("zlib1g")
     served = mirror.root / "debian" / record.filename
@@ -357,13 +319,15 @@ def test_tampered_deb(tmp_path: Path, mirror: Mirror) -> None:
     assert record.filename.split("/")[-1] in message and record.sha256 in message
     assert hashlib.sha256(data).hexdigest() in message
     assert not (cache / "debs" / f"{record.sha256}.deb").exists()
-    assert [p.name for p in (cache / "debs").iterdir()] == [".lock"]
+    # Neither the bytes nor a part of them is kept: only lock files remain.
+    left = [p for p in (cache / "debs").rglob("*") if p.is_file()]
+    assert left and all(p.name.endswith(".lock") for p in left), left
 
 
 def test_truncated_deb_is_a_size_mismatch(tmp_path: Path, mirror: Mirror) -> None:
     build_archive(mirror, signer=None)
     index = load_index(
-        mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, keyring=no_keyring(tmp_path)
+        mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, insecure_unverified=True
     )
     record = index.lookup("zlib1g")
     served = mirror.root / "debian" / record.filename
@@ -375,7 +339,7 @@ def test_truncated_deb_is_a_size_mismatch(tmp_path: Path, mirror: Mirror) -> Non
 def test_corrupt_cached_deb_is_fetched_again(tmp_path: Path, mirror: Mirror) -> None:
     build_archive(mirror, signer=None)
     index = load_index(
-        mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, keyring=no_keyring(tmp_path)
+        mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, insecure_unverified=True
     )
     record = index.lookup("zlib1g")
     deb = fetch_deb(index, record, cache=tmp_path)
@@ -389,7 +353,7 @@ def test_offline_reuses_the_verified_index(tmp_path: Path, mirror: Mirror) -> No
     build_archive(mirror, signer=None)
     cache = tmp_path / "cache"
     first = load_index(
-        mirror=mirror.url, suite=SUITE, arch=ARCH, cache=cache, keyring=no_keyring(tmp_path)
+        mirror=mirror.url, suite=SUITE, arch=ARCH, cache=cache, insecure_unverified=True
     )
     mirror.stop()
     notices: list[str] = []
@@ -398,7 +362,7 @@ def test_offline_reuses_the_verified_index(tmp_path: Path, mirror: Mirror) -> No
         suite=SUITE,
         arch=ARCH,
         cache=cache,
-        keyring=no_keyring(tmp_path),
+        insecure_unverified=True,
         notice=notices.append,
     )
     assert again.records == first.records
@@ -406,19 +370,19 @@ def test_offline_reuses_the_verified_index(tmp_path: Path, mirror: Mirror) -> No
     # A different architecture was never fetched, so there is nothing to fall back on.
     with pytest.raises(FetchError, match="InRelease"):
         load_index(
-            mirror=mirror.url, suite=SUITE, arch="arm64", cache=cache, keyring=no_keyring(tmp_path)
+            mirror=mirror.url, suite=SUITE, arch="arm64", cache=cache, insecure_unverified=True
         )
 
 
 def test_http_error_is_not_treated_as_offline(tmp_path: Path, mirror: Mirror) -> None:
     build_archive(mirror, signer=None)
     load_index(
-        mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, keyring=no_keyring(tmp_path)
+        mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, insecure_unverified=True
     )
     (mirror.root / "debian/dists" / SUITE / "InRelease").unlink()
     with pytest.raises(FetchError, match="HTTP 404"):
         load_index(
-            mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, keyring=no_keyring(tmp_path)
+            mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, insecure_unverified=True
         )
 
 
@@ -426,7 +390,7 @@ def test_http_error_is_not_treated_as_offline(tmp_path: Path, mirror: Mirror) ->
 def test_index_compression_fallback(tmp_path: Path, mirror: Mirror, compression: str) -> None:
     build_archive(mirror, signer=None, compression=compression)
     index = load_index(
-        mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, keyring=no_keyring(tmp_path)
+        mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, insecure_unverified=True
     )
     assert index.lookup("busybox-static").version == "1:1.35.0-4+b3"
 
@@ -435,7 +399,7 @@ def test_acquire_by_hash(tmp_path: Path, mirror: Mirror) -> None:
     build_archive(mirror, signer=None, by_hash=True)
     (mirror.root / "debian/dists" / SUITE / f"main/binary-{ARCH}/Packages.xz").unlink()
     index = load_index(
-        mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, keyring=no_keyring(tmp_path)
+        mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, insecure_unverified=True
     )
     assert "libc6" in index.records
 
@@ -444,7 +408,7 @@ def test_wrong_suite(tmp_path: Path, mirror: Mirror) -> None:
     build_archive(mirror, signer=None, suite_field="trixie")
     with pytest.raises(VerificationError, match="not 'bookworm'"):
         load_index(
-            mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, keyring=no_keyring(tmp_path)
+            mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, insecure_unverified=True
         )
 
 
@@ -452,14 +416,14 @@ def test_expired_release(tmp_path: Path, mirror: Mirror) -> None:
     build_archive(mirror, signer=None, valid_until=datetime.now(UTC) - timedelta(days=1))
     with pytest.raises(VerificationError, match="Valid-Until"):
         load_index(
-            mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, keyring=no_keyring(tmp_path)
+            mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, insecure_unverified=True
         )
 
 
 def test_valid_until_in_the_future(tmp_path: Path, mirror: Mirror) -> None:
     build_archive(mirror, signer=None, valid_until=datetime.now(UTC) + timedelta(days=7))
     index = load_index(
-        mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, keyring=no_keyring(tmp_path)
+        mirror=mirror.url, suite=SUITE, arch=ARCH, cache=tmp_path, insecure_unverified=True
     )
     assert isinstance(index, PackageIndex)
 

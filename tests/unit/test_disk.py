@@ -246,7 +246,10 @@ def test_flatten_gives_standalone_image(tmp_path: Path) -> None:
     qemu_io_write(top, 2 * MiB, 64 * 1024, 0x22)
     expected = patched(patched(pattern(1), 0, 64 * 1024, 0x11), 2 * MiB, 64 * 1024, 0x22)
     flat = tmp_path / "flat.qcow2"
-    disk.flatten(top, flat)
+    with pytest.raises(ImageError, match="format was guessed"):
+        disk.flatten(top, flat)  # the header decided: no backing file is read
+    assert not flat.exists()
+    disk.flatten(top, flat, follow_backing=True)
     assert "backing-filename" not in image_info(flat)
     base.unlink()
     mid.unlink()
@@ -566,7 +569,8 @@ def test_every_call_names_its_format(tmp_path: Path, monkeypatch: pytest.MonkeyP
                            "snapshot"}
     for args in calls:
         if args[0] == "snapshot":
-            assert "--image-opts" in args and args[-1].startswith("driver=qcow2,")
+            spec = json.loads(args[-1].removeprefix("json:"))
+            assert (spec["driver"], spec["backing"]) == ("qcow2", None), args
             continue
         assert "-f" in args, args
         if args[0] == "convert":
@@ -586,7 +590,9 @@ def test_cli_disk_operations(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert cmd_disk(["overlay", str(base), str(top)]) == 0
     assert image_info(top)["backing-filename-format"] == "raw"  # detected from the header
     top2 = tmp_path / "top2.qcow2"
-    assert cmd_disk(["overlay", str(top), str(top2)]) == 0
+    with pytest.raises(ImageError, match="format was guessed"):
+        cmd_disk(["overlay", str(top), str(top2)])  # top has a backing file
+    assert cmd_disk(["overlay", str(top), str(top2), "--follow-backing"]) == 0
     assert image_info(top2)["backing-filename-format"] == "qcow2"
     capsys.readouterr()
     assert cmd_disk(["chain", str(top2), "--json"]) == 0
@@ -599,9 +605,9 @@ def test_cli_disk_operations(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert cmd_disk(["snapshot", "list", str(top2)]) == 0
     assert "one" in capsys.readouterr().out
     out = tmp_path / "out.vdi"
-    assert cmd_disk(["convert", str(top2), str(out), "--to", "vdi"]) == 0
+    assert cmd_disk(["convert", str(top2), str(out), "--to", "vdi", "--follow-backing"]) == 0
     assert content(out, "vdi") == pattern(1)
-    assert cmd_disk(["resize", str(top2), "8M"]) == 0
+    assert cmd_disk(["resize", str(top2), "8M", "--format", "qcow2"]) == 0
     assert image_info(top2)["virtual-size"] == 8 * MiB
     assert cmd_disk(["create", str(tmp_path / "c.raw"), "1M", "--format", "raw"]) == 0
     assert (tmp_path / "c.raw").stat().st_size == MiB

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import select
+import socket
 import stat
 import struct
 import subprocess
@@ -17,12 +19,19 @@ import yaml
 from vmrun import bake as bakelib
 from vmrun import seed as seedlib
 from vmrun import ssh as sshlib
-from vmrun.errors import UsageError
-from vmrun.fullboot import ExitTrailer, ready_unit_command, run_cloud_config
+from vmrun.errors import ChannelLost, QemuError, UsageError
+from vmrun.fullboot import (
+    MAX_READY_LINES,
+    ExitTrailer,
+    FullMachine,
+    FullOptions,
+    ready_unit_command,
+    run_cloud_config,
+)
 from vmrun.qemu import firmware as fw
 from vmrun.qemu.arch import ARCHES
 from vmrun.qemu.argv import READY_PORT, SERIAL_SSH_PORT, FullBootPlan, full_boot_argv
-from vmrun.spec import Accel
+from vmrun.spec import Accel, MachineSpec, Share
 
 FDS = {"qmp": 3, "serial": 4, "ready": 5, "ssh": 6}
 
@@ -280,3 +289,111 @@ def test_a_file_base_gets_a_store_name_of_its_own() -> None:
     for file_name in ("debian-12.qcow2", "my image (1).img", ".hidden", "é.raw"):
         name = bakelib._store_name(file_name)
         assert name.startswith("bake-base-") and check_name(name) == name
+
+
+# ---- what a failed full boot or bake leaves behind ---------------------------------------
+
+# A QEMU built without seccomp whose every start fails (after QEMU opened nothing).
+FAILING_QEMU = """#!/bin/sh
+case " $* " in
+  *" -version "*) case " $* " in *" -sandbox "*) exit 1 ;; esac
+                  echo "QEMU emulator version 7.2.0"; exit 0 ;;
+esac
+echo "qemu-system-x86_64: cannot start: injected failure" >&2
+exit 1
+"""
+
+
+@pytest.fixture
+def failing_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """PATH with a QEMU that fails to start, a private cache and runs directory, and a
+    small qcow2 disk to boot; the runs directory is returned."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "qemu-system-x86_64").write_text(FAILING_QEMU)
+    (bindir / "qemu-system-x86_64").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("VMRUN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("VMRUN_RUNS_DIR", str(tmp_path / "runs"))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "disk.qcow2"),
+                    "64M"], check=True)
+    return tmp_path / "runs"
+
+
+def secrets_left(runs: Path) -> list[Path]:
+    return sorted([*runs.rglob("seed.iso"), *runs.rglob("ssh_host_ed25519_key")])
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_full_boot_that_fails_leaves_no_seed_and_no_host_key(
+        failing_qemu: Path, tmp_path: Path, keep: bool) -> None:
+
+    spec = MachineSpec(image=str(tmp_path / "disk.qcow2"), accel=Accel.TCG,
+                       share=Share.NONE, keep=keep)
+    notices: list[str] = []
+    with pytest.raises(QemuError), FullMachine(spec, FullOptions(firmware=fw.Firmware.BIOS),
+                                               notice=notices.append):
+        pass
+    assert secrets_left(failing_qemu) == []
+    kept = [p for p in failing_qemu.iterdir() if p.is_dir()]
+    assert len(kept) == (1 if keep else 0)
+    if keep:
+        # The seed was made and attached, then removed; -sandbox was left out, said once.
+        argv = (kept[0] / "qemu.argv").read_text()
+        assert "seed.iso" in argv and "-sandbox" not in argv
+        assert (kept[0] / "ssh" / "known_hosts").exists()
+        assert any("without seccomp" in notice for notice in notices)
+
+
+def test_a_bake_that_fails_leaves_no_seed(failing_qemu: Path, tmp_path: Path) -> None:
+
+    spec = MachineSpec(accel=Accel.TCG, keep=True)
+    with pytest.raises(QemuError):
+        bakelib.bake(str(tmp_path / "disk.qcow2"), name="failing-bake",
+                     user_data=b"#cloud-config\n{}\n", spec=spec,
+                     options=FullOptions(firmware=fw.Firmware.BIOS), notice=lambda _: None)
+    kept = [p for p in failing_qemu.iterdir() if p.is_dir()]
+    assert len(kept) == 1 and "seed.iso" in (kept[0] / "qemu.argv").read_text()
+    assert secrets_left(failing_qemu) == []
+
+
+# ---- the ready port under a flood ----------------------------------------------------------
+
+def ready_machine() -> tuple[FullMachine, socket.socket, socket.socket]:
+    machine = FullMachine(MachineSpec(image="unused.qcow2"))
+    ours, guest = socket.socketpair()
+    ours.setblocking(False)
+    machine.socks["ready"] = ours
+    return machine, ours, guest
+
+
+def drain_ready(machine: FullMachine, ours: socket.socket) -> None:
+    while select.select([ours], [], [], 0)[0]:
+        machine._read_ready()
+
+
+def test_a_flood_of_the_same_ready_lines_grows_nothing() -> None:
+    machine, ours, guest = ready_machine()
+    try:
+        for _ in range(500):
+            guest.sendall(b"ssh 22\nssh 10022\n" * 200)  # 200,000 lines in all
+            drain_ready(machine, ours)
+        assert machine.ready_lines == [b"ssh 22", b"ssh 10022"]
+    finally:
+        ours.close()
+        guest.close()
+
+
+def test_a_flood_of_distinct_ready_lines_is_refused() -> None:
+
+    machine, ours, guest = ready_machine()
+    try:
+        guest.sendall(b"".join(b"line %d\n" % n for n in range(MAX_READY_LINES)))
+        drain_ready(machine, ours)
+        assert len(machine.ready_lines) == MAX_READY_LINES
+        guest.sendall(b"one more\n")
+        with pytest.raises(ChannelLost, match="too many messages on vmrun's ready port"):
+            drain_ready(machine, ours)
+    finally:
+        ours.close()
+        guest.close()

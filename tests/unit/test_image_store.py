@@ -573,7 +573,7 @@ def test_cli_ls_json_and_rm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("VMRUN_CACHE_DIR", str(tmp_path / "cache"))
     source = tmp_path / "disk.raw"
     source.write_bytes(b"disk" * 100)
-    assert cmd_image(["import", str(source), "--name", "mine"]) == 0
+    assert cmd_image(["import", str(source), "--name", "mine", "--format", "raw"]) == 0
     capsys.readouterr()
     assert cmd_image(["ls", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)

@@ -26,6 +26,8 @@ class FakeQemu:
         self.received: list[dict[str, Any]] = []
         self.error: BaseException | None = None
         self.release = threading.Event()  # lets a script that must stall finish
+        self.unanswered: list[Any] = []  # ids of commands received, oldest first
+        self.unanswered_seen: list[Any] = []  # every id received
         self.thread = threading.Thread(target=self._run, args=(script,), daemon=True)
         self.thread.start()
 
@@ -38,6 +40,11 @@ class FakeQemu:
             self.error = exc
 
     def send(self, message: dict[str, Any] | bytes) -> None:
+        """Send MESSAGE; a reply without an id answers the oldest command, as QEMU would
+        (QEMU echoes the id of the command a reply is for)."""
+        if isinstance(message, dict) and ("return" in message or "error" in message) \
+                and "id" not in message and self.unanswered:
+            message = {**message, "id": self.unanswered.pop(0)}
         data = message if isinstance(message, bytes) else json.dumps(message).encode() + b"\n"
         self.peer.sendall(data)
 
@@ -45,7 +52,10 @@ class FakeQemu:
         line = self.reader.readline()
         assert line.endswith(b"\n"), line
         message: dict[str, Any] = json.loads(line)
-        self.received.append(message)
+        if "id" in message:
+            self.unanswered.append(message["id"])
+            self.unanswered_seen.append(message["id"])
+        self.received.append({k: v for k, v in message.items() if k != "id"})
         return message
 
     def expect(self, command: str) -> dict[str, Any]:
@@ -121,7 +131,8 @@ def test_events_are_collected(start: Start) -> None:
         handshake(fake)
         fake.expect("stop")
         # An event and the reply in one write, then an event after the reply.
-        fake.send(json.dumps(STOP_EVENT).encode() + b"\n" + b'{"return": {}}\n')
+        reply = {"return": {}, "id": fake.unanswered.pop(0)}
+        fake.send(json.dumps(STOP_EVENT).encode() + b"\n" + json.dumps(reply).encode() + b"\n")
         fake.send({"event": "RESUME", "timestamp": {"seconds": 3, "microseconds": 0}})
         fake.expect("query-status")
         fake.send({"return": STATUS})
@@ -194,7 +205,8 @@ def test_blank_lines_are_ignored(start: Start) -> None:
     def script(fake: FakeQemu) -> None:
         fake.send(b"\n\r\n" + json.dumps(GREETING).encode() + b"\n  \n")
         fake.expect("query-status")
-        fake.send(b'\n{"return": {"status": "paused"}}\n')
+        ident = json.dumps(fake.unanswered.pop(0)).encode()
+        fake.send(b'\n{"return": {"status": "paused"}, "id": ' + ident + b'}\n')
 
     qmp = Qmp(start(script).host)
     assert qmp.execute("query-status") == {"status": "paused"}
@@ -204,7 +216,7 @@ def test_reply_split_across_writes(start: Start) -> None:
     def script(fake: FakeQemu) -> None:
         fake.send(GREETING)
         fake.expect("query-status")
-        reply = json.dumps({"return": STATUS}).encode() + b"\n"
+        reply = json.dumps({"return": STATUS, "id": fake.unanswered.pop(0)}).encode() + b"\n"
         for i in range(len(reply)):
             fake.send(reply[i : i + 1])
 
@@ -256,3 +268,135 @@ def test_no_reply_within_timeout_raises(start: Start) -> None:
     qmp = Qmp(start(stall_after_greeting).host)
     with pytest.raises(QemuError):
         qmp.execute("query-status", timeout=0.2)
+
+
+def test_every_command_carries_its_own_id(start: Start) -> None:
+    def script(fake: FakeQemu) -> None:
+        handshake(fake)
+        fake.expect("query-status")
+        fake.send({"return": STATUS})
+
+    fake = start(script)
+    qmp = Qmp(fake.host)
+    qmp.execute("qmp_capabilities")
+    qmp.execute("query-status")
+    ids = fake.unanswered_seen
+    assert len(ids) == 2 and len(set(ids)) == 2
+    assert all(isinstance(ident, str) and ident for ident in ids)
+
+
+def test_a_late_reply_is_never_the_next_commands_answer(start: Start) -> None:
+    # QEMU answers query-status only after the host gave up on it, right before the
+    # answer to query-name: the host must take the second, not the late first.
+    def script(fake: FakeQemu) -> None:
+        handshake(fake)
+        first = fake.expect("query-status")
+        second = fake.expect("query-name")
+        fake.send({"return": STATUS, "id": first["id"]})
+        fake.send({"return": {"name": "vm0"}, "id": second["id"]})
+        fake.unanswered.clear()
+
+    fake = start(script)
+    qmp = Qmp(fake.host)
+    qmp.execute("qmp_capabilities")
+    with pytest.raises(QmpError, match="no reply to QMP query-status"):
+        qmp.execute("query-status", timeout=0.2)
+    assert qmp.execute("query-name") == {"name": "vm0"}
+    assert qmp.replies == {} and qmp.awaited == set()
+
+
+def test_a_reply_with_a_foreign_or_missing_id_is_dropped(start: Start) -> None:
+    def script(fake: FakeQemu) -> None:
+        fake.send(GREETING)
+        command = fake.expect("query-status")
+        fake.send(b'{"return": {"status": "nobody asked"}}\n')
+        fake.send({"return": {"status": "wrong"}, "id": "not-ours"})
+        fake.send({"return": {"status": "wrong"}, "id": [command["id"]]})
+        fake.send({"return": STATUS, "id": command["id"]})
+        fake.unanswered.clear()
+
+    qmp = Qmp(start(script).host)
+    assert qmp.execute("query-status") == STATUS
+
+
+def test_the_reply_to_a_command_only_sent_is_dropped(start: Start) -> None:
+    def script(fake: FakeQemu) -> None:
+        fake.send(GREETING)
+        fake.expect("stop")
+        fake.expect("query-status")
+        fake.send({"return": {}})  # stop's reply, which nobody awaits
+        fake.send({"return": STATUS})
+
+    fake = start(script)
+    qmp = Qmp(fake.host)
+    qmp.send("stop")
+    assert qmp.execute("query-status") == STATUS
+    assert qmp.replies == {}
+
+
+# ---- what QMP events mean for a run (vmrun.console) --------------------------------------
+
+def event(name: str, **data: Any) -> dict[str, Any]:
+    return {"event": name, "data": data, "timestamp": {"seconds": 1, "microseconds": 0}}
+
+
+def test_a_pause_fails_the_run_only_when_it_lasts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmrun import console
+
+    now = [100.0]
+    monkeypatch.setattr("vmrun.console.time.monotonic", lambda: now[0])
+    pause = console.Pause()
+    assert pause.deadline() is None and pause.failure() is None
+    pause.on_event(event("STOP"))
+    assert pause.deadline() == 100.0 + console.PAUSE_GRACE
+    now[0] += console.PAUSE_GRACE - 0.1
+    assert pause.failure() is None
+    pause.on_event(event("RESUME"))  # resumed in time: forgiven
+    now[0] += 60
+    assert pause.deadline() is None and pause.failure() is None
+    pause.on_event(event("BLOCK_IO_ERROR", device="disk0", operation="write",
+                         action="stop", reason="Input/output error"))
+    pause.on_event(event("STOP"))
+    now[0] += console.PAUSE_GRACE
+    message = pause.failure()
+    assert message is not None
+    assert "paused the VM after an I/O error on disk0: Input/output error" in message
+    assert "did not resume" in message
+
+
+def test_a_stop_on_the_way_out_is_no_pause() -> None:
+    from vmrun import console
+
+    pause = console.Pause()
+    pause.on_event(event("SHUTDOWN", guest=True, reason="guest-shutdown"))
+    pause.on_event(event("STOP"))
+    assert pause.deadline() is None
+
+
+@pytest.mark.parametrize(("name", "data", "kind", "message"), [
+    ("GUEST_PANICKED", {"action": "pause"}, "GuestPanic", "panicked"),
+    ("GUEST_CRASHLOADED", {"action": "run"}, "GuestPanic", "panicked"),
+    ("BLOCK_IO_ERROR", {"nospace": True, "reason": "No space left on device"},
+     "ImageError", "host disk full"),
+    ("SUSPEND", {}, "ChannelLost", "suspended itself"),
+])
+def test_events_that_end_a_run_at_once(tmp_path: Any, name: str, data: dict[str, Any],
+                                       kind: str, message: str) -> None:
+    from vmrun import console
+
+    serial = console.Serial(tmp_path / "serial.log")
+    failure = console.event_failure(event(name, **data), serial, tmp_path)
+    assert failure is not None and type(failure).__name__ == kind
+    assert message in str(failure)
+
+
+@pytest.mark.parametrize("name", ["STOP", "RESUME", "SHUTDOWN", "RESET", "POWERDOWN",
+                                  "NIC_RX_FILTER_CHANGED", "RTC_CHANGE"])
+def test_events_that_do_not_end_a_run_at_once(tmp_path: Any, name: str) -> None:
+    from vmrun import console
+
+    serial = console.Serial(tmp_path / "serial.log")
+    assert console.event_failure(event(name), serial, tmp_path) is None
+    write_error = event("BLOCK_IO_ERROR", device="disk0", operation="write",
+                        action="report", reason="Input/output error")
+    assert console.event_failure(write_error, serial, tmp_path) is None

@@ -202,12 +202,13 @@ def run_main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, 
     ("argv", "message"),
     [
         (["--bogus", "--", "true"], "unrecognized arguments: --bogus"),
-        (["--cpus", "x", "--", "true"], "argument --cpus: invalid int value"),
+        (["--cpus", "x", "--", "true"], "--cpus takes a whole number, not 'x'"),
         (["--share", "maybe", "--", "true"], "argument --share: invalid choice"),
         (["--accel", "xen", "--", "true"], "argument --accel: invalid choice"),
         (["--net", "bridge", "--", "true"], "argument --net: invalid choice"),
         (["--share-via", "nfs", "--", "true"], "argument --share-via: invalid choice"),
-        (["--timeout", "soon", "--", "true"], "argument --timeout: invalid float value"),
+        (["--timeout", "soon", "--", "true"], "--timeout takes a number of seconds, not 'soon'"),
+        (["uname", "-r"], "unknown command 'uname'"),
         (["--memory"], "argument --memory: expected one argument"),
         (["--memory", "lots", "--", "true"], "bad memory size 'lots'"),
         (["--env", "=V", "--", "true"], "bad --env '=V'"),
@@ -234,8 +235,10 @@ def test_cli_usage_errors_with_hint(
         (["--cpus", "0", "--", "true"], "--cpus must be between 1 and 64, not 0"),
         (["--cpus", "65", "--", "true"], "--cpus must be between 1 and 64, not 65"),
         (["--memory", "64M", "--", "true"], "--memory must be at least 128M, not 64M"),
-        (["--boot-timeout", "0", "--", "true"], "--boot-timeout must be positive"),
-        (["--timeout", "-1", "--", "true"], "--timeout must be positive"),
+        (["--boot-timeout", "0", "--", "true"],
+         "--boot-timeout must be a number of seconds above 0 and at most 31536000, not 0.0"),
+        (["--timeout", "-1", "--", "true"],
+         "--timeout must be a number of seconds above 0 and at most 31536000, not -1.0"),
     ],
 )
 def test_cli_bad_values_fail_before_booting(
@@ -289,9 +292,14 @@ def test_cli_passes_command_and_spec_to_machine(
     assert capsys.readouterr().err == ""
 
 
-def test_cli_command_without_double_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("argv", [["run", "--", "uname", "-r"], ["--", "uname", "-r"],
+                                  ["-v", "--", "uname", "-r"], ["run", "-v", "--", "uname", "-r"]])
+def test_cli_documented_command_forms(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
+    # README: `vmrun [OPTIONS] -- CMD` and `vmrun run [OPTIONS] -- CMD`; without "--" a
+    # first word must be a subcommand (see test_bad_inputs).
     monkeypatch.setattr(vmrun.cli, "Machine", FakeMachine)
-    assert vmrun.cli.main(["uname", "-r"]) == 0
+    monkeypatch.setattr(vmrun.cli, "notice_stderr", lambda message: None)
+    assert vmrun.cli.main(argv) == 0
     assert FakeMachine.instances[0].commands[0].argv == ("uname", "-r")
 
 

@@ -818,3 +818,24 @@ def test_dest_that_is_a_file_is_a_usage_error(tmp_path: Path) -> None:
 def test_transfer_error_is_a_vmrun_error_with_the_root_code() -> None:
     assert issubclass(TransferError, VmrunError)
     assert TransferError.exit_code == VmrunError.exit_code
+
+
+def test_entries_named_like_a_host_symlink_or_directory_change_nothing_outside(
+    places: tuple[Path, Path],
+) -> None:
+    # A directory entry over the host's own link out must not chmod what it points to, and
+    # a symlink entry must not replace a directory the host has there.
+    dest, outside = places
+    outside.chmod(0o755)
+    (dest / "hostlink").symlink_to(outside)
+    (dest / "hostdir").mkdir()
+    (dest / "hostdir/mine").write_text("mine")
+    stream = tar_bytes([Entry("hostlink", tarfile.DIRTYPE, mode=0o777),
+                        Entry("hostdir", tarfile.SYMTYPE, linkname="hostlink")])
+    report = unpack_collected(io.BytesIO(stream), dest)
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o755
+    assert os.readlink(dest / "hostlink") == str(outside)
+    assert (dest / "hostdir/mine").read_text() == "mine"
+    assert report.skipped == ("hostlink/: hostlink/ is a symlink on the host",
+                              "hostdir: a directory is in the way on the host")
+    assert_contained(dest, outside)

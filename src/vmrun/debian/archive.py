@@ -1,14 +1,14 @@
 """Fetch package indexes and .debs from a Debian mirror, verifying the chain of hashes.
 
-InRelease (signature checked with gpgv when a keyring is available) -> Release's SHA256
-of Packages.xz -> Packages' SHA256 of each .deb. Everything is cached by content.
+InRelease (its signature checked with gpgv or sqv against the Debian archive keys shipped
+in keys/, or $VMRUN_DEBIAN_KEYRING) -> Release's SHA256 of Packages.xz -> Packages'
+SHA256 of each .deb. Everything is cached by content; downloads resume.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import http.client
 import json
 import lzma
@@ -29,15 +29,20 @@ from pathlib import Path
 
 from vmrun.cache import key_of, locked, remove_stale_parts, sha256_bytes, sha256_file, staged
 from vmrun.debian.deb import parse_stanzas
+from vmrun.download import Expected, fetch_verified, remove_dead_parts
 from vmrun.errors import FetchError, VerificationError
 
-DEFAULT_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+# The Debian archive's public keys, shipped with vmrun (keys/README.md says whence).
+SHIPPED_KEYRING = Path(__file__).with_name("keys") / "debian-archive-keyring.gpg"
+KEYRING_ENV = "VMRUN_DEBIAN_KEYRING"
+# A part of a download that died stays this long for the next fetch to resume it.
+STALE_PART_AGE_S = 24 * 3600.0
 
 Progress = Callable[[str, int, int | None], None]
 
 _TIMEOUT_S = 60.0
 _INRELEASE_LIMIT = 16 << 20
-_CHUNK = 1 << 16
+_VERIFY_TIMEOUT_S = 60.0
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _RELATION_NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9+.\-]*)")
 _BEGIN_SIGNED = "-----BEGIN PGP SIGNED MESSAGE-----"
@@ -178,47 +183,15 @@ def _read_url(url: str, *, limit: int) -> bytes:
     return data
 
 
-def _download(
-    url: str, out: Path, *, size: int, sha256: str, label: str, progress: Progress | None
-) -> None:
-    """Write URL to OUT, checking it is SIZE bytes with digest SHA256."""
-    digest = hashlib.sha256()
-    done = 0
-    with _open_url(url) as response, open(out, "wb") as f:
-        if progress is not None:
-            progress(label, 0, size)
-        while True:
-            try:
-                chunk = response.read(_CHUNK)
-            except (OSError, http.client.HTTPException) as err:
-                raise FetchError(f"{url}: {err}") from None
-            if not chunk:
-                break
-            done += len(chunk)
-            if done > size:
-                raise VerificationError(f"{url}: longer than the expected {size} bytes")
-            digest.update(chunk)
-            f.write(chunk)
-            if progress is not None:
-                progress(label, done, size)
-    if done != size:
-        raise VerificationError(f"{url}: got {done} bytes, expected {size}")
-    actual = digest.hexdigest()
-    if actual != sha256:
-        raise VerificationError(f"{url}: sha256 is {actual}, expected {sha256}")
-
-
 def _ensure_blob(
-    url: str, final: Path, *, size: int, sha256: str, label: str, progress: Progress | None
+    url: str, final: Path, *, size: int, sha256: str, label: str, work: Path,
+    progress: Progress | None,
 ) -> Path:
-    """FINAL, verified; downloaded from URL unless a good copy is there (caller locks)."""
-    if final.is_file():
-        if final.stat().st_size == size and sha256_file(final) == sha256:
-            return final
-        final.unlink()
-    with staged(final) as tmp:
-        _download(url, tmp, size=size, sha256=sha256, label=label, progress=progress)
-    return final
+    """FINAL, verified; downloaded (or a dead download resumed) unless a good copy is there."""
+    return fetch_verified(
+        url, final, Expected("sha256", sha256), size=size, work=work, progress=progress,
+        label=label,
+    )
 
 
 # -- Release --
@@ -250,45 +223,124 @@ def strip_clearsign(text: str, *, source: str) -> str:
     return "\n".join(body) + "\n"
 
 
-def _check_signature(inrelease: Path, keyring: Path, gpgv: str, *, source: str) -> None:
+@dataclass(frozen=True)
+class Verifier:
+    """An OpenPGP signature checker found on the host."""
+
+    tool: str  # "gpgv" or "sqv"
+    path: str
+
+
+def find_verifier() -> Verifier | None:
+    """gpgv, else sqv, from PATH; None when neither is installed."""
+    for tool in ("gpgv", "sqv"):
+        path = shutil.which(tool)
+        if path is not None:
+            return Verifier(tool=tool, path=path)
+    return None
+
+
+def keyring_path(explicit: Path | None = None) -> Path:
+    """EXPLICIT, else $VMRUN_DEBIAN_KEYRING, else the keys shipped with vmrun."""
+    if explicit is not None:
+        return explicit
+    env = os.environ.get(KEYRING_ENV)
+    return Path(env) if env else SHIPPED_KEYRING
+
+
+def split_clearsigned(text: str, *, source: str) -> tuple[bytes, bytes]:
+    """(signed data, armored signature) of a clearsigned message, for a detached check.
+
+    The data is what RFC 4880 section 7.1 says the signature covers: dash-escapes
+    removed, trailing blanks dropped, lines joined by CRLF without a final line ending.
+    """
+    strip_clearsign(text, source=source)  # refuses text outside the one signed block
+    lines = [line.rstrip("\r") for line in text.split("\n")]
+    body_start = lines.index("", 1) + 1
+    body_end = lines.index(_BEGIN_SIGNATURE, body_start)
+    body = [line[2:] if line.startswith("- ") else line for line in lines[body_start:body_end]]
+    data = "\r\n".join(line.rstrip(" \t") for line in body).encode("utf-8")
+    end = lines.index(_END_SIGNATURE, body_end)
+    signature = "\n".join(lines[body_end : end + 1]) + "\n"
+    return data, signature.encode("utf-8")
+
+
+def _run_verifier(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            argv, capture_output=True, text=True, check=False, timeout=_VERIFY_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise VerificationError(f"cannot run {argv[0]}: {err}") from None
+
+
+def _gpgv(verifier: Verifier, inrelease: Path, keyring: Path) -> str | None:
+    """None if gpgv finds a good signature by a key in KEYRING, else the reason why not."""
     # An empty home keeps the user's own trustedkeys out of the decision.
     with tempfile.TemporaryDirectory(prefix="vmrun-gpgv-") as home:
-        argv = [gpgv, "--homedir", home, "--status-fd", "1", "--keyring", str(keyring.absolute())]
-        result = subprocess.run(
-            [*argv, str(inrelease)], capture_output=True, text=True, check=False
+        result = _run_verifier([
+            verifier.path, "--homedir", home, "--status-fd", "1",
+            "--keyring", str(keyring.absolute()), str(inrelease),
+        ])
+    # GOODSIG, unlike VALIDSIG, is not given for a key that has expired or been revoked.
+    good = any(line.startswith("[GNUPG:] GOODSIG ") for line in result.stdout.splitlines())
+    if result.returncode == 0 and good:
+        return None
+    reasons = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+    return reasons[-1] if reasons else f"gpgv exited with {result.returncode}"
+
+
+def _sqv(verifier: Verifier, inrelease: Path, keyring: Path, source: str) -> str | None:
+    """None if sqv finds a good signature by a key in KEYRING, else the reason why not."""
+    data, signature = split_clearsigned(inrelease.read_text("utf-8", "replace"), source=source)
+    with tempfile.TemporaryDirectory(prefix="vmrun-sqv-") as work:
+        (Path(work) / "Release").write_bytes(data)
+        (Path(work) / "Release.asc").write_bytes(signature)
+        result = _run_verifier([
+            verifier.path, "--keyring", str(keyring.absolute()),
+            str(Path(work) / "Release.asc"), str(Path(work) / "Release"),
+        ])
+    if result.returncode == 0 and result.stdout.strip():
+        return None
+    reasons = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+    return reasons[-1] if reasons else f"sqv exited with {result.returncode}"
+
+
+def check_signature(
+    inrelease: Path, *, keyring: Path, verifier: Verifier | None, source: str
+) -> None:
+    """Raise VerificationError unless INRELEASE carries a good signature by KEYRING.
+
+    Fails closed: no VERIFIER, or no KEYRING file, is an error too.
+    """
+    if verifier is None:
+        raise VerificationError(
+            f"cannot check the signature of {source}: neither gpgv nor sqv is installed",
+            hint="install gpgv or sqv (apt install gpgv; brew install gnupg), or run "
+            "with --insecure-unverified-guest to boot a guest nobody vouched for",
         )
-    if result.returncode != 0 or "[GNUPG:] GOODSIG " not in result.stdout:
-        reasons = [line for line in result.stderr.splitlines() if line.strip()]
-        reason = reasons[-1] if reasons else f"gpgv exited with {result.returncode}"
+    if not keyring.is_file():
+        raise VerificationError(
+            f"cannot check the signature of {source}: no keyring at {keyring}",
+            hint=f"fix ${KEYRING_ENV}, or unset it to use the keys shipped with vmrun",
+        )
+    if verifier.tool == "sqv":
+        reason = _sqv(verifier, inrelease, keyring, source)
+    else:
+        reason = _gpgv(verifier, inrelease, keyring)
+    if reason is not None:
         raise VerificationError(
             f"{source}: signature check against {keyring} failed: {reason}",
             hint="the mirror may be tampered with, or the keyring out of date",
         )
 
 
-def _keyring_path(explicit: Path | None) -> Path:
-    if explicit is not None:
-        return explicit
-    env = os.environ.get("VMRUN_DEBIAN_KEYRING")
-    return Path(env) if env else DEFAULT_KEYRING
-
-
 def _verified_release(
-    inrelease: Path,
-    *,
-    source: str,
-    suite: str,
-    keyring: Path,
-    notice: Callable[[str], None],
+    inrelease: Path, *, source: str, suite: str, keyring: Path, insecure_unverified: bool,
 ) -> tuple[dict[str, str], bool]:
-    gpgv = shutil.which("gpgv")
-    if gpgv is not None and keyring.is_file():
-        _check_signature(inrelease, keyring, gpgv, source=source)
-        signed = True
-    else:
-        missing = "gpgv is not installed" if gpgv is None else f"no keyring at {keyring}"
-        notice(f"{missing}: trusting {source} by its hashes only, without a signature check")
-        signed = False
+    if not insecure_unverified:
+        check_signature(inrelease, keyring=keyring, verifier=find_verifier(), source=source)
     text = strip_clearsign(inrelease.read_text("utf-8", "replace"), source=source)
     stanzas = parse_stanzas(text, source=source)
     if not stanzas:
@@ -309,7 +361,7 @@ def _verified_release(
             until = until.replace(tzinfo=UTC)
         if until < datetime.now(UTC):
             raise VerificationError(f"{source}: expired on {valid_until} (Valid-Until)")
-    return release, signed
+    return release, not insecure_unverified
 
 
 def _release_sha256(release: Mapping[str, str], *, source: str) -> dict[str, tuple[str, int]]:
@@ -431,14 +483,17 @@ def load_index(
     keyring: Path | None = None,
     notice: Callable[[str], None] = _ignore,
     progress: Progress | None = None,
+    insecure_unverified: bool = False,
 ) -> PackageIndex:
     """Fetch and verify MIRROR's Packages index for SUITE/COMPONENT/ARCH.
 
     InRelease is fetched every time; if the mirror is unreachable, the index verified
-    last time for the same mirror/suite/arch/component is used (NOTICE says so).
-    Without gpgv or a keyring (KEYRING, else $VMRUN_DEBIAN_KEYRING, else Debian's),
-    only the hash chain is checked and NOTICE says so. Raises FetchError, or
-    VerificationError for a bad signature, hash, size, suite or an expired Release.
+    last time for the same mirror/suite/arch/component is used (NOTICE says so). Its
+    signature is checked with gpgv or sqv against KEYRING (else $VMRUN_DEBIAN_KEYRING,
+    else the keys shipped with vmrun); without either tool, or without the keyring, it
+    is refused. INSECURE_UNVERIFIED skips that check (the caller warns the user) and
+    leaves only the hash chain. Raises FetchError, or VerificationError for a bad or
+    uncheckable signature, a bad hash, size or suite, or an expired Release.
     """
     mirror = mirror.rstrip("/")
     root = cache / "debian"
@@ -449,6 +504,7 @@ def load_index(
     with locked(root / ".lock"):
         remove_stale_parts(blobs)
         remove_stale_parts(pointer.parent)
+        remove_dead_parts(root / "tmp", older_than=STALE_PART_AGE_S)
         online = True
         try:
             inrelease = _store_bytes(blobs, _read_url(source, limit=_INRELEASE_LIMIT))
@@ -459,7 +515,8 @@ def load_index(
             notice(f"{err}; using the index verified earlier")
             inrelease, online = cached, False
         release, signed = _verified_release(
-            inrelease, source=source, suite=suite, keyring=_keyring_path(keyring), notice=notice
+            inrelease, source=source, suite=suite, keyring=keyring_path(keyring),
+            insecure_unverified=insecure_unverified,
         )
         hashes = _release_sha256(release, source=source)
         base = f"{component}/binary-{arch}/Packages"
@@ -476,7 +533,7 @@ def load_index(
         for attempt, url in enumerate(urls):
             try:
                 packages = _ensure_blob(
-                    url, blobs / sha256, size=size, sha256=sha256, label=name,
+                    url, blobs / sha256, size=size, sha256=sha256, label=name, work=root / "tmp",
                     progress=progress,
                 )
                 break
@@ -498,19 +555,25 @@ def fetch_deb(
     *,
     cache: Path,
     progress: Progress | None = None,
+    notice: Callable[[str], None] = _ignore,
 ) -> Path:
-    """RECORD's .deb, verified against the index, as cache/debs/<sha256>.deb."""
+    """RECORD's .deb, verified against the index, as cache/debs/<sha256>.deb.
+
+    A copy already there is used only if its bytes still match; a download that died
+    is resumed where it stopped. Concurrent callers make one download.
+    """
     if not _SHA256_HEX.fullmatch(record.sha256) or _unsafe_filename(record.filename):
         raise FetchError(f"{record.name}: unusable index entry {record.filename!r}")
     debs = cache / "debs"
-    url = f"{index.mirror}/{record.filename}"
     with locked(debs / ".lock"):
-        remove_stale_parts(debs)
-        return _ensure_blob(
-            url,
-            debs / f"{record.sha256}.deb",
-            size=record.size,
-            sha256=record.sha256,
-            label=posixpath.basename(record.filename),
-            progress=progress,
-        )
+        remove_stale_parts(debs)  # left by vmrun versions that did not resume
+        remove_dead_parts(debs / "tmp", older_than=STALE_PART_AGE_S)
+    return fetch_verified(
+        f"{index.mirror}/{record.filename}",
+        debs / f"{record.sha256}.deb",
+        Expected("sha256", record.sha256),
+        size=record.size,
+        work=debs / "tmp",
+        progress=progress,
+        notice=notice,
+    )

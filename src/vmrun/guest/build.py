@@ -1,7 +1,8 @@
 """The default guest: a Debian kernel, busybox-static and vmrun's agent as PID 1.
 
-Everything is fetched from the Debian archive through its chain of hashes, unpacked in
-Python and cached by content, so later uses need no network.
+Everything is fetched from the Debian archive through its signed chain of hashes,
+unpacked in Python and cached by content, so later uses need no network. A cached kernel
+or initramfs whose bytes changed on disk is detected on use and rebuilt, never booted.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,13 @@ shm /dev/shm tmpfs nosuid,nodev,mode=1777 0 0
 Notice = Callable[[str], None]
 Progress = Callable[[str, int, int | None], None]
 
+# The one name of the way to boot a guest whose packages nobody vouched for.
+INSECURE_OPTION = "--insecure-unverified-guest"
+INSECURE_ENV = "VMRUN_INSECURE_UNVERIFIED_GUEST"
+# File timestamps are coarse (a few ms): a change this close to the moment a file was
+# last hashed could leave its size and times as they were, so such a file is hashed again.
+_RACY_NS = 2_000_000_000
+
 
 @dataclass(frozen=True)
 class Guest:
@@ -109,22 +118,25 @@ def _resolve_kernel(index: PackageIndex, name: str) -> PackageRecord:
 
 
 def _fetch_debs(arch: Arch, *, mirror: str, cache: Path, notice: Notice,
-                progress: Progress | None) -> dict[str, str]:
+                progress: Progress | None, insecure: bool) -> tuple[dict[str, str], bool]:
+    """The kernel and busybox .debs, and whether the index naming them was signed."""
     from vmrun.debian import archive
 
     index = archive.load_index(
         mirror=mirror, suite=guest_suite(arch), arch=arch.debian_arch, cache=cache,
-        notice=notice, progress=progress,
+        notice=notice, progress=progress, insecure_unverified=insecure,
     )
     kernel = _resolve_kernel(index, arch.kernel_package)
     busybox = index.lookup("busybox-static")
     notice(f"fetching {kernel.name} {kernel.version} and busybox-static {busybox.version} "
            f"for {arch.debian_arch} from {mirror}")
     debs = {
-        "kernel": archive.fetch_deb(index, kernel, cache=cache, progress=progress),
-        "busybox": archive.fetch_deb(index, busybox, cache=cache, progress=progress),
+        "kernel": archive.fetch_deb(index, kernel, cache=cache, progress=progress,
+                                    notice=notice),
+        "busybox": archive.fetch_deb(index, busybox, cache=cache, progress=progress,
+                                     notice=notice),
     }
-    return {role: str(path) for role, path in debs.items()}
+    return {role: str(path) for role, path in debs.items()}, index.signed
 
 
 def _wanted_member(name: str) -> bool:
@@ -142,7 +154,7 @@ def _unpack_kernel(deb: Path, arch: Arch, cache: Path) -> Path:
     from vmrun.guest import kernel as kernellib
 
     # Keyed by what is unpacked too, so a vmrun that needs more modules unpacks again.
-    final = cache / "kernels" / cachelib.key_of(cachelib.sha256_file(deb), *MODULE_DIRS)
+    final = _kernel_dir(deb, cache)
     if (final / "vmlinuz").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +179,15 @@ def _unpack_kernel(deb: Path, arch: Arch, cache: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final
+
+
+def _kernel_dir(deb: Path, cache: Path) -> Path:
+    # DEB is named by its sha256, checked before use (_intact_deb).
+    return cache / "kernels" / cachelib.key_of(deb.stem, *MODULE_DIRS)
+
+
+def _busybox_dir(deb: Path, cache: Path) -> Path:
+    return cache / "busybox" / deb.stem
 
 
 def _modules_root(kernel_dir: Path) -> Path:
@@ -243,7 +264,7 @@ def _build_initrd(kernel_dir: Path, busybox_root: Path, arch: Arch, cache: Path)
 def _unpack_busybox(deb: Path, cache: Path) -> Path:
     from vmrun.debian.deb import extract_deb
 
-    final = cache / "busybox" / cachelib.sha256_file(deb)
+    final = _busybox_dir(deb, cache)
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -257,32 +278,149 @@ def _unpack_busybox(deb: Path, cache: Path) -> Path:
     return final
 
 
+def _insecure_requested(explicit: bool) -> bool:
+    return explicit or os.environ.get(INSECURE_ENV, "") not in ("", "0")
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    """What _intact checks PATH against later: its hash, and its size and times now."""
+    checked = time.time_ns()
+    return {"path": str(path), "sha256": cachelib.sha256_file(path),
+            "stat": _stat_key(os.stat(path)), "checked_ns": checked}
+
+
+def _intact(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """ENTRY, brought up to date, if its file still holds the bytes hashed; else None.
+
+    Unchanged size, times and inode, long enough after the last hash, mean unchanged
+    bytes (nothing is hashed: every run's start-up counts); anything else is hashed.
+    """
+    try:
+        path = Path(entry["path"])
+        st = os.stat(path)
+        if (_stat_key(st) == entry["stat"]
+                and st.st_ctime_ns + _RACY_NS < int(entry["checked_ns"])):
+            return entry
+        if cachelib.sha256_file(path) != entry["sha256"]:
+            return None
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    return _file_record(path)
+
+
+def _intact_deb(path: str) -> bool:
+    """Whether the cached .deb at PATH still holds the bytes its name (sha256) says."""
+    deb = Path(path)
+    try:
+        if cachelib.sha256_file(deb) == deb.stem:
+            return True
+    except OSError:
+        return False
+    deb.unlink()
+    return False
+
+
+def _read_pointer(pointer: Path) -> dict[str, Any]:
+    try:
+        recorded = json.loads(pointer.read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _cached_guest(arch: Arch, pointer: Path, recorded: dict[str, Any], build_key: str,
+                  notice: Notice) -> Guest | None:
+    """The guest recorded under BUILD_KEY if its files are intact; damaged ones go."""
+    built = recorded.get("built")
+    built = built.get(build_key) if isinstance(built, dict) else None
+    if not isinstance(built, dict) or not isinstance(built.get("release"), str):
+        return None
+    if not all(isinstance(built.get(role), dict) for role in ("kernel", "initrd")):
+        return None  # written by an older vmrun, which kept no hashes
+    checked = {role: _intact(built[role]) for role in ("kernel", "initrd")}
+    damaged = [role for role, entry in checked.items() if entry is None]
+    if damaged:
+        for role in damaged:
+            notice(f"the cached guest {role} {built[role].get('path')} changed on disk or "
+                   "is gone; rebuilding the guest")
+        _discard_built(built, recorded, pointer.parent.parent)
+        return None
+    if checked != {role: built[role] for role in checked}:
+        _write_pointer(pointer, {**recorded, "built": {build_key: {**built, **checked}}})
+    kernel, initrd = Path(built["kernel"]["path"]), Path(built["initrd"]["path"])
+    return Guest(arch=arch, kernel=kernel, initrd=initrd, release=built["release"],
+                 key=cachelib.key_of(str(kernel), str(initrd)))
+
+
+def _discard_built(built: dict[str, Any], recorded: dict[str, Any], cache: Path) -> None:
+    """Remove what a damaged guest was made of, so all of it is unpacked again."""
+    kernel, initrd = built["kernel"], built["initrd"]
+    doomed = [Path(str(kernel.get("path", ""))).parent] if kernel.get("path") else []
+    for role, unpack_dir in (("kernel", _kernel_dir), ("busybox", _busybox_dir)):
+        if isinstance(recorded.get(role), str):
+            doomed.append(unpack_dir(Path(recorded[role]), cache))
+    for directory in doomed:
+        if directory.parent.parent == cache:  # only what vmrun made under the cache
+            shutil.rmtree(directory, ignore_errors=True)
+    if initrd.get("path"):
+        with contextlib.suppress(OSError):
+            Path(str(initrd["path"])).unlink()
+
+
+def _write_pointer(pointer: Path, recorded: dict[str, Any]) -> None:
+    with cachelib.staged(pointer) as tmp:
+        tmp.write_text(json.dumps(recorded))
+
+
+def _reusable_debs(recorded: dict[str, Any], mirror: str) -> dict[str, str] | None:
+    if recorded.get("mirror") != mirror:
+        return None
+    debs = {role: recorded.get(role) for role in ("kernel", "busybox")}
+    if not all(isinstance(path, str) and _intact_deb(path) for path in debs.values()):
+        return None
+    return {role: str(path) for role, path in debs.items()}
+
+
 def ensure_guest(arch: Arch, *, mirror: str | None = None, cache: Path | None = None,
                  notice: Notice = lambda _: None, progress: Progress | None = None,
-                 refresh: bool = False) -> Guest:
-    """The default guest for ARCH, fetched and built on first use, cached afterwards."""
+                 refresh: bool = False, insecure_unverified_guest: bool = False) -> Guest:
+    """The default guest for ARCH, fetched and built on first use, cached afterwards.
+
+    The packages come from an InRelease whose signature was checked (see
+    vmrun.debian.archive.load_index); without gpgv or sqv that is an error, unless
+    INSECURE_UNVERIFIED_GUEST (or $VMRUN_INSECURE_UNVERIFIED_GUEST=1) accepts a guest
+    nobody vouched for, with a warning through NOTICE on every call. A guest built that
+    way is never used without that option. Cached files whose bytes changed on disk are
+    rebuilt from the (re-verified) packages.
+    """
     cache = cache or cachelib.cache_dir()
     mirror = mirror or mirror_from_env()
+    insecure = _insecure_requested(insecure_unverified_guest)
+    if insecure:
+        notice(f"WARNING: {INSECURE_OPTION}: the guest kernel and agent from {mirror} are "
+               "not signature-checked; whoever can alter that traffic runs code with your "
+               "shared directory")
     pointer = _pointer(cache, arch)
     # What this vmrun's initramfs depends on besides the packages: checked on every use.
     build_key = cachelib.key_of(INITRD_FORMAT, _agent_script(), mirror)
     with cachelib.locked(pointer.with_suffix(".lock")):
-        debs: dict[str, str] | None = None
-        recorded: dict[str, Any] = {}
-        if pointer.exists() and not refresh:
-            recorded = json.loads(pointer.read_text())
-            built = recorded.get("built", {}).get(build_key)
-            if built and all(Path(built[k]).exists() for k in ("kernel", "initrd")):
-                return Guest(arch=arch, kernel=Path(built["kernel"]),
-                             initrd=Path(built["initrd"]), release=built["release"],
-                             key=cachelib.key_of(built["kernel"], built["initrd"]))
-            if recorded.get("mirror") == mirror and all(
-                Path(recorded.get(role, "")).is_file() for role in ("kernel", "busybox")
-            ):
-                debs = {role: recorded[role] for role in ("kernel", "busybox")}
-        if debs is None:
-            debs = _fetch_debs(arch, mirror=mirror, cache=cache, notice=notice,
-                               progress=progress)
+        recorded = {} if refresh else _read_pointer(pointer)
+        # A guest from an unsigned index is used only by whoever accepts one.
+        if recorded.get("verified") is not True and not insecure:
+            recorded = {}
+        guest = _cached_guest(arch, pointer, recorded, build_key, notice)
+        if guest is not None:
+            return guest
+        debs = _reusable_debs(recorded, mirror)
+        if debs is not None:
+            verified = recorded.get("verified") is True
+        else:
+            debs, verified = _fetch_debs(arch, mirror=mirror, cache=cache, notice=notice,
+                                         progress=progress, insecure=insecure)
         kernel_dir = _unpack_kernel(Path(debs["kernel"]), arch, cache)
         busybox_root = _unpack_busybox(Path(debs["busybox"]), cache)
         initrd = _build_initrd(kernel_dir, busybox_root, arch, cache)
@@ -290,12 +428,11 @@ def ensure_guest(arch: Arch, *, mirror: str | None = None, cache: Path | None = 
         if not kernel.exists():
             kernel = kernel_dir / "vmlinuz"
         release = _modules_root(kernel_dir).name
-        # Remember the result, so later uses hash nothing and touch no index.
-        with cachelib.staged(pointer) as tmp:
-            tmp.write_text(json.dumps({
-                **debs, "mirror": mirror,
-                "built": {build_key: {"kernel": str(kernel), "initrd": str(initrd),
-                                      "release": release}},
-            }))
+        # Remember the result, so later uses touch no index and, mostly, hash nothing.
+        _write_pointer(pointer, {
+            **debs, "mirror": mirror, "verified": verified,
+            "built": {build_key: {"kernel": _file_record(kernel),
+                                  "initrd": _file_record(initrd), "release": release}},
+        })
     return Guest(arch=arch, kernel=kernel, initrd=initrd, release=release,
                  key=cachelib.key_of(str(kernel), str(initrd)))

@@ -24,6 +24,7 @@ from vmrun.errors import ImageError, UsageError
 from vmrun.images import disk, formats, store
 from vmrun.images.aliases import ALIASES
 from vmrun.images.partitions import SECTOR, find_root_partition, head_arch, read_head
+from vmrun.images.rawdisk import require_disk
 from vmrun.rundir import live_runs
 from vmrun.spec import Boot
 
@@ -45,7 +46,8 @@ def base_image(ref: str, *, arch: str, notice: Notice,
     path = Path(ref)
     if "/" in ref or path.exists():
         if not path.is_file():
-            raise ImageError(f"no image file {ref}")
+            raise ImageError(f"{ref} is not a regular file" if path.exists()
+                             else f"no image file {ref}")
         return path.resolve(), None
     try:
         stored = store.resolve(ref)
@@ -82,13 +84,16 @@ class Base:
 
 
 def prepare(ref: str, *, guest_arch: str, debian_arch: str, notice: Notice,
-            progress: Progress | None = None) -> Base:
-    """Find REF's base and check it: its header, that it is unchanged, its architecture.
+            progress: Progress | None = None, image_format: str | None = None) -> Base:
+    """Find REF's base and check it: its header, that it is unchanged, its architecture;
+    an image file without a header must look like a raw disk unless IMAGE_FORMAT is raw.
 
     Runs before anything boots, so a refused image costs no VM.
     """
     path, digest = base_image(ref, arch=debian_arch, notice=notice, progress=progress)
     info = check_base(path, digest)
+    if digest is None:
+        require_disk(path, str(info.format), image_format, "--image-format")
     head = read_head(path, str(info.format))
     declared = head_arch(head)
     if declared is not None and declared != guest_arch:

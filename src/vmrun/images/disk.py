@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vmrun.errors import ImageError, UnsafeImage, UsageError
-from vmrun.images import qemu_img
+from vmrun.images import formats, qemu_img
 
 Progress = Callable[[float], None]
 
@@ -122,14 +122,19 @@ def create(path: Path, size: str | int, fmt: str = "qcow2") -> None:
         qemu_img.run_qemu_img(["create", "-q", "-f", fmt, qemu_img.filename(tmp), str(nbytes)])
 
 
-def overlay(base: Path, new: Path, *, base_format: str) -> None:
-    """A new qcow2 overlay NEW on BASE (recorded by absolute path and with its format)."""
-    base_format = check_format(base_format)
-    _require(base)
+def overlay(
+    base: Path, new: Path, *, base_format: str | None, follow_backing: bool = False,
+) -> None:
+    """A new qcow2 overlay NEW on BASE (recorded by absolute path and with its format).
+
+    BASE_FORMAT None means BASE's header decides; BASE's own backing chain (qemu-img
+    opens it) is then followed only with FOLLOW_BACKING, see `chain_for_reading`.
+    """
+    layers = chain_for_reading(base, base_format, follow_backing=follow_backing)
     with _output(new) as tmp:
         qemu_img.run_qemu_img([
-            "create", "-q", "-f", "qcow2", "-b", qemu_img.filename(base), "-F", base_format,
-            qemu_img.filename(tmp),
+            "create", "-q", "-f", "qcow2", "-b", qemu_img.filename(base), "-F",
+            layers[0].format, qemu_img.filename(tmp),
         ])
 
 
@@ -146,25 +151,58 @@ def _backing_path(layer: Path, name: str) -> Path:
     prefix, colon, _ = name.partition(":")
     if colon and "/" not in prefix:
         # "json:{...}", "nbd:host:port", "file:/etc/shadow": qemu would read a protocol.
-        raise ImageError(f"{layer} names its backing file with a protocol ({name[:60]!r}); "
-                         "refused")
+        raise UnsafeImage(f"{layer} names its backing file with a protocol ({name[:60]!r}); "
+                          "refused")
     backing = Path(name)
     # qemu resolves a relative backing name against the overlay's directory.
     return backing if backing.is_absolute() else layer.parent / backing
 
 
-def chain(path: Path, fmt: str | None = None) -> list[Layer]:
-    """The backing chain of PATH, top layer first.
+def _check_kind(path: Path, *, top: bool) -> None:
+    """A layer must be a regular file; the file the user named may be a block device."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ImageError(f"{path} does not exist") from None
+    except OSError as error:
+        raise ImageError(f"cannot read {path}: {error.strerror}") from None
+    if stat.S_ISREG(mode) or (top and stat.S_ISBLK(mode)):
+        return
+    what = "a backing file" if not top else "an image"
+    raise ImageError(f"{path} is not a regular file, refused as {what}")
 
-    Each backing file is checked to exist before qemu-img looks at it, so that a missing
+
+def chain(path: Path, fmt: str | None = None) -> list[Layer]:
+    """The backing chain of PATH, top layer first, for listing.
+
+    Listing is what `chain` is asked for, so it walks backing references whatever the
+    format source, but it only reads headers (bounded, in Python, never qemu-img), and
+    every layer passes the header check: no `json:` or protocol name, no external data
+    file, only regular files. Each backing file is checked to exist, so that a missing
     one is named together with the overlay that needs it. FMT defaults to what PATH's
     header says (qcow2 or raw).
     """
-    return _walk(path, fmt, strict=False)
+    return _walk(path, fmt, follow=True, strict=False)
 
 
-def _walk(path: Path, fmt: str | None, *, strict: bool) -> list[Layer]:
-    _require(path)
+def chain_for_reading(path: Path, fmt: str | None, *, follow_backing: bool = False) -> list[Layer]:
+    """PATH's chain, checked layer by layer before qemu-img opens any of it.
+
+    The rule for every command that reads image data: FMT None means PATH's header
+    decides (qcow2 or raw), and a guessed format never makes vmrun read another file:
+    following a backing file (or a VMDK descriptor's extents) needs the caller's word,
+    a format given in FMT or FOLLOW_BACKING. Followed, a backing file may be named by any
+    path, absolute too (vmrun's own overlays name their base so), but never by a `json:`
+    or protocol name; VMDK extents only as plain names beside the descriptor. Each layer
+    must be a regular file, pass the header check, match the format its overlay records
+    (which qcow2 layers must record, so qemu-img never probes), and the chain must end
+    within MAX_CHAIN_DEPTH layers without a loop.
+    """
+    return _walk(path, fmt, follow=fmt is not None or follow_backing, strict=True)
+
+
+def _walk(path: Path, fmt: str | None, *, follow: bool, strict: bool) -> list[Layer]:
+    _check_kind(path, top=True)
     current = path
     current_fmt: str = check_format(fmt) if fmt is not None else detect_format(path)
     layers: list[Layer] = []
@@ -175,24 +213,28 @@ def _walk(path: Path, fmt: str | None, *, strict: bool) -> list[Layer]:
             raise ImageError(f"backing chain of {path} loops or is deeper than "
                              f"{MAX_CHAIN_DEPTH} layers (at {current})")
         seen.add((st.st_dev, st.st_ino))
-        data = qemu_img.info(current, current_fmt)
-        backing = data.get("backing-filename")
-        layers.append(Layer(
-            path=current, format=current_fmt, virtual_size=int(data.get("virtual-size", 0)),
-            actual_size=int(data.get("actual-size", 0)), backing=backing,
-        ))
-        if not backing:
+        layer, recorded = _read_layer(current, current_fmt, st.st_size,
+                                      st.st_blocks * 512, follow=follow)
+        layers.append(layer)
+        if layer.backing is None:
             return layers
-        next_path = _backing_path(current, backing)
+        if not follow:
+            raise UnsafeImage(
+                f"{current} has the backing file {layer.backing!r}, and its format was "
+                "guessed: refusing to read another file",
+                hint="if you trust it, name its format (--format/--from) or pass "
+                "--follow-backing",
+            )
+        next_path = _backing_path(current, layer.backing)
         if not next_path.exists():
             raise ImageError(
                 f"backing file {next_path} of {current} is missing",
                 hint="restore it, or point the overlay elsewhere with vmrun disk rebase",
             )
-        recorded = data.get("backing-filename-format")
+        _check_kind(next_path, top=False)
         if recorded:
-            current_fmt = check_format(recorded)
-        elif strict and current_fmt == Format.QCOW2:
+            current_fmt = _recorded_format(current, recorded)
+        elif strict:
             # Without a recorded format qemu-img would probe the backing file's format.
             raise ImageError(
                 f"{current} does not record the format of its backing file {next_path}",
@@ -205,38 +247,65 @@ def _walk(path: Path, fmt: str | None, *, strict: bool) -> list[Layer]:
         current = next_path
 
 
-# Incompatible qcow2 features vmrun knows: dirty, corrupt, external data file,
-# compression type, extended L2.
-_KNOWN_INCOMPATIBLE = 0b11111
+def _recorded_format(layer: Path, recorded: str) -> Format:
+    try:
+        return Format(recorded)
+    except ValueError:
+        raise UnsafeImage(f"{layer} records an unknown backing format {recorded!r}; "
+                          "refused") from None
 
 
-def _chain_ok(path: Path, fmt: str) -> list[Layer]:
-    """PATH's chain, checked to be complete and to name every backing format, with no
-    layer that makes qemu-img read a file outside the chain (an external data file)."""
-    from vmrun.images.formats import inspect_image
+def _read_layer(path: Path, fmt: str, size: int, actual: int, *,
+                follow: bool) -> tuple[Layer, str | None]:
+    """One layer from its header (checked), and its backing file's recorded format."""
+    if fmt == Format.RAW:
+        # Opened as raw, a file names nothing else, whatever its bytes say.
+        return Layer(path, fmt, size, actual, None), None
+    refs = formats.References.FOLLOW if follow else formats.References.IGNORE
+    info = _check_header(path, refs)
+    if info.format.value != fmt:
+        raise UnsafeImage(f"{path} is read as {fmt}, but its header says "
+                          f"{info.format.value}: refused")
+    header = info.qcow2
+    if header is None:
+        return Layer(path, fmt, info.virtual_size, actual, None), None
+    return (Layer(path, fmt, header.virtual_size, actual, header.backing_file),
+            header.backing_format)
 
-    layers = _walk(path, fmt, strict=True)
-    for layer in layers:
-        header = inspect_image(layer.path).qcow2 if layer.format == "qcow2" else None
-        if header is None:
-            continue
-        if header.data_file is not None or header.incompatible_features & 0b100:
-            raise UnsafeImage(f"{layer.path} keeps its data in another file "
-                              f"({header.data_file or 'external data file bit'}): refused")
-        if header.incompatible_features & ~_KNOWN_INCOMPATIBLE:
-            raise UnsafeImage(f"{layer.path} has unknown incompatible features "
-                              f"({header.incompatible_features:#x}): refused")
-    return layers
+
+def _check_header(path: Path, refs: formats.References) -> formats.ImageInfo:
+    """The header check of `--image`, with what PATH may name besides itself."""
+    try:
+        header = formats.inspect_image(path).qcow2
+    except ImageError:
+        header = None  # broken: the check below says why
+    if header is not None and (header.data_file is not None
+                               or header.incompatible_features & 0b100):
+        raise UnsafeImage(f"{path} keeps its data in another file "
+                          f"({header.data_file or 'external data file bit'}): refused")
+    return formats.check_foreign_image(path, references=refs)
 
 
-def commit(overlay: Path, fmt: str = "qcow2", *, progress: Progress | None = None) -> None:
-    """Write OVERLAY's changes into its backing file (and empty OVERLAY)."""
-    fmt = check_format(fmt)
-    layers = _chain_ok(overlay, fmt)
+def _work(layers: list[Layer]) -> int:
+    """Bytes of image data a call over LAYERS may move: its limits grow with it."""
+    return max(layer.virtual_size for layer in layers)
+
+
+def commit(overlay: Path, fmt: str | None = "qcow2", *, follow_backing: bool = False,
+           progress: Progress | None = None) -> None:
+    """Write OVERLAY's changes into its backing file (and empty OVERLAY).
+
+    FMT None means the header decides; then the backing file is written only with
+    FOLLOW_BACKING (see `chain_for_reading`). OVERLAY is checked to be intact first.
+    """
+    layers = chain_for_reading(overlay, fmt, follow_backing=follow_backing)
+    if layers[0].format != Format.QCOW2:
+        raise UsageError(f"{overlay} is {layers[0].format}; only a qcow2 overlay commits")
     if len(layers) < 2:
         raise UsageError(f"{overlay} has no backing file to commit into")
-    qemu_img.run_qemu_img(["commit", "-f", fmt, qemu_img.filename(overlay)],
-                          untrusted=False, progress=progress)
+    check_overlay(overlay)
+    qemu_img.run_qemu_img(["commit", "-f", "qcow2", qemu_img.filename(overlay)],
+                          progress=progress, work_bytes=_work(layers))
 
 
 def rebase(
@@ -245,31 +314,40 @@ def rebase(
     *,
     base_format: str | None,
     unsafe: bool = False,
+    fmt: str | None = "qcow2",
+    follow_backing: bool = False,
     progress: Progress | None = None,
 ) -> None:
     """Give qcow2 OVERLAY the backing file NEW_BASE, or none (standalone) when None.
 
     Safe mode keeps OVERLAY's content, copying what differs; UNSAFE only rewrites the
-    backing file name (for a base that was moved or renamed).
+    backing file name (for a base that was moved or renamed). Both chains are checked
+    with `chain_for_reading` (FMT and BASE_FORMAT None: the headers decide, and then only
+    FOLLOW_BACKING follows a backing file).
     """
-    if new_base is None:
-        if unsafe:
-            raise UsageError("--unsafe with --standalone would lose the base's data")
-        backing_args = ["-b", ""]
-    else:
-        if base_format is None:
-            raise UsageError("rebase needs the new base's format")
-        _require(new_base)
-        backing_args = ["-b", qemu_img.filename(new_base), "-F", check_format(base_format)]
+    if new_base is None and unsafe:
+        raise UsageError("--unsafe with --standalone would lose the base's data")
+    backing_args = ["-b", ""]
+    work = 0
+    if new_base is not None:
+        base_layers = chain_for_reading(new_base, base_format, follow_backing=follow_backing)
+        backing_args = ["-b", qemu_img.filename(new_base), "-F", base_layers[0].format]
+        work = _work(base_layers)
     if unsafe:
-        _require(overlay)
+        # Only the header is rewritten; the old chain is never opened.
+        _check_kind(overlay, top=True)
+        top = _check_header(overlay, formats.References.IGNORE)
     else:
         # Safe mode reads the old chain: name a missing file before qemu-img trips on it.
-        _chain_ok(overlay, "qcow2")
+        layers = chain_for_reading(overlay, fmt, follow_backing=follow_backing)
+        top = formats.inspect_image(overlay)
+        work = max(work, _work(layers))
+    if top.format != formats.ImageFormat.QCOW2:
+        raise UsageError(f"{overlay} is {top.format.value}; only a qcow2 image rebases")
     qemu_img.run_qemu_img(
         ["rebase", "-f", "qcow2", *(["-u"] if unsafe else []), *backing_args,
          qemu_img.filename(overlay)],
-        untrusted=False, progress=None if unsafe else progress,
+        progress=None if unsafe else progress, work_bytes=work,
     )
 
 
@@ -277,22 +355,26 @@ def convert(
     src: Path,
     dst: Path,
     *,
-    src_format: str,
+    src_format: str | None,
     dst_format: str,
     compress: bool = False,
+    follow_backing: bool = False,
     progress: Progress | None = None,
 ) -> None:
-    """Copy SRC (with its whole backing chain) into a new standalone image DST."""
-    src_format = check_format(src_format)
+    """Copy SRC (with its whole backing chain) into a new standalone image DST.
+
+    SRC_FORMAT None means SRC's header decides, and then a backing file is read only with
+    FOLLOW_BACKING (see `chain_for_reading`).
+    """
     dst_format = check_format(dst_format)
     if compress and dst_format != Format.QCOW2:
         raise UsageError(f"compression needs qcow2 output, not {dst_format}")
-    _chain_ok(src, src_format)
+    layers = chain_for_reading(src, src_format, follow_backing=follow_backing)
     with _output(dst) as tmp:
         qemu_img.run_qemu_img(
-            ["convert", "-f", src_format, "-O", dst_format, *(["-c"] if compress else []),
-             qemu_img.filename(src), qemu_img.filename(tmp)],
-            untrusted=False, progress=progress,
+            ["convert", "-f", layers[0].format, "-O", dst_format,
+             *(["-c"] if compress else []), qemu_img.filename(src), qemu_img.filename(tmp)],
+            progress=progress, work_bytes=_work(layers),
         )
 
 
@@ -302,27 +384,29 @@ def flatten(
     *,
     dst_format: str = "qcow2",
     src_format: str | None = None,
+    follow_backing: bool = False,
     progress: Progress | None = None,
 ) -> None:
-    """The whole chain of SRC as one standalone image DST."""
-    fmt = check_format(src_format) if src_format is not None else detect_format(src)
-    convert(src, dst, src_format=fmt, dst_format=dst_format, progress=progress)
+    """The whole chain of SRC as one standalone image DST (see `convert`)."""
+    convert(src, dst, src_format=src_format, dst_format=dst_format,
+            follow_backing=follow_backing, progress=progress)
 
 
 def compact(
     src: Path,
     dst: Path | None = None,
     *,
-    fmt: str = "qcow2",
+    fmt: str | None = "qcow2",
+    follow_backing: bool = False,
     progress: Progress | None = None,
 ) -> None:
     """Rewrite SRC without unused or zeroed clusters, in place or into DST.
 
-    An image with a backing file keeps it; internal snapshots would be lost, so an image
-    with any is refused.
+    An image with a backing file keeps it (read only as `chain_for_reading` allows);
+    internal snapshots would be lost, so an image with any is refused.
     """
-    fmt = check_format(fmt)
-    layers = _chain_ok(src, fmt)
+    layers = chain_for_reading(src, fmt, follow_backing=follow_backing)
+    fmt = layers[0].format
     top = qemu_img.info(src, fmt)
     if top.get("snapshots"):
         raise UsageError(f"{src} has internal snapshots, which compacting would drop",
@@ -340,15 +424,20 @@ def compact(
         args += ["-B", backing, "-F", layers[1].format]
     with _output(target, replace=dst is None) as tmp:
         qemu_img.run_qemu_img([*args, qemu_img.filename(src), qemu_img.filename(tmp)],
-                              untrusted=False, progress=progress)
+                              progress=progress, work_bytes=_work(layers))
         os.chmod(tmp, stat.S_IMODE(src.stat().st_mode))
 
 
-def resize(path: Path, size: str, *, fmt: str = "qcow2", shrink: bool = False) -> None:
-    """Set PATH's virtual size; making it smaller needs SHRINK (data past the end is lost)."""
-    fmt = check_format(fmt)
+def resize(path: Path, size: str, *, fmt: str | None = "qcow2", shrink: bool = False,
+           follow_backing: bool = False) -> None:
+    """Set PATH's virtual size; making it smaller needs SHRINK (data past the end is lost).
+
+    qemu-img opens the backing chain of an overlay it resizes, so that chain is checked
+    and followed as `chain_for_reading` allows (FMT None: the header decides).
+    """
     nbytes = parse_size(size)
-    _require(path)
+    layers = chain_for_reading(path, fmt, follow_backing=follow_backing)
+    fmt = layers[0].format
     current = int(qemu_img.info(path, fmt).get("virtual-size", 0))
     if nbytes < current and not shrink:
         raise UsageError(
@@ -368,12 +457,6 @@ class Snapshot:
     vm_clock_ns: int
 
 
-def _image_opts(path: Path) -> str:
-    # `qemu-img snapshot` has no -f in QEMU 7.2; --image-opts names the driver instead.
-    return "driver=qcow2,file.driver=file,file.filename=" + qemu_img.filename(path).replace(
-        ",", ",,")
-
-
 def _check_name(name: str) -> None:
     if not name or name.isdigit() or name.startswith("-"):
         # qemu-img matches a snapshot by ID or by name: "2" could pick another one.
@@ -381,9 +464,21 @@ def _check_name(name: str) -> None:
                          hint="use a name that is not all digits and does not start with -")
 
 
+def _snapshot_target(path: Path) -> str:
+    """PATH, header-checked, as qemu-img opens it for snapshots: qcow2, no backing file.
+
+    Snapshots never need the backing chain, so it is never opened, whatever it names.
+    """
+    _check_kind(path, top=True)
+    info = _check_header(path, formats.References.IGNORE)
+    if info.format != formats.ImageFormat.QCOW2:
+        raise ImageError(f"{path} is {info.format.value}, not qcow2: it has no snapshots")
+    return qemu_img.alone(path, "qcow2")
+
+
 def snapshot_list(path: Path) -> list[Snapshot]:
     """The internal snapshots of qcow2 image PATH."""
-    _require(path)
+    _snapshot_target(path)
     return [
         Snapshot(
             id=str(entry.get("id", "")), name=str(entry.get("name", "")),
@@ -412,19 +507,19 @@ def snapshot_create(path: Path, name: str) -> None:
     _check_name(name)
     if any(s.name == name for s in snapshot_list(path)):
         raise UsageError(f"{path} already has a snapshot named {name!r}")
-    qemu_img.run_qemu_img(["snapshot", "-q", "--image-opts", "-c", name, _image_opts(path)])
+    qemu_img.run_qemu_img(["snapshot", "-q", "-c", name, _snapshot_target(path)])
 
 
 def snapshot_apply(path: Path, name: str) -> None:
     """Revert PATH to its internal snapshot NAME."""
     _named(path, name)
-    qemu_img.run_qemu_img(["snapshot", "-q", "--image-opts", "-a", name, _image_opts(path)])
+    qemu_img.run_qemu_img(["snapshot", "-q", "-a", name, _snapshot_target(path)])
 
 
 def snapshot_delete(path: Path, name: str) -> None:
     """Delete PATH's internal snapshot NAME."""
     _named(path, name)
-    qemu_img.run_qemu_img(["snapshot", "-q", "--image-opts", "-d", name, _image_opts(path)])
+    qemu_img.run_qemu_img(["snapshot", "-q", "-d", name, _snapshot_target(path)])
 
 
 def sparse_copy(src: Path, dst: Path) -> None:
@@ -473,7 +568,11 @@ def _copy_range(src_fd: int, dst_fd: int, start: int, end: int) -> None:
 
 
 def check_overlay(path: Path) -> None:
-    """ImageError unless PATH is an intact qcow2 image (leaked clusters are fine)."""
+    """ImageError unless PATH is an intact qcow2 image (leaked clusters are fine).
+
+    For an overlay vmrun did not just create, before it is consumed (`commit`, a baked
+    layer before it is stored). Its backing file is never opened.
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as file:
@@ -485,8 +584,9 @@ def check_overlay(path: Path) -> None:
     if len(header) < 72:
         raise ImageError(f"overlay {path} is truncated ({size} bytes, shorter than its header)")
     try:
+        # The backing file is not opened: the check reads the overlay alone.
         result = qemu_img.run_qemu_img(
-            ["check", "-f", "qcow2", "-U", "--output=json", qemu_img.filename(path)],
+            ["check", "-f", "qcow2", "-U", "--output=json", qemu_img.alone(path, "qcow2")],
             ok_returncodes=(0, 2, 3),
         )
     except ImageError as error:
@@ -494,7 +594,9 @@ def check_overlay(path: Path) -> None:
     report = _json_report(result.stdout)
     corruptions = int(report.get("corruptions", 0)) + int(report.get("check-errors", 0))
     end = int(report.get("image-end-offset", 0))
-    if end > size:
+    cluster = 1 << min(max(int.from_bytes(header[20:24], "big"), 9), 21)
+    # qemu may leave the file ending inside its last cluster (the rest reads as zeros).
+    if end > -(-size // cluster) * cluster:
         raise ImageError(
             f"overlay {path} is truncated: {size} bytes, but its metadata reaches {end}")
     if corruptions or result.returncode == 2:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import stat
 import struct
 import uuid
 from dataclasses import dataclass
@@ -24,12 +25,29 @@ __all__ = [
     "ImageFormat",
     "ImageInfo",
     "Qcow2Header",
+    "References",
     "Snapshot",
     "check_foreign_image",
     "detect_format",
     "inspect_image",
     "parse_qcow2_header",
 ]
+
+
+class References(StrEnum):
+    """What a checked image may name besides itself (backing files, VMDK extents).
+
+    REFUSE: nothing (an image given to `--image` or imported). BESIDE: a backing file by a
+    plain name in the image's directory (a stored layer). FOLLOW: the user's explicit word
+    to follow a chain: a backing file by any path name, never a `json:` or protocol name,
+    and VMDK extents as plain names beside the descriptor. IGNORE: any backing name, for a
+    caller that opens the image with its backing disabled (VMDK extents still refused).
+    """
+
+    REFUSE = "refuse"
+    BESIDE = "beside"
+    FOLLOW = "follow"
+    IGNORE = "ignore"
 
 
 class ImageFormat(StrEnum):
@@ -581,15 +599,20 @@ def inspect_image(path: Path) -> ImageInfo:
         raise ImageError(f"{path}: {e}") from e
 
 
-def check_foreign_image(path: Path, *, allow_backing: bool = False) -> ImageInfo:
+def check_foreign_image(
+    path: Path, *, allow_backing: bool = False, references: References | None = None,
+) -> ImageInfo:
     """Inspect an image from outside and refuse it unless its headers are safe to open.
 
     Raises UnsafeImage, naming the check that failed, for: a backing file (with
-    `allow_backing`, any backing name but a plain relative name in the same directory),
+    `allow_backing`, any backing name but a plain relative name in the same directory;
+    `references` says more precisely what else the image may name, see References),
     an external data file, the corrupt bit or unknown incompatible features, encryption,
     absurd sizes and tables, broken or truncated headers, and VMDK extents in other files.
     Raises ImageError only when the file cannot be read at all.
     """
+    if references is None:
+        references = References.BESIDE if allow_backing else References.REFUSE
     try:
         details = _inspect(path)
     except ImageError as e:
@@ -597,13 +620,13 @@ def check_foreign_image(path: Path, *, allow_backing: bool = False) -> ImageInfo
             raise  # unreadable, not refused
         raise UnsafeImage(f"{path}: refused: {e}") from e
     info = details.info
-    problem = _problem(details, allow_backing)
+    problem = _problem(details, references)
     if problem is not None:
         raise UnsafeImage(f"{path}: refused {info.format.value} image: {problem}")
     return info
 
 
-def _problem(details: _Details, allow_backing: bool) -> str | None:
+def _problem(details: _Details, refs: References) -> str | None:
     """What is wrong with the image, or None: the first failing check, in words."""
     info = details.info
     if info.format is ImageFormat.RAW and info.file_size < MIN_IMAGE_SIZE:
@@ -612,9 +635,9 @@ def _problem(details: _Details, allow_backing: bool) -> str | None:
     if info.virtual_size > MAX_VIRTUAL_SIZE:
         return f"virtual size {info.virtual_size} exceeds the {MAX_VIRTUAL_SIZE >> 40} TiB limit"
     if info.qcow2 is not None:
-        return _qcow2_problem(info.qcow2, info.file_size, allow_backing)
+        return _qcow2_problem(info.qcow2, info.file_size, refs)
     if details.vmdk is not None:
-        return _vmdk_problem(details.vmdk, allow_backing)
+        return _vmdk_problem(details.vmdk, refs, info.path)
     if details.vdi is not None:
         vdi = details.vdi
         if vdi.image_type not in (1, 2):
@@ -626,13 +649,13 @@ def _problem(details: _Details, allow_backing: bool) -> str | None:
         if vdi.blocks_in_image > (MAX_VIRTUAL_SIZE >> 20):
             return f"vdi block count {vdi.blocks_in_image} absurd"
     if details.vhdx is not None and details.vhdx.has_parent:
-        return _backing_problem("a vhdx parent", allow_backing=False)
+        return _backing_problem("a vhdx parent", References.REFUSE)
     return None
 
 
-def _qcow2_problem(q: Qcow2Header, file_size: int, allow_backing: bool) -> str | None:
+def _qcow2_problem(q: Qcow2Header, file_size: int, refs: References) -> str | None:
     if q.backing_file is not None:
-        problem = _backing_problem(q.backing_file, allow_backing)
+        problem = _backing_problem(q.backing_file, refs)
         if problem is not None:
             return problem
     if q.incompatible_features & INCOMPAT_DATA_FILE or q.data_file is not None:
@@ -683,14 +706,20 @@ def _qcow2_problem(q: Qcow2Header, file_size: int, allow_backing: bool) -> str |
     return None
 
 
-def _backing_problem(name: str, allow_backing: bool) -> str | None:
+def _backing_problem(name: str, refs: References) -> str | None:
     """None when `name` is an acceptable backing file name, else why it is not."""
-    if not allow_backing:
+    if refs is References.IGNORE:
+        return None  # never opened
+    if refs is References.REFUSE:
         return f"backing file {name!r} (backing files are not allowed here)"
     if name.startswith("json:"):
         return f"backing file {name!r} is a json: name"
     if ":" in name.split("/", 1)[0]:
         return f"backing file {name!r} has a protocol prefix"
+    if not name:
+        return "backing file '' is not a plain name in the image's directory"
+    if refs is References.FOLLOW:
+        return None  # any path the user asked to follow; each layer is checked in turn
     pure = PurePosixPath(name)
     if pure.is_absolute():
         return f"backing file {name!r} is an absolute path"
@@ -701,12 +730,17 @@ def _backing_problem(name: str, allow_backing: bool) -> str | None:
     return None
 
 
-def _vmdk_problem(vmdk: _Vmdk, allow_backing: bool) -> str | None:
+def _vmdk_problem(vmdk: _Vmdk, refs: References, path: Path) -> str | None:
     if vmdk.parent is not None:
-        problem = _backing_problem(vmdk.parent, allow_backing)
+        if refs in (References.FOLLOW, References.IGNORE):
+            # A VMDK parent has no recorded format: qemu would probe it.
+            return f"vmdk parent {vmdk.parent!r} (a parent's format is never recorded)"
+        problem = _backing_problem(vmdk.parent, refs)
         if problem is not None:
             return problem
     if not vmdk.sparse:
+        if vmdk.extents and refs is References.FOLLOW:
+            return _extents_problem(vmdk, path.parent)
         if vmdk.extents:
             names = ", ".join(repr(name) for _, name in vmdk.extents[:3])
             return f"vmdk descriptor names extents in other files ({names})"
@@ -721,4 +755,32 @@ def _vmdk_problem(vmdk: _Vmdk, allow_backing: bool) -> str | None:
         return f"vmdk grain size {vmdk.grain_size} sectors absurd"
     if not 1 <= vmdk.gtes_per_gt <= 512:
         return f"vmdk grain table size {vmdk.gtes_per_gt} absurd"
+    return None
+
+
+VMDK_EXTENT_KINDS = ("FLAT", "SPARSE", "ZERO")
+
+
+def _extents_problem(vmdk: _Vmdk, directory: Path) -> str | None:
+    """None when every extent of a VMDK descriptor is a plain file beside it."""
+    for kind, name in vmdk.extents:
+        if kind not in VMDK_EXTENT_KINDS:
+            return f"vmdk extent type {kind} (only {', '.join(VMDK_EXTENT_KINDS)})"
+        if kind == "ZERO":
+            continue
+        pure = PurePosixPath(name)
+        if not name or ":" in name or len(pure.parts) != 1 or name in (".", ".."):
+            return f"vmdk extent {name!r} is not a plain name beside the descriptor"
+        extent = directory / name
+        try:
+            mode = extent.lstat().st_mode
+        except OSError:
+            return f"vmdk extent {name!r} is missing"
+        if not stat.S_ISREG(mode):
+            return f"vmdk extent {name!r} is not a regular file (a link or a device)"
+        if kind == "SPARSE":
+            try:
+                check_foreign_image(extent)
+            except UnsafeImage as e:
+                return f"vmdk extent {name!r}: {e}"
     return None

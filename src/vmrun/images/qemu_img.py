@@ -33,6 +33,10 @@ UNTRUSTED_TIMEOUT = 120.0
 # 64 workers that exhausts a 1 GiB address space and qemu-img aborts in
 # qemu_thread_create. Two arenas keep convert working under the limit.
 UNTRUSTED_ENV = {"MALLOC_ARENA_MAX": "2"}
+# A call that moves image data (convert, commit, rebase) gets more time per byte: ample for
+# zlib compression on a slow core, still an end for a file that loops or never ends.
+BYTES_PER_CPU_SECOND = 4 << 20
+BYTES_PER_WALL_SECOND = 2 << 20
 STDERR_TAIL_BYTES = 64 * 1024
 
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
@@ -46,14 +50,24 @@ def qemu_img_path() -> str:
     return path
 
 
-def limit_child(untrusted: bool) -> None:
+def cpu_seconds(work_bytes: int) -> int:
+    """The CPU limit of an untrusted call that moves WORK_BYTES of image data."""
+    return CPU_SECONDS_LIMIT + work_bytes // BYTES_PER_CPU_SECOND
+
+
+def wall_seconds(work_bytes: int) -> float:
+    """The wall-clock limit of an untrusted call that moves WORK_BYTES of image data."""
+    return UNTRUSTED_TIMEOUT + work_bytes / BYTES_PER_WALL_SECOND
+
+
+def limit_child(untrusted: bool, cpu: int = CPU_SECONDS_LIMIT) -> None:
     """Set the resource limits of a qemu-img child; runs in the child before exec."""
     # Core dumps would hold image contents (and guest data) on the host.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if untrusted:
         resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
         # SIGXCPU at the soft limit, SIGKILL one second later should it be ignored.
-        resource.setrlimit(resource.RLIMIT_CPU, (CPU_SECONDS_LIMIT, CPU_SECONDS_LIMIT + 1))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 
 
 def run_qemu_img(
@@ -63,26 +77,29 @@ def run_qemu_img(
     progress: Callable[[float], None] | None = None,
     timeout: float | None = None,
     ok_returncodes: Container[int] = (0,),
+    work_bytes: int = 0,
 ) -> subprocess.CompletedProcess[str]:
     """Run `qemu-img ARGS`; a status outside OK_RETURNCODES raises ImageError.
 
     ARGS starts with the subcommand. With PROGRESS, `-p` is added and PROGRESS receives
     each percentage qemu-img reports. TIMEOUT is wall-clock seconds; None means no limit
-    for a trusted call and UNTRUSTED_TIMEOUT for an untrusted one.
+    for a trusted call and, for an untrusted one, UNTRUSTED_TIMEOUT plus time for
+    WORK_BYTES, the image data the call moves (which raises its CPU limit likewise).
     """
     if not args:
         raise ValueError("run_qemu_img needs a subcommand")
     subcommand = args[0]
     argv = [qemu_img_path(), subcommand, *(["-p"] if progress is not None else []), *args[1:]]
     if timeout is None and untrusted:
-        timeout = UNTRUSTED_TIMEOUT
+        timeout = wall_seconds(work_bytes)
+    cpu = cpu_seconds(work_bytes)
     env = {**os.environ, **UNTRUSTED_ENV} if untrusted else None
     with tempfile.TemporaryFile() as stderr_file:
         # stderr goes to a file, not a pipe: `qemu-img check` can write thousands of
         # lines there, and a full pipe would stall it while we wait on stdout.
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr_file,
-            env=env, preexec_fn=lambda: limit_child(untrusted),
+            env=env, preexec_fn=lambda: limit_child(untrusted, cpu),
         )
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -101,7 +118,7 @@ def run_qemu_img(
             proc.stdout.close()
         stderr = _tail(stderr_file)
     if returncode not in ok_returncodes:
-        raise ImageError(_failure(subcommand, returncode, stderr, untrusted))
+        raise ImageError(_failure(subcommand, returncode, stderr, untrusted, cpu))
     return subprocess.CompletedProcess(argv, returncode, stdout, stderr)
 
 
@@ -153,13 +170,14 @@ def last_line(text: str) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-def _failure(subcommand: str, returncode: int, stderr: str, untrusted: bool) -> str:
+def _failure(subcommand: str, returncode: int, stderr: str, untrusted: bool,
+             cpu: int = CPU_SECONDS_LIMIT) -> str:
     detail = last_line(stderr)
     if returncode < 0:
         signum = -returncode
         name = signal.Signals(signum).name if signum in signal.valid_signals() else str(signum)
         if untrusted and signum in (signal.SIGXCPU, signal.SIGKILL):
-            why = f"exceeded its CPU limit of {CPU_SECONDS_LIMIT} s ({name})"
+            why = f"exceeded its CPU limit of {cpu} s ({name})"
         else:
             why = f"was killed by {name}"
             if untrusted:
@@ -188,3 +206,10 @@ def info(path: Path, fmt: str, *, chain: bool = False) -> Any:
         return json.loads(result.stdout)
     except json.JSONDecodeError as error:
         raise ImageError(f"qemu-img info gave unreadable output for {path}: {error}") from None
+
+
+def alone(path: Path, fmt: str) -> str:
+    """PATH as a `json:` file name that opens it as FMT with no backing file at all."""
+    return "json:" + json.dumps({
+        "driver": fmt, "file": {"driver": "file", "filename": filename(path)}, "backing": None,
+    })

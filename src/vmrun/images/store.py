@@ -22,8 +22,6 @@ may have open and be waiting on would let two processes hold "the" lock at once.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import http.client
 import json
@@ -36,13 +34,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from vmrun.cache import cache_dir, key_of, locked, remove_stale_parts, sha256_file, staged
+from vmrun.download import Expected, download, lock_if_free, open_url, read_sidecar
 from vmrun.errors import FetchError, ImageError, UsageError, VerificationError
 from vmrun.images import aliases
 
@@ -54,17 +53,11 @@ MIRROR_ENV = "VMRUN_IMAGE_MIRROR"
 STALE_PART_AGE_S = 24 * 3600.0
 DIGEST_PREFIX_MIN = 12
 
-_TIMEOUT_S = 60.0
 _CHUNK = 1 << 16
-# Downloads read bigger pieces: fewer Python-level loops per byte hashed and written.
-_DOWNLOAD_CHUNK = 1 << 20
 _CHECKSUMS_LIMIT = 4 << 20
-# Consecutive attempts without new bytes before a download gives up (and stays resumable).
-_ATTEMPTS = 3
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+@-]{0,127}")
 _HEX = re.compile(r"[0-9a-f]+")
 _DIGEST_LENGTHS = {64: "sha256", 128: "sha512"}
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _ZERO = bytes(_CHUNK)
 
 
@@ -82,14 +75,6 @@ class StoredImage:
     # A baked layer: the digests of the images under it, nearest first; () for a base.
     backing: tuple[str, ...] = ()
     bake_key: str | None = None
-
-
-@dataclass(frozen=True)
-class Expected:
-    """A hash the downloaded bytes must have."""
-
-    algorithm: str  # "sha256" or "sha512"
-    hexdigest: str
 
 
 def _quiet(message: str) -> None:
@@ -243,24 +228,6 @@ def _install_blob(root: Path, part: Path, digest: str, others: dict[str, str]) -
 # -- locks and leftovers --
 
 
-@contextlib.contextmanager
-def _lock_if_free(path: Path) -> Iterator[bool]:
-    """Try PATH's flock without waiting; yields whether it was free (and is now held)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
-
-
 def _clean_leftovers(root: Path, *, older_than: float | None) -> list[Path]:
     """Remove what dead writers left behind; returns the removed parts.
 
@@ -283,7 +250,7 @@ def _clean_leftovers(root: Path, *, older_than: float | None) -> list[Path]:
         part, sidecar, lock = tmp / f"{key}.part", tmp / f"{key}.json", tmp / f"{key}.lock"
         sidecar_new = tmp / f".{key}.json.new"
         resumable = (not key.startswith("import-") and part.is_file()
-                     and isinstance(_read_sidecar(sidecar).get("url"), str))
+                     and isinstance(read_sidecar(sidecar).get("url"), str))
         if older_than is not None and resumable:
             mtimes = []
             for leftover in (part, sidecar, sidecar_new):
@@ -291,7 +258,7 @@ def _clean_leftovers(root: Path, *, older_than: float | None) -> list[Path]:
                     mtimes.append(leftover.stat().st_mtime)
             if mtimes and now - max(mtimes) < older_than:
                 continue
-        with _lock_if_free(lock) as free:
+        with lock_if_free(lock) as free:
             if not free:
                 continue
             if part.exists():
@@ -359,16 +326,10 @@ def _check_url(url: str) -> str:
     return url
 
 
-def _open(url: str, headers: dict[str, str]) -> http.client.HTTPResponse:
-    request = urllib.request.Request(url, headers={"User-Agent": "vmrun", **headers})
-    response: http.client.HTTPResponse = urllib.request.urlopen(request, timeout=_TIMEOUT_S)
-    return response
-
-
 def _read_small(url: str, *, limit: int) -> bytes:
     _check_url(url)
     try:
-        with _open(url, {}) as response:
+        with open_url(url, {}) as response:
             data = response.read(limit + 1)
             length = response.headers.get("Content-Length")
     except urllib.error.HTTPError as err:
@@ -382,162 +343,6 @@ def _read_small(url: str, *, limit: int) -> bytes:
     if length is not None and length.isdigit() and int(length) != len(data):
         raise FetchError(f"{url}: got {len(data)} of {length} bytes")
     return data
-
-
-def _new_hashers(expected: Expected) -> dict[str, Any]:
-    hashers: dict[str, Any] = {"sha256": hashlib.sha256()}
-    hashers.setdefault(expected.algorithm, hashlib.new(expected.algorithm))
-    return hashers
-
-
-def _read_sidecar(path: Path) -> dict[str, Any]:
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return state if isinstance(state, dict) else {}
-
-
-def _write_sidecar(path: Path, state: dict[str, Any]) -> None:
-    # One writer at a time (the URL's lock), so a fixed temp name will do.
-    tmp = path.with_name(f".{path.name}.new")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
-
-
-def _download(
-    url: str, expected: Expected, part: Path, sidecar: Path, *,
-    progress: Progress | None, notice: Callable[[str], None],
-) -> dict[str, str]:
-    """Fetch URL into PART, resuming what is there; returns its verified hex digests.
-
-    The caller holds URL's lock. A wrong hash deletes PART; any other failure leaves it
-    for the next attempt to resume.
-    """
-    label = posixpath.basename(urllib.parse.urlsplit(url).path) or url
-    state = _read_sidecar(sidecar)
-    fresh_state = {"url": url, "algorithm": expected.algorithm, "expected": expected.hexdigest}
-    if {k: state.get(k) for k in fresh_state} != fresh_state or not part.is_file():
-        # Bytes of another URL or of another version of this one: start again.
-        part.write_bytes(b"")
-        state = dict(fresh_state)
-        _write_sidecar(sidecar, state)
-
-    hashers = _new_hashers(expected)
-    done = 0
-    with open(part, "rb") as f:
-        while chunk := f.read(1 << 20):
-            for hasher in hashers.values():
-                hasher.update(chunk)
-            done += len(chunk)
-    if done:
-        notice(f"resuming {label} at byte {done}")
-    resumed = done > 0
-    high_water = done
-    failures = 0
-
-    def restart() -> None:
-        nonlocal hashers, done
-        hashers = _new_hashers(expected)
-        done = 0
-        os.truncate(part, 0)
-
-    while True:
-        headers: dict[str, str] = {}
-        if done:
-            headers["Range"] = f"bytes={done}-"
-            if isinstance(state.get("etag"), str):
-                headers["If-Range"] = state["etag"]
-        problem: str | None = None
-        try:
-            response = _open(url, headers)
-        except urllib.error.HTTPError as err:
-            if err.code == 416 and done:
-                restart()  # the part is longer than the file is now
-                continue
-            raise FetchError(f"{url}: HTTP {err.code} {err.reason}") from None
-        except urllib.error.URLError as err:
-            problem = str(err.reason)
-        except (OSError, http.client.HTTPException) as err:
-            problem = str(err)
-        else:
-            with response:
-                total: int | None = None
-                length = response.headers.get("Content-Length")
-                if response.status == 206 and done:
-                    match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
-                    if match is None or int(match.group(1)) != done:
-                        restart()
-                        continue
-                    if match.group(3) != "*":
-                        total = int(match.group(3))
-                    elif length is not None and length.isdigit():
-                        total = done + int(length)
-                elif response.status == 200:
-                    if done:
-                        notice(f"{url}: the server ignored the range; downloading from the "
-                               "start")
-                        restart()
-                    total = int(length) if length is not None and length.isdigit() else None
-                else:
-                    raise FetchError(f"{url}: unexpected HTTP status {response.status}")
-                etag = response.headers.get("ETag")
-                if etag and not etag.startswith("W/") and state.get("etag") != etag:
-                    state["etag"] = etag
-                    _write_sidecar(sidecar, state)
-                with open(part, "r+b") as out:
-                    out.seek(done)
-                    out.truncate()
-                    if progress is not None:
-                        progress(label, done, total)
-                    while True:
-                        try:
-                            chunk = response.read(_DOWNLOAD_CHUNK)
-                        except (OSError, http.client.HTTPException) as err:
-                            problem = str(err) or type(err).__name__
-                            break
-                        if not chunk:
-                            break
-                        out.write(chunk)
-                        for hasher in hashers.values():
-                            hasher.update(chunk)
-                        done += len(chunk)
-                        if progress is not None:
-                            progress(label, done, total)
-                    out.flush()
-                    os.fsync(out.fileno())
-                if total is not None and done > total:
-                    restart()
-                    raise FetchError(f"{url}: the server sent more than its {total} bytes")
-                if problem is None and total is not None and done < total:
-                    problem = f"connection closed after {done} of {total} bytes"
-        if problem is None:
-            break
-        if done > high_water:
-            high_water, failures = done, 0
-        failures += 1
-        if failures >= _ATTEMPTS:
-            raise FetchError(
-                f"{url}: download failed: {problem}",
-                hint="run the same pull again to resume" if done else None,
-            )
-        notice(f"{label}: {problem}; retrying")
-        time.sleep(0.2 * failures)
-
-    actual = {algorithm: h.hexdigest() for algorithm, h in hashers.items()}
-    if actual[expected.algorithm] != expected.hexdigest:
-        part.unlink()
-        sidecar.unlink()
-        if resumed:
-            # The bytes kept from before may belong to an older file under the same URL.
-            notice(f"{label}: resumed download does not verify; downloading it again")
-            return _download(url, expected, part, sidecar, progress=progress, notice=notice)
-        raise VerificationError(
-            f"{url}: {expected.algorithm} is {actual[expected.algorithm]}, "
-            f"expected {expected.hexdigest}",
-            hint="the download was discarded; check the URL and the checksum",
-        )
-    return actual
 
 
 # -- the API --
@@ -606,7 +411,7 @@ def pull(
             return found
         part, sidecar = tmp / f"{key}.part", tmp / f"{key}.json"
         notice(f"downloading {url}")
-        digests = _download(url, expected, part, sidecar, progress=progress, notice=notice)
+        digests = download(url, expected, part, sidecar, progress=progress, notice=notice)
         try:
             checked = validate(part) if validate is not None else None
         except BaseException:
@@ -820,9 +625,12 @@ def add_layer(layer: Path, *, name: str, under: StoredImage, bake_key: str, sour
     LAYER's header must already name UNDER by its digest alone (a name relative to the
     blobs directory), so the stored chain holds together by content, not by path.
     """
+    from vmrun.images.disk import check_overlay
+
     root = _root(cache)
     root.mkdir(parents=True, exist_ok=True)
     check_name(name)
+    check_overlay(layer)  # a run's overlay, written by a guest: intact before it is kept
     tmp = root / "tmp"
     key = f"layer-{secrets.token_hex(8)}"
     part = tmp / f"{key}.part"

@@ -59,7 +59,9 @@ def probe_kvm(qemu: str, kernel: Path, initrd: Path, cmdline: str, machine: str)
         if done.returncode != 0:
             lines = done.stderr.decode(errors="replace").strip().splitlines()
             detail = lines[-1] if lines else f"exit status {done.returncode}"
-            return f"a test boot under KVM failed ({detail[:120]})"
+            if len(detail) > 120:
+                detail = detail[:117] + "..."
+            return f"a test boot under KVM failed ({detail})"
         if b"vmrun-probe-ok" not in serial.read_bytes():
             return "a test boot under KVM did not reach the guest agent"
     return None

@@ -12,6 +12,8 @@ from vmrun.spec import Accel
 # The chardevs vmrun connects to the guest agent's virtio-serial ports, in this order.
 PORTS = ("control", "status", "stdout", "stderr", "stdin")
 SHARE_TAG = "vmrun0"
+# QEMU's seccomp filter; process.sandbox_supported probes for it (a build may lack seccomp).
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny"
 
 
 class ShareKind(StrEnum):
@@ -115,7 +117,7 @@ def build_argv(plan: BootPlan, qemu: str | None = None) -> list[str]:
     argv = [qemu or arch.qemu_binary]
     argv += ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
     if plan.sandbox:
-        argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny"]
+        argv += ["-sandbox", SANDBOX]
     argv += machine_args(plan)
     if arch.transport == Transport.MMIO:
         # QEMU's virtio-mmio defaults to the legacy interface, which vhost-user
@@ -184,7 +186,7 @@ def full_boot_argv(plan: FullBootPlan, qemu: str | None = None) -> list[str]:
     argv = [qemu or arch.qemu_binary]
     argv += ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
     if plan.sandbox:
-        argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny"]
+        argv += ["-sandbox", SANDBOX]
     machine = arch.full_machine or arch.machine
     if arch.name == "aarch64" and plan.accel == Accel.KVM:
         machine += ",gic-version=host"

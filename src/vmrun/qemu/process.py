@@ -9,11 +9,15 @@ import resource
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmrun import cache as cachelib
+from vmrun import confine
 from vmrun.errors import QemuError
 from vmrun.qemu.arch import Arch
+from vmrun.qemu.argv import SANDBOX
 from vmrun.qemu.qmp import Qmp
 
 PR_SET_PDEATHSIG = 1
@@ -37,6 +41,7 @@ def _child_setup(parent: int) -> None:
     if os.getppid() != parent:
         os._exit(1)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    confine.confine()  # no setuid files, device nodes or others' files from the guest
 
 
 def log_tail(path: Path, limit: int = 2000) -> str:
@@ -111,3 +116,45 @@ def qemu_version(qemu: str) -> str:
         raise QemuError(f"cannot run {qemu} --version: {exc}") from exc
     first = out.splitlines()[0] if out else ""
     return first.removeprefix("QEMU emulator version ").strip()
+
+
+def sandbox_supported(qemu: str, notice: Callable[[str], None]) -> bool:
+    """Whether QEMU takes `-sandbox` (it needs a build with seccomp); when it does not,
+    NOTICE says so once per QEMU binary and runs go on without it.
+
+    QEMU parses -sandbox before it acts on -version, so `-sandbox ... -version` fails at
+    once on a build without seccomp. The answer is cached per binary (path, inode, size,
+    mtime): a probe costs a process start."""
+    try:
+        info = os.stat(qemu)
+    except OSError:
+        return True  # QEMU's own start will say what is wrong
+    key = cachelib.key_of("sandbox-probe", qemu, str(info.st_ino), str(info.st_size),
+                          str(info.st_mtime_ns))
+    record = cachelib.cache_dir() / "probes" / key
+    try:
+        return record.read_text() == "yes"
+    except OSError:
+        pass
+    supported = _probe_sandbox(qemu)
+    if supported is None:
+        return True
+    if not supported:
+        notice(f"{qemu} was built without seccomp: QEMU runs without -sandbox")
+    with contextlib.suppress(OSError), cachelib.staged(record) as tmp:
+        tmp.write_text("yes" if supported else "no")
+    return supported
+
+
+def _probe_sandbox(qemu: str) -> bool | None:
+    """True or False; None when QEMU does not even print its version (no answer)."""
+    def exits_0(*args: str) -> bool:
+        try:
+            return subprocess.run([qemu, *args], stdin=subprocess.DEVNULL,
+                                  capture_output=True, timeout=30, check=False).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+
+    if exits_0("-sandbox", SANDBOX, "-version"):
+        return True
+    return False if exits_0("-version") else None

@@ -1,7 +1,13 @@
-"""A small QMP client over a connected socket (one end of a socketpair handed to QEMU)."""
+"""A small QMP client over a connected socket (one end of a socketpair handed to QEMU).
+
+Every command carries an id of its own and a reply is matched to its command by that id,
+so a reply that arrives after its command timed out is dropped, never taken as the answer
+to a later command.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import time
@@ -19,20 +25,25 @@ class Qmp:
         self.sock = sock
         self.buffer = b""
         self.events: list[dict[str, Any]] = []
-        self.replies: list[dict[str, Any]] = []
+        self.replies: dict[str, dict[str, Any]] = {}  # by id, only for awaited commands
+        self.awaited: set[str] = set()
+        self.ids = itertools.count(1)
         self.closed = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, command: str, arguments: dict[str, Any] | None = None) -> None:
-        message: dict[str, Any] = {"execute": command}
+    def send(self, command: str, arguments: dict[str, Any] | None = None) -> str:
+        """Send COMMAND without waiting; its id (the reply, when it comes, is dropped)."""
+        ident = f"vmrun-{next(self.ids)}"
+        message: dict[str, Any] = {"execute": command, "id": ident}
         if arguments:
             message["arguments"] = arguments
         try:
             self.sock.sendall(json.dumps(message).encode() + b"\n")
         except OSError as exc:
             raise QemuError(f"QMP connection lost: {exc}") from exc
+        return ident
 
     def read_available(self) -> None:
         """Read what the socket has now (call when it is readable) and parse whole lines."""
@@ -64,17 +75,19 @@ class Qmp:
         if "event" in message:
             self.events.append(message)
         elif "return" in message or "error" in message:
-            self.replies.append(message)
+            ident = message.get("id")
+            # A reply nobody waits for (its command timed out, or was only sent) is dropped.
+            if isinstance(ident, str) and ident in self.awaited:
+                self.replies[ident] = message
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None,
                 timeout: float = 5.0) -> Any:
         """Send COMMAND and wait for its reply (blocking, with a deadline)."""
-        self.replies.clear()
-        self.send(command, arguments)
+        ident = self.send(command, arguments)
+        self.awaited.add(ident)
         deadline = time.monotonic() + timeout
-        self.sock.settimeout(timeout)
         try:
-            while not self.replies:
+            while ident not in self.replies:
                 if self.closed:
                     raise QemuError(f"QEMU closed its monitor during {command}")
                 if time.monotonic() > deadline:
@@ -82,8 +95,9 @@ class Qmp:
                 self.sock.settimeout(max(0.01, deadline - time.monotonic()))
                 self.read_available()
         finally:
+            self.awaited.discard(ident)
             self.sock.setblocking(False)
-        reply = self.replies.pop(0)
+        reply = self.replies.pop(ident)
         if "error" in reply:
             error = reply["error"]
             raise QmpError(f"QMP {command}: {error.get('desc', error)}")
