@@ -51,9 +51,11 @@ def start_sleeper(workdir: Path, env: dict[str, str] | None = None) -> subproces
     return proc
 
 
-def test_qemu_killed_under_a_running_vmrun(guest: Guest, workdir: Path) -> None:
-    before = leftover_runs()
-    proc = start_sleeper(workdir)
+def test_qemu_killed_under_a_running_vmrun(guest: Guest, workdir: Path, tmp_path: Path) -> None:
+    # Its own runs directory: other vmrun processes on the host cannot blur the check.
+    runs = tmp_path / "runs"
+    proc = start_sleeper(workdir, env={**vmrun_env(), "VMRUN_RUNS_DIR": str(runs)})
+    assert leftover_runs(runs), "the run made no directory (the test would not test)"
     qemus = qemu_children(proc.pid)
     assert len(qemus) == 1
     started = time.monotonic()
@@ -64,7 +66,7 @@ def test_qemu_killed_under_a_running_vmrun(guest: Guest, workdir: Path) -> None:
     assert b"QEMU" in err, err
     assert len(err.strip().splitlines()) <= 8, err  # a message, not a traceback
     assert b"Traceback" not in err
-    assert leftover_runs() <= before, "the run directory was left behind"
+    assert not leftover_runs(runs), "the run directory was left behind"
     print(f"QEMU's death noticed and reported in {detected:.2f} s")
 
 
