@@ -87,7 +87,7 @@ def test_image_config_applies_like_docker_run(published: Published) -> None:
         assert shown.stdout == b"1234\n3456\n/srv/work\nfrom-image from-cli /home/app\n"
         layers = vm.run(Command(("sh", "-c", "ls /etc; ls /opq; cat /etc/os-release")),
                         capture=True)
-        assert layers.stdout.split() == [b"group", b"os-release", b"passwd", b"new",
+        assert (layers.stdout or b"").split() == [b"group", b"os-release", b"passwd", b"new",
                                          b"ID=vmrun-oci-test", b"ARCH=amd64"]
         wrote = vm.run(Command(("sh", "-c", "echo kept > /tmp/written && touch /srv/work/x && "
                                 "cat /tmp/written && uname -m")), capture=True)
