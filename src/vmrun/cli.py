@@ -347,14 +347,15 @@ def cmd_image_checked(argv: Sequence[str]) -> int:
     """`vmrun image ...`, with the header check on every image taken in, and prune
     sparing the bases that live runs stand on."""
     from vmrun.cli_image import cmd_image
-    from vmrun.images.attach import live_digests
+    from vmrun.images.attach import live_bases, live_digests
     from vmrun.images.formats import check_foreign_image
     from vmrun.rundir import runs_root
 
     if argv[:1] == ["bake"]:
         return cmd_bake(argv[1:])
     return cmd_image(argv, validate=check_foreign_image,
-                     in_use=lambda: live_digests(runs_root()))
+                     in_use=lambda: live_digests(runs_root()),
+                     in_use_paths=lambda: live_bases(runs_root()))
 
 
 def cmd_bake(argv: Sequence[str]) -> int:

@@ -264,6 +264,11 @@ class Machine(Lifecycle):
         self._phase("boot", t)
 
     def _attach_image(self) -> Path | None:
+        if self.oci is not None:
+            from vmrun.images.attach import record_base
+
+            assert self.rundir is not None
+            record_base(self.rundir, None, self.oci.image.path)
         if self.base is None:
             return None
         from vmrun.images.attach import attach

@@ -119,7 +119,7 @@ def test_read_image_file_from_a_real_squashfs(tmp_path: Path) -> None:
     tar = ot.tar_of([ot.directory("etc"), ot.file("etc/passwd", PASSWD),
                      ot.symlink("etc/group", "/elsewhere")])
     image = tmp_path / "root.sqfs"
-    subprocess.run([ot.TAR2SQFS, "--quiet", str(image)], input=tar, check=True)
+    subprocess.run([str(ot.TAR2SQFS), "--quiet", str(image)], input=tar, check=True)
     assert read_image_file(image, "/etc/passwd") == PASSWD
     assert read_image_file(image, "/etc/group") is None  # a link is not followed
     assert read_image_file(image, "/etc/shadow") is None
