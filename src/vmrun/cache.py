@@ -43,12 +43,12 @@ def key_of(*parts: str | bytes) -> str:
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on PATH (created if needed) for the duration."""
+def locked(path: Path, *, shared: bool = False) -> Iterator[None]:
+    """Hold an exclusive (or SHARED) flock on PATH (created if needed) for the duration."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

@@ -21,7 +21,9 @@ ROOT_FAILURES: dict[str, str] = {
     "root-absent": "did not appear in the guest",
     "root-mount": "holds no filesystem the guest can mount (ext4, xfs)",
     "root-shell": "has no /bin/sh, so it is no root filesystem",
+    "root-squashfs": "could not be mounted as a squashfs root under an overlay",
 }
+SQUASHFS_ROOT = "squashfs"  # Request.root for an OCI image's root (the VM's only disk)
 _PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789/._-+,:@%=")
 
 
@@ -56,7 +58,10 @@ class Request:
     mounts: tuple[Mount, ...] = ()
     net: bool = False
     disk: bool = False
-    root: int | None = None  # mount /dev/vdaN as the commands' root (first request only)
+    # The commands' root (first request only): /dev/vdaN, or SQUASHFS_ROOT for /dev/vda
+    # as a read-only squashfs under a per-run overlay.
+    root: int | str | None = None
+    user: tuple[int, int] | None = None  # uid, gid to run the command as (in a root)
 
 
 def new_token() -> str:
@@ -71,9 +76,7 @@ def encode_request(request: Request) -> bytes:
         lines.append("disk")
     if request.root is not None:
         # Before the mounts: the share is then mounted inside the root.
-        if not 1 <= request.root <= 255:
-            raise ValueError(f"bad root partition number {request.root}")
-        lines.append(f"root {request.root}")
+        lines.append(f"root {_root_word(request.root)}")
     for mount in request.mounts:
         mode = "ro" if mount.readonly else "rw"
         lines.append(f"mount {mount.kind} {mount.tag} {mode} {escape(mount.path)}")
@@ -82,6 +85,11 @@ def encode_request(request: Request) -> bytes:
     lines.append(f"cwd {escape(request.cwd)}")
     lines += [f"env {escape(key + '=' + value)}" for key, value in request.env]
     lines += [f"arg {escape(arg)}" for arg in request.argv]
+    if request.user is not None:
+        uid, gid = request.user
+        if not (0 <= uid < 1 << 32 and 0 <= gid < 1 << 32):
+            raise ValueError(f"bad user {uid}:{gid}")
+        lines.append(f"user {uid} {gid}")
     lines.append(f"token {request.token}")
     lines.append(f"stdin {request.stdin} {len(request.stdin_data)}")
     if request.tty is not None:
@@ -91,6 +99,16 @@ def encode_request(request: Request) -> bytes:
     if request.stdin == StdinMode.FILE:
         payload += request.stdin_data
     return payload
+
+
+def _root_word(root: int | str) -> str:
+    if isinstance(root, str):
+        if root != SQUASHFS_ROOT:
+            raise ValueError(f"bad root {root!r}")
+        return root
+    if not 1 <= root <= 255:
+        raise ValueError(f"bad root partition number {root}")
+    return str(root)
 
 
 class TokenScanner:

@@ -26,8 +26,9 @@ from vmrun.errors import (
     VmrunError,
 )
 from vmrun.guest.build import ensure_guest
-from vmrun.machine import Machine, notice_stderr
+from vmrun.machine import Machine, notice_stderr, progress_printer
 from vmrun.matrix import run_matrix
+from vmrun.oci.reference import insecure_registries, is_image_reference
 from vmrun.qemu import accel as accellib
 from vmrun.qemu import process
 from vmrun.qemu.arch import host_arch, lookup_arch
@@ -41,6 +42,7 @@ from vmrun.spec import (
     MachineSpec,
     Net,
     Share,
+    no_command,
     parse_count,
     parse_env,
     parse_memory,
@@ -50,6 +52,7 @@ from vmrun.userfiles import read_user_file
 
 if TYPE_CHECKING:
     from vmrun.fullboot import FullMachine, FullOptions
+    from vmrun.oci.run import OciRun
 
 EXIT_CODES = """\
 exit status:
@@ -128,7 +131,15 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--accel", choices=[a.value for a in Accel], default="auto",
                         help="accelerator (auto: KVM or HVF where they work, else TCG)")
     parser.add_argument("--image", help="attach a disk: a stored image (name or digest), an "
-                        "image file or an alias like debian:12, on a fresh overlay per run")
+                        "image file or an alias like debian:12, on a fresh overlay per run; "
+                        "or run an OCI image: docker://[REGISTRY/]REPO[:TAG][@DIGEST], "
+                        "oci:DIR[:TAG] or oci-archive:FILE[:TAG]")
+    parser.add_argument("--entrypoint", help="OCI image: replaces its Entrypoint (a command "
+                        "path; '' clears it)")
+    parser.add_argument("--insecure-registry", action="append", default=[],
+                        metavar="HOST[:PORT]", help="reach this registry over plain HTTP "
+                        "(also $VMRUN_INSECURE_REGISTRIES, comma-separated; loopback "
+                        "registries always are)")
     parser.add_argument("--image-format", choices=["raw"],
                         help="the --image file is a raw disk, though it has no partition "
                         "table or filesystem vmrun knows")
@@ -202,6 +213,9 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
         mirror=args.mirror, insecure_unverified_guest=args.insecure_unverified_guest,
         tty=args.tty, image=args.image, boot=Boot(args.boot),
         image_format=args.image_format,
+        entrypoint=None if args.entrypoint is None else
+        ((args.entrypoint,) if args.entrypoint else ()),
+        insecure_registries=insecure_registries(args.insecure_registry, os.environ),
     )
 
 
@@ -246,12 +260,16 @@ def cmd_run(argv: Sequence[str]) -> int:
         return run_matrix(arches, passthrough, command_argv, args.jobs)
     if args.tty and not os.isatty(0):
         raise UsageError("-t needs a terminal on stdin")
+    oci_image = args.image is not None and is_image_reference(args.image)
+    if not command_argv and not oci_image:
+        raise no_command()
     env = parse_env(args.env, dict(os.environ))
     if args.tty and "TERM" in os.environ:
         env = (("TERM", os.environ["TERM"]), *env)  # the guest's terminal is the host's
     command = Command(argv=tuple(command_argv), env=env, timeout=args.timeout, tty=args.tty,
                       stdin_stream=not os.isatty(0))
     spec = machine_spec(args)
+    oci = prepare_oci(spec, command) if oci_image else None
     full_only = [name for name, given in (("--include/--exclude/--sync", args.rules),
                                           ("--collect", args.collect),
                                           ("--firmware", args.firmware != "auto")) if given]
@@ -265,7 +283,8 @@ def cmd_run(argv: Sequence[str]) -> int:
     elif full_only:
         raise UsageError(f"{full_only[0]} works with --boot full only")
     else:
-        machine = Machine(spec, stdout_fd=1, stderr_fd=2, share_via=args.share_via)
+        machine = Machine(spec, stdout_fd=1, stderr_fd=2, share_via=args.share_via,
+                          oci=oci)
     with machine:
         result = machine.run(command)
     if spec.verbose:
@@ -274,6 +293,18 @@ def cmd_run(argv: Sequence[str]) -> int:
     if args.timings_file is not None:
         args.timings_file.write_text(json.dumps(machine.timings))
     return result.exit_code
+
+
+def prepare_oci(spec: MachineSpec, command: Command) -> OciRun:
+    """SPEC's OCI image pulled and read before anything boots: a run with no command
+    and an image without a default fails here, not after the boot."""
+    from vmrun.oci import run as oci_run
+
+    arch = lookup_arch(spec.arch or host_arch()).name
+    progress = progress_printer() if sys.stderr.isatty() else None
+    prepared = oci_run.prepare(spec, arch=arch, notice=notice_stderr, progress=progress)
+    oci_run.apply(prepared, command, shared=spec.share != Share.NONE)
+    return prepared
 
 
 def cmd_info(argv: Sequence[str]) -> int:
@@ -316,14 +347,15 @@ def cmd_image_checked(argv: Sequence[str]) -> int:
     """`vmrun image ...`, with the header check on every image taken in, and prune
     sparing the bases that live runs stand on."""
     from vmrun.cli_image import cmd_image
-    from vmrun.images.attach import live_digests
+    from vmrun.images.attach import live_bases, live_digests
     from vmrun.images.formats import check_foreign_image
     from vmrun.rundir import runs_root
 
     if argv[:1] == ["bake"]:
         return cmd_bake(argv[1:])
     return cmd_image(argv, validate=check_foreign_image,
-                     in_use=lambda: live_digests(runs_root()))
+                     in_use=lambda: live_digests(runs_root()),
+                     in_use_paths=lambda: live_bases(runs_root()))
 
 
 def cmd_bake(argv: Sequence[str]) -> int:

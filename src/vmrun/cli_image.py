@@ -15,6 +15,8 @@ from vmrun.errors import ImageError, UsageError
 from vmrun.images import store
 from vmrun.images.aliases import ALIASES, ARCHES
 from vmrun.images.rawdisk import require_disk
+from vmrun.oci.reference import is_image_reference
+from vmrun.oci.store import OciStored
 
 Validate = Callable[[Path], object]
 
@@ -53,11 +55,13 @@ def image_parser() -> argparse.ArgumentParser:
     ls = commands.add_parser("ls", help="list stored images")
     ls.add_argument("--json", action="store_true", help="one JSON array on stdout")
 
-    rm = commands.add_parser("rm", help="forget an image's name (prune frees the space)")
-    rm.add_argument("name", metavar="NAME")
+    rm = commands.add_parser("rm", help="forget an image's name (prune frees the space); "
+                             "an OCI image (its reference or digest) is removed at once")
+    rm.add_argument("name", metavar="NAME|REFERENCE")
 
     commands.add_parser("prune", help="remove images no name refers to and no run uses, "
-                        "and the leftovers of failed downloads")
+                        "OCI layer downloads and replaced OCI roots, and the leftovers of "
+                        "failed downloads")
 
     inspect = commands.add_parser("inspect", help="read an image's header (no qemu-img)")
     inspect.add_argument("ref", metavar="NAME|FILE")
@@ -126,11 +130,31 @@ def _size_text(size: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _print_table(images: list[store.StoredImage]) -> None:
+def _describe_oci(root: OciStored) -> dict[str, object]:
+    return {"name": root.reference, "digest": root.digest, "size": root.size,
+            "format": "squashfs", "source": root.reference, "created": root.created,
+            "path": str(root.path), "kind": "oci", "arch": root.arch,
+            "manifest_digest": root.manifest_digest}
+
+
+def _is_store_name(name: str) -> bool:
+    """Whether NAME is a disk image's name in the store (else it may be an OCI digest)."""
+    try:
+        store.resolve(name)
+    except ImageError:
+        return False
+    return True
+
+
+def _print_table(images: list[store.StoredImage], roots: list[OciStored]) -> None:
     rows = [("NAME", "DIGEST", "SIZE", "FORMAT", "CREATED", "SOURCE")]
     for image in images:
         rows.append((image.name or "<none>", image.digest[:12], _size_text(image.size),
                      image.format or "-", image.created or "-", image.source or "-"))
+    for root in roots:
+        rows.append((root.reference, root.digest.removeprefix("sha256:")[:12],
+                     _size_text(root.size), f"squashfs ({root.arch})", root.created or "-",
+                     f"{root.reference}@{root.digest}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
@@ -141,8 +165,12 @@ def cmd_image(
     argv: Sequence[str],
     validate: Validate | None = None,
     in_use: Callable[[], set[str]] | None = None,
+    in_use_paths: Callable[[], set[str]] | None = None,
 ) -> int:
-    """Run `vmrun image ARGV...`; VALIDATE checks new images, IN_USE names live bases."""
+    """Run `vmrun image ARGV...`; VALIDATE checks new images, IN_USE names live bases
+    (IN_USE_PATHS by path: OCI root images)."""
+    from vmrun.oci import store as oci_store
+
     args = image_parser().parse_args(list(argv))
     if args.action == "pull":
         progress = ProgressLine(sys.stderr)
@@ -160,16 +188,22 @@ def cmd_image(
         print(f"{image.name}  sha256:{image.digest}")
     elif args.action == "ls":
         images = store.list_images()
+        roots = oci_store.list_roots()
         if args.json:
-            print(json.dumps([_describe(image) for image in images], indent=2))
+            print(json.dumps([*map(_describe, images), *map(_describe_oci, roots)], indent=2))
         else:
-            _print_table(images)
+            _print_table(images, roots)
     elif args.action == "rm":
-        store.remove(args.name)
+        if is_image_reference(args.name) or not _is_store_name(args.name):
+            oci_store.remove(args.name)
+        else:
+            store.remove(args.name)
     elif args.action == "prune":
         removed = store.prune(in_use=in_use if in_use is not None else set)
         for digest in removed:
             print(f"removed sha256:{digest}")
+        for what in oci_store.prune(in_use=in_use_paths if in_use_paths is not None else set):
+            print(f"removed {what}")
     elif args.action == "inspect":
         _inspect(args.ref, as_json=args.json)
     return 0

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from vmrun import share
 from vmrun.channel import (
     ROOT_FAILURES,
+    SQUASHFS_ROOT,
     Mount,
     Request,
     StatusReader,
@@ -39,6 +40,7 @@ from vmrun.errors import (
     UsageError,
 )
 from vmrun.guest.build import Guest, ensure_guest
+from vmrun.oci.reference import is_image_reference
 from vmrun.qemu import accel as accellib
 from vmrun.qemu import process
 from vmrun.qemu.arch import Arch, host_arch, lookup_arch
@@ -52,10 +54,11 @@ from vmrun.qemu.argv import (
     kernel_cmdline,
 )
 from vmrun.rundir import run_directory
-from vmrun.spec import Boot, Command, MachineSpec, Net, Share, boot_timeout_for
+from vmrun.spec import Boot, Command, MachineSpec, Net, Share, boot_timeout_for, no_command
 
 if TYPE_CHECKING:
     from vmrun.images.attach import Base
+    from vmrun.oci.run import OciRun
 
 Notice = Callable[[str], None]
 
@@ -169,8 +172,10 @@ class Machine(Lifecycle):
 
     def __init__(self, spec: MachineSpec | None = None, *, notice: Notice = notice_stderr,
                  stdout_fd: int | None = None, stderr_fd: int | None = None,
-                 share_via: str = "auto", guest: Guest | None = None) -> None:
-        """GUEST replaces vmrun's own kernel and initramfs (tests boot other agents)."""
+                 share_via: str = "auto", guest: Guest | None = None,
+                 oci: OciRun | None = None) -> None:
+        """GUEST replaces vmrun's own kernel and initramfs (tests boot other agents); OCI
+        is the spec's OCI image when the caller prepared it already (vmrun.oci.run)."""
         self.spec = spec or MachineSpec()
         super().__init__(verbose=self.spec.verbose, notice=notice)
         self.stdout_fd = stdout_fd
@@ -181,7 +186,9 @@ class Machine(Lifecycle):
         self.accel: accellib.AccelChoice | None = None
         self.guest: Guest | None = guest
         self.base: Base | None = None
-        self.root: int | None = None  # the image's partition the commands run in (FAST)
+        # What the commands run in: the image's partition (FAST), or SQUASHFS_ROOT.
+        self.root: int | str | None = None
+        self.oci = oci
         self.share_device: ShareDevice | None = None
         self.arch: Arch = lookup_arch(self.spec.arch or host_arch())
         self.share_path = (self.spec.share_dir or Path.cwd()).resolve()
@@ -200,7 +207,15 @@ class Machine(Lifecycle):
         if spec.boot == Boot.FULL:
             raise UsageError("Machine boots vmrun's guest; --boot full is vmrun.fullboot")
         qemu_binary = process.find_qemu(self.arch)
-        if spec.image is not None:
+        progress = progress_printer() if sys.stderr.isatty() else None
+        if spec.image is not None and is_image_reference(spec.image):
+            if self.oci is None:
+                from vmrun.oci.run import prepare as prepare_oci
+
+                self.oci = prepare_oci(spec, arch=self.arch.name, notice=self.notice,
+                                       progress=progress)
+            self.root = SQUASHFS_ROOT
+        elif spec.image is not None:
             from vmrun.images.attach import prepare, root_for_boot
 
             self.base = prepare(spec.image, guest_arch=self.arch.name,
@@ -212,7 +227,7 @@ class Machine(Lifecycle):
             self.guest = ensure_guest(
                 self.arch, mirror=spec.mirror, notice=self.notice,
                 insecure_unverified_guest=spec.insecure_unverified_guest,
-                progress=progress_printer() if sys.stderr.isatty() else None)
+                progress=progress)
         t = self._phase("fetch", t)
         self.accel = accellib.choose_for_guest(spec.accel, self.arch, self.guest.kernel,
                                                self.guest.initrd)
@@ -232,6 +247,7 @@ class Machine(Lifecycle):
                 tsc_khz=accellib.tcg_tsc_khz(self.arch, self.accel.accel),
             ),
             fds=fds, share=share_device, net=spec.net == Net.USER, disk=overlay,
+            root_image=self.oci.image.path if self.oci is not None else None,
             sandbox=process.sandbox_supported(qemu_binary, self.notice),
         )
         self.argv = build_argv(plan, qemu_binary)
@@ -248,6 +264,11 @@ class Machine(Lifecycle):
         self._phase("boot", t)
 
     def _attach_image(self) -> Path | None:
+        if self.oci is not None:
+            from vmrun.images.attach import record_base
+
+            assert self.rundir is not None
+            record_base(self.rundir, None, self.oci.image.path)
         if self.base is None:
             return None
         from vmrun.images.attach import attach
@@ -303,6 +324,12 @@ class Machine(Lifecycle):
             raise UsageError("the machine is not started (use it in a with statement)")
         if command.tty and not self.spec.tty:
             raise UsageError("this machine has no terminal", hint="use MachineSpec(tty=True)")
+        if self.oci is not None:
+            from vmrun.oci.run import apply
+
+            command = apply(self.oci, command, shared=self.share_device is not None)
+        elif not command.argv:
+            raise no_command()
         t = time.monotonic()
         token = new_token()
         stdin_mode = StdinMode.NULL
@@ -324,6 +351,7 @@ class Machine(Lifecycle):
             mounts=mounts, net=self.first_request and self.spec.net == Net.USER,
             disk=self.first_request and self.spec.image is not None,
             root=self.root if self.first_request else None,
+            user=self._user(),
         )
         self.first_request = False
         self.events.clear()
@@ -355,6 +383,8 @@ class Machine(Lifecycle):
             if failure is not None:
                 for output in self.outputs.values():
                     output.end()
+                if self.oci is not None:
+                    raise ImageError(f"the root image of {self.spec.image} {failure}")
                 raise ImageError(f"partition {self.root} of image {self.spec.image} {failure}",
                                  hint="use --boot disk to attach it as a plain disk")
             t = self._phase("start", t)
@@ -371,6 +401,11 @@ class Machine(Lifecycle):
             result.stderr = bytes(self.outputs["stderr"].capture or b"")
             result.truncated = any(self.outputs[n].truncated for n in ("stdout", "stderr"))
         return result
+
+    def _user(self) -> tuple[int, int] | None:
+        if self.oci is None or self.oci.identity.uid == self.oci.identity.gid == 0:
+            return None
+        return self.oci.identity.uid, self.oci.identity.gid
 
     def _root_failure(self) -> str | None:
         """Why the agent could not mount the image's root, if it said so."""

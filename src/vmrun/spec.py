@@ -59,6 +59,9 @@ class MachineSpec:
     image: str | None = None  # a disk: stored name or digest, image file, or alias
     boot: Boot = Boot.AUTO
     image_format: str | None = None  # "raw": an image file without a header is a raw disk
+    # OCI images (--image docker://..., oci:..., oci-archive:...):
+    entrypoint: tuple[str, ...] | None = None  # replaces the image's; () clears it
+    insecure_registries: tuple[str, ...] = ()  # HOST[:PORT] reached over plain HTTP
 
     def __post_init__(self) -> None:
         check_count(self.cpus, "--cpus", MAX_CPUS)
@@ -79,7 +82,11 @@ class MachineSpec:
 
 @dataclass(frozen=True)
 class Command:
-    """One command to run in the guest."""
+    """One command to run in the guest.
+
+    An empty ARGV means an OCI image's default command (its Entrypoint and Cmd); a run
+    without such an image refuses it.
+    """
 
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
@@ -90,8 +97,6 @@ class Command:
     stdin_stream: bool = field(default=False)  # forward the host's stdin, EOF on close
 
     def __post_init__(self) -> None:
-        if not self.argv:
-            raise UsageError("no command given", hint="usage: vmrun [OPTIONS] -- COMMAND [ARGS...]")
         for word in (*self.argv, *(k + v for k, v in self.env), self.cwd or ""):
             if "\0" in word:
                 raise UsageError("a NUL byte cannot be passed to the guest")
@@ -100,6 +105,10 @@ class Command:
                 raise UsageError(f"bad environment variable name {key!r}")
         if self.timeout is not None:
             check_seconds(self.timeout, "--timeout")
+
+
+def no_command() -> UsageError:
+    return UsageError("no command given", hint="usage: vmrun [OPTIONS] -- COMMAND [ARGS...]")
 
 
 MAX_CPUS = 64  # vmrun's ceiling on every architecture (QEMU's arm virt machines take 8)

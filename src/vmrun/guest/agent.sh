@@ -3,14 +3,17 @@
 #
 # Protocol (see vmrun/channel.py for the host side). Host -> guest on port vmrun.control,
 # one request per command, one field per line, values escaped for printf %b:
-#   disk   root N   mount 9p|virtiofs TAG ro|rw PATH   net user   cwd PATH   env K=V
-#   arg A   token HEX   stdin port|null|file N   tty ROWS COLS   run
+#   disk   root N|squashfs   mount 9p|virtiofs TAG ro|rw PATH   net user   cwd PATH
+#   env K=V   arg A   user UID GID   token HEX   stdin port|null|file N   tty ROWS COLS   run
 # then either another request or "poweroff". Guest -> host on port vmrun.status:
 #   "ready" once, then per command "started" and "exit N". After the command, the
 # agent writes TOKEN to the stdout and stderr ports so the host knows it has every byte.
 # "root N" (first request only, before the mounts) mounts /dev/vdaN at /mnt/root; from
 # then on the share is mounted inside it and every command runs chrooted there. When
 # that fails, each command is answered "fail REASON" instead of "started" and not run.
+# "root squashfs" (an OCI image) mounts /dev/vda as a read-only squashfs under an overlay
+# whose upper layer is a tmpfs: writes live in guest memory and vanish with the VM.
+# "user UID GID" runs that command with those numeric ids (no supplementary groups).
 # Nothing here ever evaluates what the host sent as shell code: values only become
 # arguments, environment entries and paths.
 
@@ -155,7 +158,7 @@ has_fs() {
 # root N: mount /dev/vdaN (on the run's overlay, read-write) with what a command expects
 # around it. On failure root stays empty and root_failure says why.
 start_root() {
-    local dev=/dev/vda$1 types= fs entry
+    local dev=/dev/vda$1 types= fs
     start_disk
     for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
         [ -b "$dev" ] && break
@@ -175,6 +178,30 @@ start_root() {
             return
         fi
     fi
+    finish_root "$dev"
+}
+
+# root squashfs: /dev/vda read-only below, a tmpfs above, the overlay of both as the root.
+start_squashfs_root() {
+    start_disk
+    [ -b /dev/vda ] || { root_failure=root-absent; return; }
+    load_modules /etc/vmrun/modules.oci
+    mkdir -p /mnt/lower /mnt/rw /mnt/root
+    if ! { mount -t squashfs -o ro /dev/vda /mnt/lower 2>/dev/console &&
+           mount -t tmpfs -o mode=755 rw /mnt/rw &&
+           mkdir /mnt/rw/upper /mnt/rw/work &&
+           mount -t overlay -o lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work \
+               root /mnt/root 2>/dev/console; }; then
+        say "cannot mount /dev/vda as a squashfs root with an overlay"
+        root_failure=root-squashfs
+        return
+    fi
+    finish_root /dev/vda
+}
+
+# The root at /mnt/root is mounted: check it has a shell, then mount what commands expect.
+finish_root() {
+    local dev=$1 entry
     # An absolute /bin/sh link is resolved against the initramfs by [ -e ]; [ -L ] takes
     # it as is, and only when both fail does the image's own shell get asked.
     if ! { [ -e /mnt/root/bin/sh ] || [ -L /mnt/root/bin/sh ] ||
@@ -210,7 +237,7 @@ run_command() {
     (
         export HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
         unset TERM
-        cwd=/
+        cwd=/ ids=
         set --
         while IFS= read -r line; do
             key=${line%% *}
@@ -219,15 +246,24 @@ run_command() {
                 cwd) unescape "$val"; cwd=$v ;;
                 env) unescape "$val"; export "$v" ;;
                 arg) unescape "$val"; set -- "$@" "$v" ;;
+                user) case $val in
+                          [0-9]*' '[0-9]*) ;;
+                          *) exit 126 ;;
+                      esac
+                      case ${val%% *}${val#* } in *[!0-9]*) exit 126 ;; esac
+                      ids="-S ${val%% *} -G ${val#* }" ;;
             esac
         done < /run/vmrun-request
         if [ -n "$root" ]; then
             inroot "$cwd" || exit 126
             [ -d "$v" ] || mkdir -p -- "$v"
-            # The image's own shell goes to the cwd and finds the command on its PATH:
-            # busybox (its chroot and nsenter alike) would run an applet of that name.
-            set -- /bin/busybox chroot "$root" /bin/sh -c \
-                'cd -- "$1" || exit 126; shift; exec "$@"' sh "$cwd" "$@"
+            # nsenter enters the root and the cwd, then drops to the ids; the image's own
+            # shell finds the command on its PATH: busybox (its chroot and nsenter alike)
+            # would run an applet of that name.
+            set -- /bin/busybox nsenter --root="$root" --wd="$v" $ids /bin/sh -c \
+                'exec "$@"' sh "$@"
+        elif [ -n "$ids" ]; then
+            exit 126
         else
             [ -d "$cwd" ] || mkdir -p -- "$cwd"
             cd -- "$cwd" || exit 126
@@ -259,6 +295,7 @@ while :; do
             disk) start_disk ;;
             root)
                 case $val in
+                    squashfs) [ -n "$root" ] || start_squashfs_root ;;
                     ''|*[!0-9]*) root_failure=root-absent ;;
                     *) [ -n "$root" ] || start_root "$val" ;;
                 esac

@@ -47,6 +47,9 @@ MODULE_SETS: dict[str, tuple[str, ...]] = {
     # 4 MB take most of a second to load, ext4's a quarter.
     "fs": ("crc32c_generic", "ext4"),
     "xfs": ("xfs",),
+    # OCI images: the squashfs root (zstd is built into Debian's kernels) under an overlay
+    # whose upper layer is a tmpfs.
+    "oci": ("squashfs", "overlay"),
 }
 TRANSPORT_MODULE = {Transport.MMIO: "virtio_mmio", Transport.PCI: "virtio_pci", Transport.CCW: ""}
 
@@ -58,7 +61,7 @@ MODULE_DIRS = (
     "drivers/net/virtio_net", "drivers/net/net_failover", "net/core/failover",
     "net/9p/", "fs/9p/", "fs/fuse/", "fs/netfs/", "fs/fscache/", "drivers/s390/virtio/",
     "fs/ext4/", "fs/jbd2/", "fs/mbcache", "fs/xfs/", "lib/crc16", "lib/libcrc32c",
-    "crypto/crc32c_generic",
+    "crypto/crc32c_generic", "fs/squashfs/", "fs/overlayfs/",
 )
 
 FSTAB = b"""\

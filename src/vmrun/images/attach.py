@@ -123,21 +123,33 @@ def attach(base: Base, rundir: Path) -> AttachedDisk:
     """Make the run's own overlay on BASE in RUNDIR (never reused, never shared)."""
     overlay = rundir / "disk.qcow2"
     disk.overlay(base.path, overlay, base_format=base.format)
-    # Lets `vmrun image prune` see which bases live runs stand on.
-    (rundir / "image.json").write_text(json.dumps({"digest": base.digest,
-                                                   "base": str(base.path)}))
+    record_base(rundir, base.digest, base.path)
     return AttachedDisk(overlay=overlay, base=base.path, base_format=base.format,
                         digest=base.digest)
 
 
-def live_digests(runs: Path) -> set[str]:
-    """Digests of the bases that running VMs stand on (their run's lock is held)."""
-    held: set[str] = set()
+def record_base(rundir: Path, digest: str | None, path: Path) -> None:
+    """Let `vmrun image prune` see which base (or OCI root image) a live run stands on."""
+    (rundir / "image.json").write_text(json.dumps({"digest": digest, "base": str(path)}))
+
+
+def _live_records(runs: Path) -> list[dict[str, object]]:
+    records = []
     for run_dir in live_runs(runs):
         try:
-            digest = json.loads((run_dir / "image.json").read_text()).get("digest")
+            record = json.loads((run_dir / "image.json").read_text())
         except (OSError, ValueError):
             continue
-        if digest:
-            held.add(digest)
-    return held
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def live_digests(runs: Path) -> set[str]:
+    """Digests of the bases that running VMs stand on (their run's lock is held)."""
+    return {str(r["digest"]) for r in _live_records(runs) if r.get("digest")}
+
+
+def live_bases(runs: Path) -> set[str]:
+    """Paths of the bases and OCI root images that running VMs stand on."""
+    return {str(r["base"]) for r in _live_records(runs) if r.get("base")}

@@ -7,6 +7,7 @@ Layout under ``cache_dir()/"oci"``::
     roots/<key>.sqfs       the root image of (resolved digest, architecture, RECIPE)
     roots/<key>.json       what it was made from and the image config; written last
     roots/<key>.lock       one conversion per key at a time
+    prune.lock             held shared by pulls, exclusively by prune (vmrun.oci.store)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from vmrun.qemu.arch import lookup_arch
 # Part of every root image's key: a change to how images are built makes new ones.
 RECIPE = f"oci-rootfs-1:{FORMAT}:{COMPRESSOR}:{COMPRESSOR_OPTIONS}"
 _MAX_NESTING = 2
+PRUNE_LOCK = "prune.lock"
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,13 @@ def ensure_root_image(
         cached = _cached(root, _key(ref.digest, arch))
         if cached is not None:
             return cached
+    with locked(root / PRUNE_LOCK, shared=True):
+        return _pull(ref, arch, root, progress, notice, insecure, auth_files)
+
+
+def _pull(ref: ImageRef, arch: str, root: Path, progress: Progress | None,
+          notice: Callable[[str], None], insecure: bool,
+          auth_files: list[Path] | None) -> RootImage:
     with open_source(ref, insecure=insecure, auth_files=auth_files) as source:
         data, declared, digest = source.resolve()
         key = _key(digest, arch)

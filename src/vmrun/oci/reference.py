@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 DEFAULT_TAG = "latest"
 SCHEMES = ("docker://", "oci:", "oci-archive:")
+INSECURE_ENV = "VMRUN_INSECURE_REGISTRIES"
 
 # The distribution project's reference grammar (reference/regexp.go).
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -153,3 +155,15 @@ def _split_path(text: str, rest: str) -> tuple[Path, str | None]:
         raise UsageError(f"bad image reference {text!r}: no path",
                          hint="use oci:DIR[:TAG] or oci-archive:FILE[:TAG]")
     return Path(path), tag or None
+
+
+def insecure_registries(given: Sequence[str], environ: Mapping[str, str]) -> tuple[str, ...]:
+    """--insecure-registry values, then $VMRUN_INSECURE_REGISTRIES's (comma-separated)."""
+    from_env = [word.strip() for word in environ.get(INSECURE_ENV, "").split(",")]
+    return tuple(dict.fromkeys(word.lower() for word in (*given, *from_env) if word))
+
+
+def is_insecure(registry: str, insecure: Sequence[str]) -> bool:
+    """Whether REGISTRY (host[:port]) is named in INSECURE: exactly, or by its host alone."""
+    host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
+    return registry.lower() in insecure or host.lower() in insecure

@@ -42,6 +42,7 @@ class BootPlan:
     share: ShareDevice | None = None
     net: bool = True
     disk: Path | None = None  # the run's own qcow2 overlay, attached as a virtio disk
+    root_image: Path | None = None  # instead of DISK: a raw image attached read-only (OCI)
     sandbox: bool = True  # -sandbox needs QEMU built with seccomp
 
 
@@ -150,6 +151,14 @@ def build_argv(plan: BootPlan, qemu: str | None = None) -> list[str]:
             "-drive", f"file={option_value(plan.disk)},format=qcow2,if=none,id=disk0,"
             "werror=report,rerror=report,discard=unmap",
             "-device", f"virtio-blk-{arch.device_suffix},drive=disk0,serial=vmrun-disk",
+        ]
+    elif plan.root_image is not None:
+        # Shared by every run of the image: QEMU never writes it (the guest's overlay
+        # takes the writes), so many VMs can stand on one file at once.
+        argv += [
+            "-drive", f"file={option_value(plan.root_image)},format=raw,if=none,id=disk0,"
+            "readonly=on",
+            "-device", f"virtio-blk-{arch.device_suffix},drive=disk0,serial=vmrun-root",
         ]
     return argv
 

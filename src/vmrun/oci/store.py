@@ -1,0 +1,129 @@
+"""The OCI part of the store: list, remove and prune root images and their downloads.
+
+Root images are what runs use (each is self-contained); blobs are only the inputs of a
+conversion, so prune removes every blob, the roots a newer pull of the same reference
+and architecture replaced (unless a live run stands on them), and what dead pulls left.
+Pulls hold prune.lock shared while they fetch and convert; prune holds it exclusively.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmrun.cache import locked
+from vmrun.errors import ImageError
+from vmrun.oci.pull import PRUNE_LOCK, oci_root
+
+
+@dataclass(frozen=True)
+class OciStored:
+    key: str
+    reference: str
+    digest: str  # what the reference resolved to
+    manifest_digest: str
+    arch: str
+    size: int
+    created: str
+    path: Path
+
+
+def list_roots(cache: Path | None = None) -> list[OciStored]:
+    """Every complete root image, newest first."""
+    roots = oci_root(cache) / "roots"
+    found = []
+    for record_path in sorted(roots.glob("*.json")) if roots.is_dir() else []:
+        image = roots / f"{record_path.stem}.sqfs"
+        try:
+            record = json.loads(record_path.read_text())
+            found.append(OciStored(
+                key=record_path.stem, reference=str(record["reference"]),
+                digest=str(record["digest"]), manifest_digest=str(record["manifest_digest"]),
+                arch=str(record["arch"]), size=image.stat().st_size,
+                created=str(record.get("created", "")), path=image))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return sorted(found, key=lambda root: root.created, reverse=True)
+
+
+def matches(root: OciStored, ref: str) -> bool:
+    """Whether REF names ROOT: its reference, or a digest (prefix of 12+ hex digits)."""
+    if ref == root.reference:
+        return True
+    prefix = ref.removeprefix("sha256:")
+    return len(prefix) >= 12 and any(
+        digest.removeprefix("sha256:").startswith(prefix)
+        for digest in (root.digest, root.manifest_digest, "sha256:" + root.key))
+
+
+def remove(ref: str, cache: Path | None = None) -> list[OciStored]:
+    """Delete the root images REF names (every architecture); ImageError if none."""
+    chosen = [root for root in list_roots(cache) if matches(root, ref)]
+    if not chosen:
+        raise ImageError(f"no OCI image {ref!r} in the store", hint="see vmrun image ls")
+    for root in chosen:
+        _delete(root.path)
+    return chosen
+
+
+def _delete(image: Path) -> None:
+    # The record first: without it the image is no longer found, then the data goes.
+    for path in (image.with_suffix(".json"), image):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def prune(cache: Path | None = None, *,
+          in_use: Callable[[], set[str]] = set) -> list[str]:
+    """Remove blobs, replaced roots no live run uses (IN_USE: their paths) and leftovers;
+    returns what went, as names to print."""
+    base = oci_root(cache)
+    if not base.is_dir():
+        return []
+    removed: list[str] = []
+    with locked(base / PRUNE_LOCK):
+        used = in_use()
+        newest: set[tuple[str, str]] = set()
+        for root in list_roots(cache):
+            if (root.reference, root.arch) not in newest:
+                newest.add((root.reference, root.arch))
+            elif str(root.path) not in used:
+                _delete(root.path)
+                removed.append(f"{root.reference} ({root.arch}) {root.digest}")
+        blobs = base / "blobs" / "sha256"
+        for blob in sorted(blobs.iterdir()) if blobs.is_dir() else []:
+            blob.unlink()
+            removed.append(f"blob sha256:{blob.name}")
+        for directory in (base / "tmp", base / "roots"):
+            removed += [f"leftover {path.name}" for path in _leftovers(directory)]
+    return removed
+
+
+def _leftovers(directory: Path) -> list[Path]:
+    """Remove what dead pulls left in DIRECTORY: parts, logs and locks nobody holds."""
+    gone: list[Path] = []
+    if not directory.is_dir():
+        return gone
+    for lock in sorted(directory.glob("*.lock")):
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a pull is at work on it
+        try:
+            stem = lock.name.removesuffix(".lock")
+            for part in [*directory.glob(f"{stem}.part"), *directory.glob(f"{stem}.log"),
+                         *directory.glob(f".{stem}.*.part")]:
+                part.unlink(missing_ok=True)
+                gone.append(part)
+            lock.unlink(missing_ok=True)
+            gone.append(lock)
+        finally:
+            os.close(fd)
+    return gone
