@@ -57,6 +57,10 @@ class Request:
     net: bool = False
     disk: bool = False
     root: int | None = None  # mount /dev/vdaN as the commands' root (first request only)
+    # After a warm start (first request only): hex entropy for the kernel's generator, and
+    # the host's time in whole seconds.
+    seed: str | None = None
+    clock: int | None = None
 
 
 def new_token() -> str:
@@ -67,6 +71,12 @@ def new_token() -> str:
 
 def encode_request(request: Request) -> bytes:
     lines: list[str] = []
+    if request.seed is not None:
+        if not request.seed or any(c not in "0123456789abcdef" for c in request.seed):
+            raise ValueError("the seed must be lowercase hex")
+        lines.append(f"seed {request.seed}")
+    if request.clock is not None:
+        lines.append(f"clock {int(request.clock)}")
     if request.disk:
         lines.append("disk")
     if request.root is not None:

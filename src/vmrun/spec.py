@@ -59,6 +59,7 @@ class MachineSpec:
     image: str | None = None  # a disk: stored name or digest, image file, or alias
     boot: Boot = Boot.AUTO
     image_format: str | None = None  # "raw": an image file without a header is a raw disk
+    cold: bool = False  # boot the kernel, never restore a memory template (vmrun.warm)
 
     def __post_init__(self) -> None:
         check_count(self.cpus, "--cpus", MAX_CPUS)
