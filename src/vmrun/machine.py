@@ -242,7 +242,7 @@ class Machine(Lifecycle):
                 return
             except warm.RestoreFailed as exc:
                 self.notice(f"warm start failed ({exc}); booting cold, making a new template")
-                start_plan = warm.remake(start_plan)
+                start_plan = self._locked(warm.remake(start_plan))
         self._boot(qemu_binary, start_plan, t)
 
     def _plan(self, qemu_binary: str, fds: dict[str, int]) -> BootPlan:
@@ -267,7 +267,11 @@ class Machine(Lifecycle):
         if self.warm_capable:
             shape = warm.shape_of(self._plan(qemu_binary, dict.fromkeys(PORTS, 0)),
                                   qemu_binary, self.guest, tty=self.spec.tty)
-        plan = warm.choose(shape, cold=self.spec.cold, why_not=why_not, notice=self.notice)
+        return self._locked(warm.choose(shape, cold=self.spec.cold, why_not=why_not,
+                                        notice=self.notice))
+
+    def _locked(self, plan: warm.StartPlan) -> warm.StartPlan:
+        """PLAN, or a cold start when it would make a template another run is making."""
         if plan.mode == warm.Mode.MAKE and not self.stack.enter_context(
                 warm.maker_lock(plan.key)):
             plan = warm.StartPlan(warm.Mode.COLD, why="another run is making the template")

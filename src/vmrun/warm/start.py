@@ -166,11 +166,11 @@ def restored(qmp: Qmp, qemu: process.Qemu, plan: StartPlan, state_fd: int,
 
 
 def remake(plan: StartPlan) -> StartPlan:
-    """After a failed restore: the template goes, this run boots cold and makes a new one
-    (it holds no maker's lock yet, so it only makes one when it can take it)."""
+    """After a failed restore: the template goes, and this run boots cold to make a new
+    one (when no other run is making it already)."""
     if plan.template is not None:
         store.remove(plan.template)
-    return StartPlan(Mode.COLD, why="the template could not be restored")
+    return StartPlan(Mode.MAKE, plan.key, plan.shape, why="the template could not be restored")
 
 
 def why_cold(spec: MachineSpec, *, custom_guest: bool, share_via: str) -> str:
