@@ -18,6 +18,7 @@ from vmrun import Command, Machine, MachineSpec, Net, Share
 from vmrun.cache import sha256_file
 from vmrun.guest.build import Guest
 from vmrun.warm import store
+from vmrun.warm.key import Shape
 
 pytestmark = pytest.mark.vm
 
@@ -216,7 +217,7 @@ def test_sigkill_while_making_a_template_leaves_nothing_trusted(
     assert start_of(lines) == "warm"
 
 
-def _shape_of(template: store.Template) -> store.Shape:
+def _shape_of(template: store.Template) -> Shape:
     meta = store.read_meta(template)
     assert meta is not None
-    return store.Shape(**meta["shape"])
+    return Shape(**meta["shape"])
