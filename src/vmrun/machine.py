@@ -293,8 +293,12 @@ class Machine(Lifecycle):
         fds = self._make_sockets()
         plan = self._plan(qemu_binary, fds)
         assert self.rundir is not None and self.accel is not None
+        ram = -1
         if start_plan.mode == warm.Mode.MAKE:
-            plan = replace(plan, ram=RamFile(self.rundir / "ram", shared=True))
+            ram = warm.memory_file(plan.memory_mib << 20)
+            self.stack.callback(os.close, ram)
+            fds = {**fds, "ram": os.dup(ram)}  # QEMU's copy, closed once it has it
+            plan = replace(plan, ram=RamFile(Path(f"/proc/self/fd/{fds['ram']}"), shared=True))
         self._launch(plan, fds)
         boot_timeout = boot_timeout_for(self.spec, self.accel.accel, self.arch.name)
         self._pump(lambda: "ready" in self.events, boot_timeout, BootTimeout(
@@ -302,7 +306,7 @@ class Machine(Lifecycle):
         t = self._phase("boot", t)
         if start_plan.mode == warm.Mode.MAKE:
             assert self.qmp is not None
-            warm.save(self.qmp, self.rundir / "ram", start_plan)
+            warm.save(self.qmp, ram, start_plan)
             self._phase("template", t)
 
     def _restore(self, qemu_binary: str, start_plan: warm.StartPlan) -> None:

@@ -1,5 +1,6 @@
 """Warm starts: a booted, idle guest kept as a memory template and restored per run."""
 
+from vmrun.warm.ramfile import memory_file
 from vmrun.warm.start import (
     Mode,
     RestoreFailed,
@@ -16,4 +17,4 @@ from vmrun.warm.start import (
 from vmrun.warm.store import maker_lock
 
 __all__ = ["Mode", "RestoreFailed", "StartPlan", "choose", "fresh_identity", "maker_lock",
-           "open_state", "remake", "restored", "save", "shape_of", "why_cold"]
+           "memory_file", "open_state", "remake", "restored", "save", "shape_of", "why_cold"]

@@ -67,18 +67,32 @@ def digest_of(path: Path) -> str:
 
 def copy_sparse(source: Path, target: Path) -> str:
     """Copy SOURCE's non-zero chunks into a new TARGET of the same size; their digest."""
-    digest = hashlib.sha256()
     src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(src).st_size
-        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(dst, size)
-            for offset, piece in _chunks(src, size):
-                _update(digest, offset, piece)
-                os.pwrite(dst, piece, offset)
-        finally:
-            os.close(dst)
+        return copy_sparse_fd(src, target)
     finally:
         os.close(src)
+
+
+def copy_sparse_fd(src: int, target: Path) -> str:
+    """copy_sparse from an open file (a memfd, say)."""
+    digest = hashlib.sha256()
+    size = os.fstat(src).st_size
+    dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(dst, size)
+        for offset, piece in _chunks(src, size):
+            _update(digest, offset, piece)
+            os.pwrite(dst, piece, offset)
+    finally:
+        os.close(dst)
     return digest.hexdigest()
+
+
+def memory_file(size: int) -> int:
+    """Anonymous shared memory for the guest RAM of a run making a template: QEMU maps it
+    through /proc/self/fd (it is in RAM like a cold run's, nothing is written back to
+    disk, and nothing of it outlives the processes holding it, SIGKILL included)."""
+    fd = os.memfd_create("vmrun-template-ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd

@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 
 from vmrun.cache import sha256_file
 from vmrun.errors import QemuError
@@ -72,8 +71,9 @@ def choose(shape: Shape | None, *, cold: bool, why_not: str, notice: Notice) -> 
     return StartPlan(Mode.MAKE, key, shape, why=f"no template {key[:12]} yet")
 
 
-def save(qmp: Qmp, ram: Path, plan: StartPlan) -> store.Template:
-    """Save the running guest (RAM in RAM, shared) as PLAN's template, then let it go on.
+def save(qmp: Qmp, ram: int, plan: StartPlan) -> store.Template:
+    """Save the running guest (its RAM shared, in the file RAM) as PLAN's template, then
+    let it go on.
 
     The device state goes to a file QEMU gets by fd (exec: is refused by -sandbox and
     file: needs QEMU 8); migration ends with the guest stopped, the RAM file is copied
@@ -89,7 +89,7 @@ def save(qmp: Qmp, ram: Path, plan: StartPlan) -> store.Template:
             {"capability": "events", "state": True}]})
         qmp.execute("migrate", {"uri": "fd:vmrun-template"})
         _wait_migrated(qmp)
-        digest = ramfile.copy_sparse(ram, staging / "ram")
+        digest = ramfile.copy_sparse_fd(ram, staging / "ram")
         qmp.execute("cont")
         files = {"ram": store.file_record(staging / "ram", digest),
                  "state": store.file_record(staging / "state",
