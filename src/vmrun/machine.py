@@ -227,7 +227,8 @@ class Machine(Lifecycle):
             self.notice(f"{self.accel.reason}; using TCG (slower)")
         self.rundir = self.stack.enter_context(
             run_directory(keep=lambda: spec.keep, notice=self.notice))
-        why_cold = warm.why_cold(spec, custom_guest=self.custom_guest, share_via=self.share_via)
+        why_cold = warm.why_cold(spec, arch=self.arch.name, custom_guest=self.custom_guest,
+                                 share_via=self.share_via)
         self.warm_capable = why_cold == "" and not spec.cold
         self.share_device = self._share_device()
         self.overlay = self._attach_image()
@@ -306,7 +307,10 @@ class Machine(Lifecycle):
         t = self._phase("boot", t)
         if start_plan.mode == warm.Mode.MAKE:
             assert self.qmp is not None
-            warm.save(self.qmp, ram, start_plan)
+            try:
+                warm.save(self.qmp, ram, start_plan)
+            except warm.TemplateFailed as exc:
+                self.notice(f"warm start: no template made ({exc})")
             self._phase("template", t)
 
     def _restore(self, qemu_binary: str, start_plan: warm.StartPlan) -> None:

@@ -301,12 +301,16 @@ def test_cold_and_ineligible_runs_never_look() -> None:
 
 
 def test_why_cold() -> None:
-    assert why_cold(MachineSpec(), custom_guest=False, share_via="auto") == ""
-    assert why_cold(MachineSpec(), custom_guest=True, share_via="auto") != ""
-    assert why_cold(MachineSpec(image="x.qcow2"), custom_guest=False, share_via="auto") != ""
-    assert "virtiofs" in why_cold(MachineSpec(), custom_guest=False, share_via="virtiofs")
-    assert why_cold(MachineSpec(share=Share.NONE), custom_guest=False,
-                    share_via="virtiofs") == ""
+    def why(spec: MachineSpec, arch: str = "x86_64", custom: bool = False,
+            via: str = "auto") -> str:
+        return why_cold(spec, arch=arch, custom_guest=custom, share_via=via)
+
+    assert why(MachineSpec()) == why(MachineSpec(), "aarch64") == ""
+    assert why(MachineSpec(), "s390x") != ""  # no reseed path there
+    assert why(MachineSpec(), custom=True) != ""
+    assert why(MachineSpec(image="x.qcow2")) != ""
+    assert "virtiofs" in why(MachineSpec(), via="virtiofs")
+    assert why(MachineSpec(share=Share.NONE), via="virtiofs") == ""
 
 
 # ---- vmrun template ---------------------------------------------------------------------

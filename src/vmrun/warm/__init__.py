@@ -5,6 +5,7 @@ from vmrun.warm.start import (
     Mode,
     RestoreFailed,
     StartPlan,
+    TemplateFailed,
     choose,
     fresh_identity,
     open_state,
@@ -16,5 +17,6 @@ from vmrun.warm.start import (
 )
 from vmrun.warm.store import maker_lock
 
-__all__ = ["Mode", "RestoreFailed", "StartPlan", "choose", "fresh_identity", "maker_lock",
-           "memory_file", "open_state", "remake", "restored", "save", "shape_of", "why_cold"]
+__all__ = ["Mode", "RestoreFailed", "StartPlan", "TemplateFailed", "choose", "fresh_identity",
+           "maker_lock", "memory_file", "open_state", "remake", "restored", "save", "shape_of",
+           "why_cold"]
