@@ -62,6 +62,10 @@ class Request:
     # as a read-only squashfs under a per-run overlay.
     root: int | str | None = None
     user: tuple[int, int] | None = None  # uid, gid to run the command as (in a root)
+    # After a warm start (first request only): hex entropy for the kernel's generator, and
+    # the host's time in whole seconds.
+    seed: str | None = None
+    clock: int | None = None
 
 
 def new_token() -> str:
@@ -72,6 +76,12 @@ def new_token() -> str:
 
 def encode_request(request: Request) -> bytes:
     lines: list[str] = []
+    if request.seed is not None:
+        if not request.seed or any(c not in "0123456789abcdef" for c in request.seed):
+            raise ValueError("the seed must be lowercase hex")
+        lines.append(f"seed {request.seed}")
+    if request.clock is not None:
+        lines.append(f"clock {int(request.clock)}")
     if request.disk:
         lines.append("disk")
     if request.root is not None:

@@ -71,7 +71,7 @@ exit status:
 """
 
 
-SUBCOMMANDS = ("run", "info", "seed", "image", "disk")
+SUBCOMMANDS = ("run", "info", "seed", "image", "disk", "template")
 MAX_JOBS = 256
 
 
@@ -170,6 +170,9 @@ def run_parser() -> argparse.ArgumentParser:
                         "alter the download then runs code with your shared directory")
     parser.add_argument("--keep", action="store_true",
                         help="keep the run directory (serial log, QEMU log, argv)")
+    parser.add_argument("--cold", action="store_true",
+                        help="boot the kernel; never start from a memory template (warm "
+                        "start, see 'vmrun template')")
     parser.add_argument("--console", action="store_true", help="show the guest's console")
     parser.add_argument("-t", "--tty", action="store_true",
                         help="give the command a terminal (interactive use)")
@@ -212,7 +215,7 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
         accel=Accel(args.accel), keep=args.keep, console=args.console, verbose=args.verbose,
         mirror=args.mirror, insecure_unverified_guest=args.insecure_unverified_guest,
         tty=args.tty, image=args.image, boot=Boot(args.boot),
-        image_format=args.image_format,
+        image_format=args.image_format, cold=args.cold,
         entrypoint=None if args.entrypoint is None else
         ((args.entrypoint,) if args.entrypoint else ()),
         insecure_registries=insecure_registries(args.insecure_registry, os.environ),
@@ -442,6 +445,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_disk(args[1:])
         if args[:1] == ["image"]:
             return cmd_image_checked(args[1:])
+        if args[:1] == ["template"]:
+            from vmrun.cli_template import cmd_template
+
+            return cmd_template(args[1:])
         if args[:1] == ["run"]:
             args = args[1:]
         return cmd_run(args)

@@ -15,11 +15,11 @@ import termios
 import time
 import tty
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmrun import share
+from vmrun import share, warm
 from vmrun.channel import (
     ROOT_FAILURES,
     SQUASHFS_ROOT,
@@ -48,6 +48,7 @@ from vmrun.qemu.argv import (
     PORTS,
     SHARE_TAG,
     BootPlan,
+    RamFile,
     ShareDevice,
     ShareKind,
     build_argv,
@@ -192,6 +193,11 @@ class Machine(Lifecycle):
         self.share_device: ShareDevice | None = None
         self.arch: Arch = lookup_arch(self.spec.arch or host_arch())
         self.share_path = (self.spec.share_dir or Path.cwd()).resolve()
+        self.custom_guest = guest is not None
+        self.qemu_binary = ""
+        self.overlay: Path | None = None
+        self.warm_capable = False  # may start warm or make a template (share by 9p)
+        self.first_warm = False  # restored: the first request refreshes the guest's identity
         self.status = StatusReader()
         self.events: list[str] = []
         self.outputs: dict[str, Output] = {}
@@ -236,32 +242,116 @@ class Machine(Lifecycle):
             self.notice(f"{self.accel.reason}; using TCG (slower)")
         self.rundir = self.stack.enter_context(
             run_directory(keep=lambda: spec.keep, notice=self.notice))
-        self.share_device = share_device = self._share_device()
-        overlay = self._attach_image()
-        fds = self._make_sockets()
-        plan = BootPlan(
+        why_cold = warm.why_cold(spec, arch=self.arch.name, custom_guest=self.custom_guest,
+                                 share_via=self.share_via)
+        self.warm_capable = why_cold == "" and not spec.cold
+        self.share_device = self._share_device()
+        self.overlay = self._attach_image()
+        start_plan = self._start_plan(qemu_binary, why_cold)
+        self.serial = Serial(self.rundir / "serial.log", show=spec.console)
+        self.serial.log.touch()
+        t = self._phase("prepare", t)
+        if start_plan.mode == warm.Mode.RESTORE:
+            try:
+                self._restore(qemu_binary, start_plan)
+                self._phase("restore", t)
+                return
+            except warm.RestoreFailed as exc:
+                self.notice(f"warm start failed ({exc}); booting cold, making a new template")
+                start_plan = self._locked(warm.remake(start_plan))
+        self._boot(qemu_binary, start_plan, t)
+
+    def _plan(self, qemu_binary: str, fds: dict[str, int]) -> BootPlan:
+        spec = self.spec
+        assert self.guest is not None and self.accel is not None
+        return BootPlan(
             arch=self.arch, accel=self.accel.accel, cpus=spec.cpus, memory_mib=spec.memory_mib,
             kernel=self.guest.kernel, initrd=self.guest.initrd,
             cmdline=kernel_cmdline(
                 self.arch, console=spec.console, extra=os.environ.get("VMRUN_KERNEL_APPEND", ""),
                 tsc_khz=accellib.tcg_tsc_khz(self.arch, self.accel.accel),
+                warm=self.warm_capable,
             ),
-            fds=fds, share=share_device, net=spec.net == Net.USER, disk=overlay,
+            fds=fds, share=self.share_device, net=spec.net == Net.USER, disk=self.overlay,
             root_image=self.oci.image.path if self.oci is not None else None,
             sandbox=process.sandbox_supported(qemu_binary, self.notice),
         )
-        self.argv = build_argv(plan, qemu_binary)
+
+    def _start_plan(self, qemu_binary: str, why_not: str) -> warm.StartPlan:
+        """Warm or cold: the template for this machine's shape, if it can have one."""
+        assert self.guest is not None
+        shape = None
+        if self.warm_capable:
+            shape = warm.shape_of(self._plan(qemu_binary, dict.fromkeys(PORTS, 0)),
+                                  qemu_binary, self.guest, tty=self.spec.tty)
+        return self._locked(warm.choose(shape, cold=self.spec.cold, why_not=why_not,
+                                        notice=self.notice))
+
+    def _locked(self, plan: warm.StartPlan) -> warm.StartPlan:
+        """PLAN, or a cold start when it would make a template another run is making."""
+        if plan.mode == warm.Mode.MAKE and not self.stack.enter_context(
+                warm.maker_lock(plan.key)):
+            plan = warm.StartPlan(warm.Mode.COLD, why="another run is making the template")
+        if self.spec.verbose:
+            self.notice(f"start: {plan.mode} ({plan.why})")
+        return plan
+
+    def _launch(self, plan: BootPlan, fds: dict[str, int]) -> None:
+        self.argv = build_argv(plan, self.qemu_binary)
+        assert self.rundir is not None
         (self.rundir / "qemu.argv").write_text(shlex.join(self.argv) + "\n")
-        if spec.verbose:
+        if self.spec.verbose:
             self.notice("qemu argv: " + shlex.join(self.argv))
-        self.serial = Serial(self.rundir / "serial.log", show=spec.console)
-        self.serial.log.touch()
-        t = self._phase("prepare", t)
         self._spawn(self.argv, fds).send("qmp_capabilities")
-        boot_timeout = boot_timeout_for(spec, self.accel.accel, self.arch.name)
+
+    def _boot(self, qemu_binary: str, start_plan: warm.StartPlan, t: float) -> None:
+        """Boot cold to agent-ready; with MAKE, save the template there and go on."""
+        self.qemu_binary = qemu_binary
+        fds = self._make_sockets()
+        plan = self._plan(qemu_binary, fds)
+        assert self.rundir is not None and self.accel is not None
+        ram = -1
+        if start_plan.mode == warm.Mode.MAKE:
+            ram = warm.memory_file(plan.memory_mib << 20)
+            self.stack.callback(os.close, ram)
+            fds = {**fds, "ram": os.dup(ram)}  # QEMU's copy, closed once it has it
+            plan = replace(plan, ram=RamFile(Path(f"/proc/self/fd/{fds['ram']}"), shared=True))
+        self._launch(plan, fds)
+        boot_timeout = boot_timeout_for(self.spec, self.accel.accel, self.arch.name)
         self._pump(lambda: "ready" in self.events, boot_timeout, BootTimeout(
             f"the guest agent was not ready within {boot_timeout:.0f}s (--boot-timeout)"))
-        self._phase("boot", t)
+        t = self._phase("boot", t)
+        if start_plan.mode == warm.Mode.MAKE:
+            assert self.qmp is not None
+            try:
+                warm.save(self.qmp, ram, start_plan)
+            except warm.TemplateFailed as exc:
+                self.notice(f"warm start: no template made ({exc})")
+            self._phase("template", t)
+
+    def _restore(self, qemu_binary: str, start_plan: warm.StartPlan) -> None:
+        """Start QEMU from the template; RestoreFailed leaves nothing of the attempt."""
+        assert start_plan.template is not None
+        self.qemu_binary = qemu_binary
+        attempt, self.stack = self.stack, contextlib.ExitStack()
+        try:
+            fds = self._make_sockets()
+            state_fd = warm.open_state(start_plan.template)  # _spawn closes it
+            plan = replace(self._plan(qemu_binary, fds), incoming=True,
+                           ram=RamFile(start_plan.template.ram, shared=False))
+            self._launch(plan, {**fds, "state": state_fd})
+            assert self.qmp is not None and self.qemu is not None
+            warm.restored(self.qmp, self.qemu, start_plan, state_fd, timeout=60.0)
+        except BaseException:
+            self.failed = True
+            self.stack.close()
+            self.stack = attempt
+            self.failed = False
+            self.socks, self.outputs, self.qemu, self.qmp = {}, {}, None, None
+            raise
+        attempt.push(self.stack.__exit__)
+        self.stack = attempt
+        self.first_warm = True
 
     def _attach_image(self) -> Path | None:
         if self.oci is not None:
@@ -281,7 +371,9 @@ class Machine(Lifecycle):
             return None
         if not self.share_path.is_dir():
             raise UsageError(f"cannot share {self.share_path}: not a directory")
-        kind = share.choose_share_kind(self.spec.share, self.share_via, self.arch)
+        # Warm: 9p, which blocks saving a template only while mounted (virtiofs always).
+        via = "9p" if self.warm_capable else self.share_via
+        kind = share.choose_share_kind(self.spec.share, via, self.arch)
         readonly = self.spec.share == Share.RO
         if kind == ShareKind.VIRTIOFS:
             assert self.rundir is not None
@@ -345,6 +437,7 @@ class Machine(Lifecycle):
         if command.tty:
             columns, lines = shutil.get_terminal_size()
             size = (lines, columns)
+        seed, clock = warm.fresh_identity() if self.first_warm else (None, None)
         request = Request(
             argv=command.argv, cwd=command.cwd or str(self.share_path), env=command.env,
             token=token, stdin=stdin_mode, stdin_data=command.input or b"", tty=size,
@@ -352,7 +445,9 @@ class Machine(Lifecycle):
             disk=self.first_request and self.spec.image is not None,
             root=self.root if self.first_request else None,
             user=self._user(),
+            seed=seed, clock=clock,
         )
+        self.first_warm = False
         self.first_request = False
         self.events.clear()
         self.to_guest["control"] = bytearray(encode_request(request))

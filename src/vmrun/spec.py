@@ -62,6 +62,7 @@ class MachineSpec:
     # OCI images (--image docker://..., oci:..., oci-archive:...):
     entrypoint: tuple[str, ...] | None = None  # replaces the image's; () clears it
     insecure_registries: tuple[str, ...] = ()  # HOST[:PORT] reached over plain HTTP
+    cold: bool = False  # boot the kernel, never restore a memory template (vmrun.warm)
 
     def __post_init__(self) -> None:
         check_count(self.cpus, "--cpus", MAX_CPUS)

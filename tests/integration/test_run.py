@@ -230,8 +230,10 @@ def test_keep_leaves_logs(guest: Guest, workdir: Path) -> None:
         assert (kept / "serial.log").exists()
         assert (kept / "qemu.log").exists()
         assert "qemu-system" in (kept / "qemu.argv").read_text()
-        for phase in ("fetch", "boot", "command", "shutdown"):
+        for phase in ("fetch", "command", "shutdown"):
             assert f"{phase}:" in done.stderr.decode()
+        # A cold boot, or a restore from the template of this shape (vmrun.warm).
+        assert "boot:" in done.stderr.decode() or "restore:" in done.stderr.decode()
     finally:
         import shutil
 

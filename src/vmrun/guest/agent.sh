@@ -5,6 +5,8 @@
 # one request per command, one field per line, values escaped for printf %b:
 #   disk   root N|squashfs   mount 9p|virtiofs TAG ro|rw PATH   net user   cwd PATH
 #   env K=V   arg A   user UID GID   token HEX   stdin port|null|file N   tty ROWS COLS   run
+# and, first after a warm start (restored from a memory template, see vmrun/warm):
+#   seed HEX   clock EPOCH
 # then either another request or "poweroff". Guest -> host on port vmrun.status:
 #   "ready" once, then per command "started" and "exit N". After the command, the
 # agent writes TOKEN to the stdout and stderr ports so the host knows it has every byte.
@@ -34,8 +36,11 @@ ln -sf /proc/self/fd/1 /dev/stdout
 ln -sf /proc/self/fd/2 /dev/stderr
 hostname vmrun
 
+loaded=
 load_modules() {
     [ -f "$1" ] || return 0
+    case $loaded in *" $1 "*) return 0 ;; esac
+    loaded="$loaded $1 "
     while IFS= read -r ko; do
         [ -n "$ko" ] && insmod "$ko" 2>/dev/null
     done < "$1"
@@ -48,6 +53,29 @@ fi
 
 load_modules /etc/vmrun/modules.boot
 ip link set lo up 2>/dev/null
+if [ "${cmdline#* vmrun.warm}" != "$cmdline" ]; then
+    # A boot that may become a template: what a restored copy would load after restore,
+    # where every code path is translated afresh under TCG, is loaded now. Warm starts
+    # reseed the kernel's generator by a suspend cycle that stops once tasks are frozen
+    # (random.c reseeds on PM_POST_SUSPEND; busybox cannot issue RNDRESEEDCRNG).
+    load_modules /etc/vmrun/modules.9p
+    load_modules /etc/vmrun/modules.net
+    echo 0 > /sys/module/suspend/parameters/pm_test_delay
+    echo freezer > /sys/power/pm_test
+fi
+
+# seed HEX: mix the host's entropy into the input pool, then make the generator reseed
+# from it (copies of one template would otherwise read the same bytes). clock EPOCH: the
+# host's time (a template's clock stopped when it was made).
+reseed() {
+    case $1 in ''|*[!0-9a-f]*) say "bad seed"; return ;; esac
+    printf '%s\n' "$1" > /dev/urandom
+    echo freeze > /sys/power/state 2>/dev/null || say "cannot reseed the kernel's RNG"
+}
+set_clock() {
+    case $1 in ''|*[!0-9]*) say "bad clock"; return ;; esac
+    date -s "@$1" > /dev/null || say "cannot set the clock"
+}
 
 start_net() {
     load_modules /etc/vmrun/modules.net
@@ -288,6 +316,8 @@ while :; do
                 [ -n "$root" ] && mount -o remount,ro "$root" 2>/dev/null
                 sync; poweroff -f; sleep 5 ;;
             run) break ;;
+            seed) reseed "$val" ;;
+            clock) set_clock "$val" ;;
             token) token=$val ;;
             stdin) stdin_mode=${val%% *}; stdin_len=${val#* } ;;
             tty) tty=$val ;;

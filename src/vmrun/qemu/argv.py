@@ -44,10 +44,21 @@ class BootPlan:
     disk: Path | None = None  # the run's own qcow2 overlay, attached as a virtio disk
     root_image: Path | None = None  # instead of DISK: a raw image attached read-only (OCI)
     sandbox: bool = True  # -sandbox needs QEMU built with seccomp
+    ram: RamFile | None = None  # guest RAM in a file: a warm-start template's (vmrun.warm)
+    incoming: bool = False  # wait for the device state to restore (migrate-incoming)
+
+
+@dataclass(frozen=True)
+class RamFile:
+    """Guest RAM in a file: written through by the run that makes a template (shared), a
+    copy-on-write view of it for the runs restored from it (never written)."""
+
+    path: Path
+    shared: bool
 
 
 def kernel_cmdline(arch: Arch, *, console: bool, probe: bool = False, extra: str = "",
-                   tsc_khz: int | None = None) -> str:
+                   tsc_khz: int | None = None, warm: bool = False) -> str:
     words = [f"console={arch.console}", "panic=-1", "rdinit=/init"]
     if tsc_khz:
         # Under TCG the guest's TSC runs at the host's rate, and calibrating it against the
@@ -58,6 +69,10 @@ def kernel_cmdline(arch: Arch, *, console: bool, probe: bool = False, extra: str
     words += arch.kernel_args
     if probe:
         words.append("vmrun.probe")
+    if warm:
+        # The agent readies before "ready" what a restored copy would otherwise do after
+        # restore, where TCG translates every code path afresh (see vmrun.warm).
+        words.append("vmrun.warm")
     if extra:
         words.append(extra)  # last, so it overrides: a debugging aid (VMRUN_KERNEL_APPEND)
     return " ".join(words)
@@ -80,7 +95,7 @@ def machine_args(plan: BootPlan) -> list[str]:
         machine += ",isa-serial=on,rtc=on"
     if plan.arch.name == "aarch64" and plan.accel == Accel.KVM:
         machine += ",gic-version=host"
-    if plan.share is not None and plan.share.kind == ShareKind.VIRTIOFS:
+    if plan.ram is not None or (plan.share is not None and plan.share.kind == ShareKind.VIRTIOFS):
         machine += ",memory-backend=mem"
     return ["-machine", machine]
 
@@ -112,6 +127,22 @@ def share_args(plan: BootPlan) -> list[str]:
     ]
 
 
+def warm_args(plan: BootPlan) -> list[str]:
+    """RAM in a template's file, and the device state to restore (see vmrun.warm)."""
+    if plan.ram is None:
+        return []
+    if plan.share is not None and plan.share.kind == ShareKind.VIRTIOFS:
+        raise ValueError("a RAM file and virtiofs (vhost-user-fs) cannot go together")
+    share = "on" if plan.ram.shared else "off"
+    argv = ["-object", f"memory-backend-file,id=mem,size={plan.memory_mib}M,"
+            f"mem-path={option_value(plan.ram.path)},share={share}"]
+    if plan.incoming:
+        # Deferred: the x-ignore-shared capability (the state leaves the RAM out, the file
+        # holds it) can only be set over QMP on QEMU 7.2, before migrate-incoming.
+        argv += ["-incoming", "defer"]
+    return argv
+
+
 def build_argv(plan: BootPlan, qemu: str | None = None) -> list[str]:
     """The complete argv that boots PLAN."""
     arch = plan.arch
@@ -126,6 +157,7 @@ def build_argv(plan: BootPlan, qemu: str | None = None) -> list[str]:
         argv += ["-global", "virtio-mmio.force-legacy=false"]
     argv += accel_args(plan)
     argv += ["-smp", str(plan.cpus), "-m", f"{plan.memory_mib}M"]
+    argv += warm_args(plan)
     argv += ["-kernel", str(plan.kernel), "-initrd", str(plan.initrd), "-append", plan.cmdline]
     # Every chardev is a socket vmrun created and handed over as an fd: no path races.
     argv += ["-chardev", f"socket,id=qmp,fd={plan.fds['qmp']}", "-mon", "chardev=qmp,mode=control"]

@@ -33,14 +33,20 @@ class Qmp:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, command: str, arguments: dict[str, Any] | None = None) -> str:
-        """Send COMMAND without waiting; its id (the reply, when it comes, is dropped)."""
+    def send(self, command: str, arguments: dict[str, Any] | None = None,
+             fds: tuple[int, ...] = ()) -> str:
+        """Send COMMAND without waiting; its id (the reply, when it comes, is dropped).
+        FDS go along by SCM_RIGHTS (for getfd)."""
         ident = f"vmrun-{next(self.ids)}"
         message: dict[str, Any] = {"execute": command, "id": ident}
         if arguments:
             message["arguments"] = arguments
+        data = json.dumps(message).encode() + b"\n"
         try:
-            self.sock.sendall(json.dumps(message).encode() + b"\n")
+            if fds:
+                sent = socket.send_fds(self.sock, [data], list(fds))
+                data = data[sent:]
+            self.sock.sendall(data)
         except OSError as exc:
             raise QemuError(f"QMP connection lost: {exc}") from exc
         return ident
@@ -81,9 +87,9 @@ class Qmp:
                 self.replies[ident] = message
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                timeout: float = 5.0) -> Any:
+                timeout: float = 5.0, fds: tuple[int, ...] = ()) -> Any:
         """Send COMMAND and wait for its reply (blocking, with a deadline)."""
-        ident = self.send(command, arguments)
+        ident = self.send(command, arguments, fds)
         self.awaited.add(ident)
         deadline = time.monotonic() + timeout
         try:
