@@ -260,3 +260,23 @@ def test_ls_rm_and_prune_handle_pulled_disks(tmp_path: Path, registry: ot.Runnin
     assert cmd_image(["rm", dest]) == 0
     assert not [p for p in disks.disks_dir(oci_root(cache)).iterdir()
                 if p.suffix in (".disk", ".json")]
+
+
+@pytest.mark.vm
+def test_a_pushed_disk_fast_boots_from_the_registry(tmp_path: Path,
+                                                    registry: ot.RunningRegistry) -> None:
+    from tests.integration.vmtools import run_cli
+    from vmrun.qemu.arch import host_arch, lookup_arch
+
+    arch = lookup_arch(host_arch()).name
+    if arch not in DPS_ROOT:
+        pytest.skip(f"no root partition type in these tests for {arch}")
+    cache = tmp_path / "cache"
+    store.import_image(small_disk(tmp_path / "root.raw", arch, shell=True), name="runner",
+                       cache=cache)
+    dest = f"docker://{registry.host}/vm/runner:v1"
+    push_disks([Source("runner")], dest, cache=cache)
+    result = run_cli("--image", dest, "--share", "none", "--", "cat", "/vmrun-marker",
+                     cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
+    assert result.stdout == b"in the image\n"
