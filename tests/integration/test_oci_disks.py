@@ -236,7 +236,8 @@ def test_ls_rm_and_prune_handle_pulled_disks(tmp_path: Path, registry: ot.Runnin
     first = small_disk(tmp_path / "one.raw", "x86_64")
     store.import_image(first, name="one")
     dest = f"docker://{registry.host}/vm/ls:v1"
-    push_disks([Source("one")], dest)
+    assert cmd_image(["push", "one", dest]) == 0  # the command line, as users push
+    assert capsys.readouterr().out.startswith(f"{dest}@sha256:")
     assert cmd_image(["pull", dest]) == 0
     assert capsys.readouterr().out.startswith(f"{dest}  sha256:")
     listed = [e for e in json.loads((cmd_image(["ls", "--json"]), capsys.readouterr().out)[1])
