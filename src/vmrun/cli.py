@@ -273,6 +273,8 @@ def cmd_run(argv: Sequence[str]) -> int:
                       stdin_stream=not os.isatty(0))
     spec = machine_spec(args)
     oci = prepare_oci(spec, command) if oci_image else None
+    if oci_image and oci is None and not command_argv:
+        raise no_command()  # a VM disk from a registry has no default command
     full_only = [name for name, given in (("--include/--exclude/--sync", args.rules),
                                           ("--collect", args.collect),
                                           ("--firmware", args.firmware != "auto")) if given]
@@ -298,15 +300,17 @@ def cmd_run(argv: Sequence[str]) -> int:
     return result.exit_code
 
 
-def prepare_oci(spec: MachineSpec, command: Command) -> OciRun:
+def prepare_oci(spec: MachineSpec, command: Command) -> OciRun | None:
     """SPEC's OCI image pulled and read before anything boots: a run with no command
-    and an image without a default fails here, not after the boot."""
+    and an image without a default fails here, not after the boot. None: the reference
+    is a VM disk (pulled, and attached later like any disk image)."""
     from vmrun.oci import run as oci_run
 
     arch = lookup_arch(spec.arch or host_arch()).name
     progress = progress_printer() if sys.stderr.isatty() else None
     prepared = oci_run.prepare(spec, arch=arch, notice=notice_stderr, progress=progress)
-    oci_run.apply(prepared, command, shared=spec.share != Share.NONE)
+    if prepared is not None:
+        oci_run.apply(prepared, command, shared=spec.share != Share.NONE)
     return prepared
 
 

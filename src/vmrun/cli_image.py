@@ -16,7 +16,7 @@ from vmrun.images import store
 from vmrun.images.aliases import ALIASES, ARCHES
 from vmrun.images.rawdisk import require_disk
 from vmrun.oci.reference import is_image_reference
-from vmrun.oci.store import OciStored
+from vmrun.oci.store import OciDisk, OciStored
 
 Validate = Callable[[Path], object]
 
@@ -31,10 +31,12 @@ def image_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     pull = commands.add_parser(
-        "pull", help="download an image by URL or alias and verify it",
+        "pull", help="download an image by URL, alias or image reference and verify it",
         description="Download an image and verify its checksum. Aliases: "
-        + ", ".join(sorted(ALIASES)) + ".")
-    pull.add_argument("source", metavar="URL|ALIAS")
+        + ", ".join(sorted(ALIASES)) + ". An image reference (docker://, oci:, "
+        "oci-archive:) pulls a VM disk (a disk artifact pushed by vmrun image push, or a "
+        "KubeVirt containerDisk) or a container image's root file system.")
+    pull.add_argument("source", metavar="URL|ALIAS|REFERENCE")
     pull.add_argument("--name", help="name to store it under (default: the alias, or the "
                       "URL's file name)")
     checksum = pull.add_mutually_exclusive_group()
@@ -45,6 +47,20 @@ def image_parser() -> argparse.ArgumentParser:
                       "(default: the host's)")
     pull.add_argument("--mirror", metavar="URL", help="replaces the publisher's base URL "
                       f"for aliases (default ${store.MIRROR_ENV})")
+
+    pull.add_argument("--insecure-registry", action="append", default=[], metavar="HOST",
+                      help="reach this registry over plain HTTP (loopback ones always are)")
+
+    push = commands.add_parser(
+        "push", help="publish stored disk images to a registry",
+        description="Publish stored disk images as vmrun disk artifacts under one tag. "
+        "A baked image goes as one self-contained qcow2. Each image's architecture is "
+        "what its GPT root partition type says, or ARCH; several images (one per "
+        "architecture) make an index, and --image picks the guest's.")
+    push.add_argument("words", nargs="+", metavar="NAME[=ARCH]... DEST",
+                      help="stored images, then docker://REGISTRY/REPO[:TAG]")
+    push.add_argument("--insecure-registry", action="append", default=[], metavar="HOST",
+                      help="reach this registry over plain HTTP (loopback ones always are)")
 
     imp = commands.add_parser("import", help="copy a local image file into the store")
     imp.add_argument("file", type=Path, metavar="FILE")
@@ -146,7 +162,15 @@ def _is_store_name(name: str) -> bool:
     return True
 
 
-def _print_table(images: list[store.StoredImage], roots: list[OciStored]) -> None:
+def _describe_disk(found: OciDisk) -> dict[str, object]:
+    return {"name": found.reference, "digest": found.digest, "size": found.size,
+            "format": found.format, "source": found.reference, "created": found.created,
+            "path": str(found.path), "kind": found.kind, "arch": found.arch,
+            "manifest_digest": found.manifest_digest}
+
+
+def _print_table(images: list[store.StoredImage], roots: list[OciStored],
+                 disks: list[OciDisk]) -> None:
     rows = [("NAME", "DIGEST", "SIZE", "FORMAT", "CREATED", "SOURCE")]
     for image in images:
         rows.append((image.name or "<none>", image.digest[:12], _size_text(image.size),
@@ -155,6 +179,10 @@ def _print_table(images: list[store.StoredImage], roots: list[OciStored]) -> Non
         rows.append((root.reference, root.digest.removeprefix("sha256:")[:12],
                      _size_text(root.size), f"squashfs ({root.arch})", root.created or "-",
                      f"{root.reference}@{root.digest}"))
+    for found in disks:
+        rows.append((found.reference, found.digest.removeprefix("sha256:")[:12],
+                     _size_text(found.size), f"{found.format} ({found.arch})",
+                     found.created or "-", f"{found.reference}@{found.digest}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
@@ -172,7 +200,11 @@ def cmd_image(
     from vmrun.oci import store as oci_store
 
     args = image_parser().parse_args(list(argv))
-    if args.action == "pull":
+    if args.action == "pull" and is_image_reference(args.source):
+        _pull_reference(args.source, args.arch, args.insecure_registry, args.name)
+    elif args.action == "push":
+        _push(args.words, args.insecure_registry)
+    elif args.action == "pull":
         progress = ProgressLine(sys.stderr)
         try:
             image = store.pull(args.source, name=args.name, sha256=args.sha256,
@@ -189,10 +221,12 @@ def cmd_image(
     elif args.action == "ls":
         images = store.list_images()
         roots = oci_store.list_roots()
+        disks = oci_store.list_disks()
         if args.json:
-            print(json.dumps([*map(_describe, images), *map(_describe_oci, roots)], indent=2))
+            print(json.dumps([*map(_describe, images), *map(_describe_oci, roots),
+                              *map(_describe_disk, disks)], indent=2))
         else:
-            _print_table(images, roots)
+            _print_table(images, roots, disks)
     elif args.action == "rm":
         if is_image_reference(args.name) or not _is_store_name(args.name):
             oci_store.remove(args.name)
@@ -207,6 +241,61 @@ def cmd_image(
     elif args.action == "inspect":
         _inspect(args.ref, as_json=args.json)
     return 0
+
+
+def _insecure(given: Sequence[str]) -> tuple[str, ...]:
+    import os
+
+    from vmrun.oci.reference import insecure_registries
+
+    return insecure_registries(given, os.environ)
+
+
+def _pull_reference(source: str, arch: str | None, insecure: Sequence[str],
+                    name: str | None) -> None:
+    """Pull an OCI reference into the OCI store: a VM disk, or a container image's root."""
+    from vmrun.oci.disks import PulledDisk
+    from vmrun.oci.pull import ensure_image
+    from vmrun.oci.reference import parse_reference
+    from vmrun.oci.run import reference_insecure
+    from vmrun.qemu.arch import host_arch, lookup_arch
+
+    if name is not None:
+        raise UsageError("--name does not apply to an image reference",
+                         hint="it is stored, listed and run under its reference")
+    ref = parse_reference(source)
+    progress = ProgressLine(sys.stderr)
+    try:
+        image = ensure_image(ref, arch=lookup_arch(arch or host_arch()).name,
+                             progress=progress, notice=_notice,
+                             insecure=reference_insecure(ref, _insecure(insecure)))
+    finally:
+        progress.finish()
+    if isinstance(image, PulledDisk):
+        print(f"{image.origin.reference}  {image.origin.digest}  {image.format} disk "
+              f"({image.origin.arch})")
+    else:
+        print(f"{image.reference}  {image.digest}  root file system ({image.arch})")
+
+
+def _push(words: Sequence[str], insecure: Sequence[str]) -> None:
+    from vmrun.oci.push import parse_source, push_disks
+    from vmrun.oci.reference import parse_reference
+    from vmrun.oci.run import reference_insecure
+
+    if len(words) < 2:
+        raise UsageError("push needs images and a destination",
+                         hint="vmrun image push NAME[=ARCH]... docker://REGISTRY/REPO:TAG")
+    destination = words[-1]
+    progress = ProgressLine(sys.stderr)
+    try:
+        pushed = push_disks([parse_source(word) for word in words[:-1]], destination,
+                            insecure=reference_insecure(parse_reference(destination),
+                                                        _insecure(insecure)),
+                            progress=progress, notice=_notice)
+    finally:
+        progress.finish()
+    print(f"{pushed.reference}@{pushed.digest}")
 
 
 def _require_regular(path: Path) -> None:

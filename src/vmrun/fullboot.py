@@ -211,7 +211,8 @@ class FullMachine(Lifecycle):
             self.ssh = sshlib.find_ssh()
         self.base = prepare(spec.image, guest_arch=self.arch.name,
                             debian_arch=self.arch.debian_arch, notice=self.notice,
-                            image_format=spec.image_format)
+                            image_format=spec.image_format,
+                            insecure_registries=spec.insecure_registries)
         bootable = fwlib.bootable_by(read_head(self.base.path, self.base.format))
         self.firmware = fwlib.choose_firmware(self.arch.name, self.options.firmware, bootable,
                                               spec.image)

@@ -214,19 +214,21 @@ class Machine(Lifecycle):
             raise UsageError("Machine boots vmrun's guest; --boot full is vmrun.fullboot")
         qemu_binary = process.find_qemu(self.arch)
         progress = progress_printer() if sys.stderr.isatty() else None
-        if spec.image is not None and is_image_reference(spec.image):
-            if self.oci is None:
-                from vmrun.oci.run import prepare as prepare_oci
+        if spec.image is not None and is_image_reference(spec.image) and self.oci is None:
+            from vmrun.oci.run import prepare as prepare_oci
 
-                self.oci = prepare_oci(spec, arch=self.arch.name, notice=self.notice,
-                                       progress=progress)
+            # None: the reference is a VM disk, attached below like any disk image.
+            self.oci = prepare_oci(spec, arch=self.arch.name, notice=self.notice,
+                                   progress=progress)
+        if self.oci is not None:
             self.root = SQUASHFS_ROOT
         elif spec.image is not None:
             from vmrun.images.attach import prepare, root_for_boot
 
             self.base = prepare(spec.image, guest_arch=self.arch.name,
                                 debian_arch=self.arch.debian_arch, notice=self.notice,
-                                image_format=spec.image_format)
+                                image_format=spec.image_format,
+                                insecure_registries=spec.insecure_registries)
             # AUTO: the image's root partition when it has one, else a plain disk.
             self.root = root_for_boot(self.base, spec.boot, spec.image)
         if self.guest is None:

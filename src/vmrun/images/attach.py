@@ -16,7 +16,7 @@ vmrun.fullboot's business.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from vmrun.images import disk, formats, store
 from vmrun.images.aliases import ALIASES
 from vmrun.images.partitions import SECTOR, find_root_partition, head_arch, read_head
 from vmrun.images.rawdisk import require_disk
+from vmrun.oci.reference import is_image_reference
 from vmrun.rundir import live_runs
 from vmrun.spec import Boot
 
@@ -40,9 +41,12 @@ class AttachedDisk:
     digest: str | None  # the store's digest of the base, None for a file given by path
 
 
-def base_image(ref: str, *, arch: str, notice: Notice,
-               progress: Progress | None) -> tuple[Path, str | None]:
-    """The base for REF (a file, a stored name or digest, or an alias to pull)."""
+def base_image(ref: str, *, arch: str, notice: Notice, progress: Progress | None,
+               insecure_registries: Sequence[str] = ()) -> tuple[Path, str | None]:
+    """The base for REF (a file, a stored name or digest, an alias to pull, or a VM disk
+    in a registry or OCI layout: docker://, oci:, oci-archive:)."""
+    if is_image_reference(ref):
+        return _registry_disk(ref, arch, notice, progress, insecure_registries), None
     path = Path(ref)
     if "/" in ref or path.exists():
         if not path.is_file():
@@ -58,6 +62,21 @@ def base_image(ref: str, *, arch: str, notice: Notice,
         stored = store.pull(ref, arch=arch, progress=progress, notice=notice,
                             validate=formats.check_foreign_image)
     return stored.path, stored.digest
+
+
+def _registry_disk(ref: str, arch: str, notice: Notice, progress: Progress | None,
+                   insecure_registries: Sequence[str]) -> Path:
+    """The disk REF names, pulled into the OCI store unless there, and still unchanged
+    (its header is checked by check_base like any file's)."""
+    from vmrun.oci.pull import ensure_disk
+    from vmrun.oci.reference import parse_reference
+    from vmrun.oci.run import reference_insecure
+
+    parsed = parse_reference(ref)
+    pulled = ensure_disk(parsed, arch=arch, notice=notice, progress=progress,
+                         insecure=reference_insecure(parsed, insecure_registries))
+    store.check_unchanged(pulled.sha256, pulled.path)
+    return pulled.path
 
 
 def check_base(path: Path, digest: str | None) -> formats.ImageInfo:
@@ -84,13 +103,15 @@ class Base:
 
 
 def prepare(ref: str, *, guest_arch: str, debian_arch: str, notice: Notice,
-            progress: Progress | None = None, image_format: str | None = None) -> Base:
+            progress: Progress | None = None, image_format: str | None = None,
+            insecure_registries: Sequence[str] = ()) -> Base:
     """Find REF's base and check it: its header, that it is unchanged, its architecture;
     an image file without a header must look like a raw disk unless IMAGE_FORMAT is raw.
 
     Runs before anything boots, so a refused image costs no VM.
     """
-    path, digest = base_image(ref, arch=debian_arch, notice=notice, progress=progress)
+    path, digest = base_image(ref, arch=debian_arch, notice=notice, progress=progress,
+                              insecure_registries=insecure_registries)
     info = check_base(path, digest)
     if digest is None:
         require_disk(path, str(info.format), image_format, "--image-format")

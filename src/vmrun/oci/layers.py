@@ -432,3 +432,22 @@ def _copy_files(tar: _TarWriter, layer: Layer, wanted: dict[int, tuple[str, Inod
                     return
     if left:
         raise ImageError(f"{layer.label}: {len(left)} members vanished between reads")
+
+
+@contextlib.contextmanager
+def open_member(layer: Layer, ordinal: int, size: int) -> Iterator[IO[bytes]]:
+    """The bytes of LAYER's ORDINAL-th member, a regular file of SIZE bytes, streamed
+    from the layer (never written to the host as a file of its own name)."""
+    with _reading(layer), open_layer(layer) as stream:
+        source: Any = tarfile.open(fileobj=stream, mode="r|")
+        with source:
+            for number, member in enumerate(_members(source)):
+                if number != ordinal:
+                    continue
+                data = source.extractfile(member)
+                if member.size != size or member.type not in _FILE_TYPES or data is None:
+                    raise ImageError(f"{layer.label}: member {member.name!r} changed between "
+                                     "reads")
+                yield data
+                return
+    raise ImageError(f"{layer.label}: member {ordinal} vanished between reads")

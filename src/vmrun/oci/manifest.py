@@ -23,6 +23,12 @@ DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 DOCKER_SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json",
                   "application/vnd.docker.distribution.manifest.v1+prettyjws")
 
+# vmrun's VM disk artifacts: one layer, the disk image itself, of media type
+# DISK_LAYER_PREFIX + its format; the config is a small JSON document (see vmrun.oci.disks).
+DISK_ARTIFACT = "application/vnd.vmrun.disk.v1"
+DISK_CONFIG = "application/vnd.vmrun.disk.config.v1+json"
+DISK_LAYER_PREFIX = "application/vnd.vmrun.disk.layer.v1."
+
 MANIFESTS = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEXES = (OCI_INDEX, DOCKER_LIST)
 # What a registry is asked for, best first.
@@ -80,6 +86,11 @@ class Descriptor:
 class Manifest:
     config: Descriptor
     layers: tuple[Descriptor, ...]
+
+    @property
+    def is_disk(self) -> bool:
+        """Whether this is a vmrun VM disk artifact rather than a container image."""
+        return self.config.media_type == DISK_CONFIG
 
 
 @dataclass(frozen=True)
@@ -165,6 +176,12 @@ def parse_manifest(data: bytes, media_type: str, what: str) -> Manifest | Index:
         raise ImageError(f"{what}: no layers list, or more than {_MAX_LAYERS} layers")
     config = parse_descriptor(document.get("config"), what)
     descriptors = tuple(parse_descriptor(layer, what) for layer in layers)
+    if config.media_type == DISK_CONFIG:
+        if len(descriptors) != 1 or not descriptors[0].media_type.startswith(
+                DISK_LAYER_PREFIX):
+            raise ImageError(f"{what}: a vmrun disk artifact needs exactly one layer of "
+                             f"media type {DISK_LAYER_PREFIX}FORMAT")
+        return Manifest(config, descriptors)
     for layer in descriptors:
         if layer.media_type not in LAYER_COMPRESSION:
             raise ImageError(f"{what}: layer {layer.digest} has media type "

@@ -7,6 +7,7 @@ Layout under ``cache_dir()/"oci"``::
     roots/<key>.sqfs       the root image of (resolved digest, architecture, RECIPE)
     roots/<key>.json       what it was made from and the image config; written last
     roots/<key>.lock       one conversion per key at a time
+    disks/<key>.disk|json  VM disks (artifacts, containerDisks): see vmrun.oci.disks
     prune.lock             held shared by pulls, exclusively by prune (vmrun.oci.store)
 """
 
@@ -22,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from vmrun.cache import cache_dir, key_of, locked, staged
-from vmrun.errors import ImageError
+from vmrun.errors import ImageError, UsageError
+from vmrun.oci import disks
 from vmrun.oci import manifest as mf
+from vmrun.oci.disks import PulledDisk
 from vmrun.oci.layers import Layer
 from vmrun.oci.reference import ImageRef, RegistryRef, parse_reference
 from vmrun.oci.rootfs import COMPRESSOR, COMPRESSOR_OPTIONS, FORMAT, build_rootfs
@@ -61,7 +64,7 @@ def _key(digest: str, arch: str) -> str:
     return key_of(RECIPE, digest, arch)
 
 
-def ensure_root_image(
+def ensure_image(
     reference: str | ImageRef,
     *,
     arch: str,
@@ -70,37 +73,76 @@ def ensure_root_image(
     notice: Callable[[str], None] = _quiet,
     insecure: bool = False,
     auth_files: list[Path] | None = None,
-) -> RootImage:
-    """The root image for REFERENCE on ARCH, pulled and converted unless cached.
+) -> RootImage | PulledDisk:
+    """What REFERENCE names on ARCH, pulled unless cached: a root image made from a
+    container image, or a VM disk (a vmrun disk artifact, or a KubeVirt containerDisk:
+    a container image with no Entrypoint or Cmd holding one /disk/*.qcow2 or *.img).
 
     A reference by digest is answered from the cache without asking the registry; a tag
     costs one manifest request. Raises UsageError (bad reference, no such platform),
-    FetchError, VerificationError, ImageError or UnsafeImage (a hostile layer).
+    FetchError, VerificationError, ImageError or UnsafeImage (a hostile layer or disk).
     """
     ref = parse_reference(reference) if isinstance(reference, str) else reference
     arch = lookup_arch(arch).name
     root = oci_root(cache)
     if isinstance(ref, RegistryRef) and ref.digest is not None:
-        cached = _cached(root, _key(ref.digest, arch))
+        cached = _cached_any(root, ref.digest, arch)
         if cached is not None:
             return cached
     with locked(root / PRUNE_LOCK, shared=True):
         return _pull(ref, arch, root, progress, notice, insecure, auth_files)
 
 
+def ensure_root_image(reference: str | ImageRef, *, arch: str, **options: Any) -> RootImage:
+    """The root image for REFERENCE on ARCH (see ensure_image); UsageError for a VM disk."""
+    image = ensure_image(reference, arch=arch, **options)
+    if isinstance(image, PulledDisk):
+        raise UsageError(f"{reference} is a VM disk, not a container image",
+                         hint="run it with --image (it boots as a disk)")
+    return image
+
+
+def ensure_disk(reference: str | ImageRef, *, arch: str, **options: Any) -> PulledDisk:
+    """The VM disk REFERENCE names on ARCH (see ensure_image); UsageError for a
+    container image."""
+    image = ensure_image(reference, arch=arch, **options)
+    if isinstance(image, RootImage):
+        raise UsageError(f"{reference} is a container image, not a VM disk",
+                         hint="a disk is a vmrun disk artifact (vmrun image push) or a "
+                         "containerDisk (one /disk/*.qcow2 or *.img, no Entrypoint or Cmd)")
+    return image
+
+
+def _cached_any(root: Path, digest: str, arch: str) -> RootImage | PulledDisk | None:
+    return _cached(root, _key(digest, arch)) or disks.cached_disk(
+        root, disks.disk_key(digest, arch))
+
+
 def _pull(ref: ImageRef, arch: str, root: Path, progress: Progress | None,
           notice: Callable[[str], None], insecure: bool,
-          auth_files: list[Path] | None) -> RootImage:
+          auth_files: list[Path] | None) -> RootImage | PulledDisk:
     with open_source(ref, insecure=insecure, auth_files=auth_files) as source:
         data, declared, digest = source.resolve()
         key = _key(digest, arch)
-        cached = _cached(root, key)
+        cached = _cached_any(root, digest, arch)
         if cached is not None:
             return cached
         manifest_digest, manifest = _platform_manifest(source, str(ref), data, declared,
                                                        digest, arch)
+        origin = disks.Origin(str(ref), digest, manifest_digest, arch)
+        if manifest.is_disk:
+            if manifest.config.size > mf.CONFIG_LIMIT:
+                raise ImageError(f"{ref}: disk config over {mf.CONFIG_LIMIT} bytes")
+            config_blob = ensure_blob(root, source, manifest.config, None).read_bytes()
+            blob = ensure_blob(root, source, manifest.layers[0], progress)
+            return disks.install_artifact(root, origin, manifest, config_blob, blob)
         config = _fetch_config(root, source, manifest, str(ref), arch)
         layers = _fetch_layers(root, source, manifest, config, progress)
+    if config.entrypoint is None and config.cmd is None:
+        found = disks.find_container_disk(layers, str(ref))
+        if found is not None:
+            notice(f"{ref} is a containerDisk: taking /disk/{found.name}")
+            return disks.install_container_disk(root, origin, found)
     with locked(root / "roots" / f"{key}.lock"):
         cached = _cached(root, key)
         if cached is not None:

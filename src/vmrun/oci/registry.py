@@ -33,6 +33,8 @@ TIMEOUT_S = 60.0
 ATTEMPTS = 3
 _TOKEN_LIMIT = 1 << 20
 _CHUNK = 1 << 20
+# Blobs larger than this are uploaded in PATCH chunks of this size.
+UPLOAD_CHUNK = 16 << 20
 _CHALLENGE_PARAM = re.compile(r'\s*([A-Za-z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?')
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -90,27 +92,32 @@ class Registry:
     """One repository on one registry, with the token its pulls earned."""
 
     def __init__(self, ref: RegistryRef, *, credentials: Credentials | None = None,
-                 insecure: bool = False) -> None:
+                 insecure: bool = False, actions: str = "pull") -> None:
         self.ref = ref
         self.credentials = credentials
+        self.actions = actions  # the token scope's actions: "pull", or "pull,push"
         scheme = "http" if insecure or is_loopback(ref.api_host) else "https"
         self.base = f"{scheme}://{ref.api_host}/v2/{ref.repository}"
         self.authorization: str | None = None
 
     # -- requests --
 
-    def _send(self, url: str, headers: dict[str, str]) -> http.client.HTTPResponse:
-        request = urllib.request.Request(url, headers={"User-Agent": "vmrun", **headers})
+    def _send(self, url: str, headers: dict[str, str], method: str,
+              data: bytes | None) -> http.client.HTTPResponse:
+        request = urllib.request.Request(url, headers={"User-Agent": "vmrun", **headers},
+                                         method=method, data=data)
         if self.authorization is not None:
             request.add_header("Authorization", self.authorization)
         response: http.client.HTTPResponse = _OPENER.open(request, timeout=TIMEOUT_S)
         return response
 
-    def open(self, url: str, headers: dict[str, str]) -> http.client.HTTPResponse:
-        """GET URL, answering one authentication challenge; FetchError for HTTP errors."""
+    def open(self, url: str, headers: dict[str, str], *, method: str = "GET",
+             data: bytes | None = None) -> http.client.HTTPResponse:
+        """METHOD URL (GET by default), answering one authentication challenge;
+        FetchError for HTTP errors."""
         for attempt in range(2):
             try:
-                return self._send(url, headers)
+                return self._send(url, headers, method, data)
             except urllib.error.HTTPError as err:
                 if err.code == 401 and attempt == 0:
                     challenge = err.headers.get("WWW-Authenticate", "")
@@ -149,7 +156,7 @@ class Registry:
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise FetchError(f"token realm {realm!r} is not an http(s) URL")
         query = {k: params[k] for k in ("service", "scope") if params.get(k)}
-        query.setdefault("scope", f"repository:{self.ref.repository}:pull")
+        query.setdefault("scope", f"repository:{self.ref.repository}:{self.actions}")
         url = realm + ("&" if parts.query else "?") + urllib.parse.urlencode(query)
         headers = {"User-Agent": "vmrun"}
         # Credentials go only where they cannot be read off the wire.
@@ -220,6 +227,80 @@ class Registry:
         if done != descriptor.size or f"sha256:{hasher.hexdigest()}" != descriptor.digest:
             part.unlink()
             raise VerificationError(f"{url}: the blob does not match its digest and size")
+
+    # -- pushing --
+
+    def has_blob(self, descriptor: Descriptor) -> bool:
+        """Whether the repository already holds DESCRIPTOR's blob (HEAD, size checked)."""
+        url = f"{self.base}/blobs/{descriptor.digest}"
+        try:
+            with self.open(url, {}, method="HEAD") as response:
+                length = response.headers.get("Content-Length")
+        except FetchError:
+            return False
+        except (OSError, http.client.HTTPException) as err:
+            raise FetchError(f"{url}: {err}") from None
+        return length is None or length == str(descriptor.size)
+
+    def upload_blob(self, path: Path, descriptor: Descriptor,
+                    progress: Progress | None = None) -> None:
+        """Upload the file PATH as DESCRIPTOR's blob: one PUT when it is small, else PATCH
+        chunks and a closing PUT; the registry checks the digest."""
+        label = descriptor.digest[:19]
+        location = self._start_upload()
+        done = 0
+        with open(path, "rb") as f:
+            if descriptor.size > UPLOAD_CHUNK:
+                while chunk := f.read(UPLOAD_CHUNK):
+                    location = self._upload_chunk(location, chunk, done)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(label, done, descriptor.size)
+                body = b""
+            else:
+                body = f.read()
+                done = len(body)
+        if done != descriptor.size:
+            raise FetchError(f"{path}: changed while it was being pushed")
+        separator = "&" if urllib.parse.urlsplit(location).query else "?"
+        url = f"{location}{separator}digest={urllib.parse.quote(descriptor.digest)}"
+        self._request(url, "PUT", body, {"Content-Type": "application/octet-stream"})
+        if progress is not None:
+            progress(label, descriptor.size, descriptor.size)
+
+    def _start_upload(self) -> str:
+        url = f"{self.base}/blobs/uploads/"
+        location = self._request(url, "POST", b"", {}).get("Location")
+        if not location:
+            raise FetchError(f"{url}: the registry gave no upload location")
+        return urllib.parse.urljoin(url, location)
+
+    def _upload_chunk(self, location: str, chunk: bytes, start: int) -> str:
+        headers = self._request(location, "PATCH", chunk, {
+            "Content-Type": "application/octet-stream",
+            "Content-Range": f"{start}-{start + len(chunk) - 1}"})
+        return urllib.parse.urljoin(location, headers.get("Location") or location)
+
+    def put_manifest(self, reference: str, data: bytes, media_type: str) -> str:
+        """PUT DATA (a manifest or index of MEDIA_TYPE) as REFERENCE (a tag or its digest);
+        returns its digest."""
+        digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+        url = f"{self.base}/manifests/{reference}"
+        answered = self._request(url, "PUT", data, {"Content-Type": media_type}).get(
+            "Docker-Content-Digest")
+        if answered and answered != digest:
+            raise VerificationError(f"{url}: the registry stored digest {answered}, "
+                                    f"not {digest}")
+        return digest
+
+    def _request(self, url: str, method: str, data: bytes,
+                 headers: dict[str, str]) -> http.client.HTTPMessage:
+        try:
+            with self.open(url, headers, method=method, data=data) as response:
+                response.read(MANIFEST_LIMIT)
+                return response.headers
+        except (OSError, http.client.HTTPException) as err:
+            raise FetchError(f"{method} {url}: {err}") from None
 
 
 def _basic(credentials: Credentials) -> str:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmrun.errors import ImageError, UsageError
-from vmrun.oci.pull import RootImage, ensure_root_image
-from vmrun.oci.reference import RegistryRef, is_insecure, parse_reference
+from vmrun.oci.disks import PulledDisk
+from vmrun.oci.pull import RootImage, ensure_image
+from vmrun.oci.reference import ImageRef, RegistryRef, is_insecure, parse_reference
 from vmrun.spec import Boot, Command, MachineSpec
 
 Notice = Callable[[str], None]
@@ -48,22 +49,29 @@ class OciRun:
 
 
 def prepare(spec: MachineSpec, *, arch: str, notice: Notice,
-            progress: Progress | None = None) -> OciRun:
-    """Pull and convert SPEC's image (unless cached) and read what its config asks for."""
+            progress: Progress | None = None) -> OciRun | None:
+    """Pull and convert SPEC's image (unless cached) and read what its config asks for;
+    None when the reference is a VM disk (pulled into the store, to attach like any disk:
+    see vmrun.images.attach)."""
     assert spec.image is not None
+    ref = parse_reference(spec.image)
+    image = ensure_image(ref, arch=arch, progress=progress, notice=notice,
+                         insecure=reference_insecure(ref, spec.insecure_registries))
+    if isinstance(image, PulledDisk):
+        return None
     if spec.boot not in (Boot.AUTO, Boot.FAST):
         raise UsageError(f"--boot {spec.boot} cannot run an OCI image",
                          hint="an OCI image always boots vmrun's kernel (--boot fast)")
-    ref = parse_reference(spec.image)
-    insecure = isinstance(ref, RegistryRef) and is_insecure(ref.registry,
-                                                            spec.insecure_registries)
-    image = ensure_root_image(ref, arch=arch, progress=progress, notice=notice,
-                              insecure=insecure)
     config = image.config
     entrypoint = spec.entrypoint if spec.entrypoint is not None else (config.entrypoint or ())
     identity = resolve_user(config.user, lambda name: read_image_file(image.path, name),
                             str(ref))
     return OciRun(image=image, entrypoint=entrypoint, identity=identity)
+
+
+def reference_insecure(ref: ImageRef, insecure_registries: Sequence[str]) -> bool:
+    """Whether REF's registry is to be spoken to over plain HTTP though not on loopback."""
+    return isinstance(ref, RegistryRef) and is_insecure(ref.registry, insecure_registries)
 
 
 def command_argv(entrypoint: Sequence[str], cmd: Sequence[str] | None,

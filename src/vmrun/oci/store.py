@@ -1,8 +1,9 @@
-"""The OCI part of the store: list, remove and prune root images and their downloads.
+"""The OCI part of the store: list, remove and prune root images, VM disks, downloads.
 
-Root images are what runs use (each is self-contained); blobs are only the inputs of a
-conversion, so prune removes every blob, the roots a newer pull of the same reference
-and architecture replaced (unless a live run stands on them), and what dead pulls left.
+Root images and VM disks are what runs use (each is self-contained: an artifact's disk
+is a hard link to its blob); blobs are only the inputs, so prune removes every blob, the
+roots and disks a newer pull of the same reference and architecture replaced (unless a
+live run stands on them), and what dead pulls left.
 Pulls hold prune.lock shared while they fetch and convert; prune holds it exclusively.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from vmrun.cache import locked
 from vmrun.errors import ImageError
+from vmrun.oci.disks import cached_disk, disks_dir
 from vmrun.oci.pull import PRUNE_LOCK, oci_root
 
 
@@ -31,6 +33,47 @@ class OciStored:
     size: int
     created: str
     path: Path
+
+
+@dataclass(frozen=True)
+class OciDisk:
+    """A VM disk pulled from a registry (a disk artifact or a containerDisk)."""
+
+    key: str
+    reference: str
+    digest: str
+    manifest_digest: str
+    arch: str
+    format: str
+    kind: str
+    size: int
+    created: str
+    path: Path
+
+
+def list_disks(cache: Path | None = None) -> list[OciDisk]:
+    """Every complete pulled VM disk, newest first."""
+    root = oci_root(cache)
+    found = []
+    directory = disks_dir(root)
+    for record_path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        pulled = cached_disk(root, record_path.stem)
+        if pulled is None:
+            continue
+        origin = pulled.origin
+        found.append(OciDisk(record_path.stem, origin.reference, origin.digest,
+                             origin.manifest_digest, origin.arch, pulled.format, pulled.kind,
+                             pulled.size, pulled.created, pulled.path))
+    # Pulls within one second share `created`: the record's mtime orders them.
+    return sorted(found, key=lambda found_disk: (found_disk.created, _mtime(found_disk.path)),
+                  reverse=True)
+
+
+def _mtime(image: Path) -> int:
+    try:
+        return image.with_suffix(".json").stat().st_mtime_ns
+    except OSError:
+        return 0
 
 
 def list_roots(cache: Path | None = None) -> list[OciStored]:
@@ -51,7 +94,7 @@ def list_roots(cache: Path | None = None) -> list[OciStored]:
     return sorted(found, key=lambda root: root.created, reverse=True)
 
 
-def matches(root: OciStored, ref: str) -> bool:
+def matches(root: OciStored | OciDisk, ref: str) -> bool:
     """Whether REF names ROOT: its reference, or a digest (prefix of 12+ hex digits)."""
     if ref == root.reference:
         return True
@@ -61,13 +104,15 @@ def matches(root: OciStored, ref: str) -> bool:
         for digest in (root.digest, root.manifest_digest, "sha256:" + root.key))
 
 
-def remove(ref: str, cache: Path | None = None) -> list[OciStored]:
-    """Delete the root images REF names (every architecture); ImageError if none."""
-    chosen = [root for root in list_roots(cache) if matches(root, ref)]
+def remove(ref: str, cache: Path | None = None) -> list[OciStored | OciDisk]:
+    """Delete the root images and VM disks REF names (every architecture); ImageError
+    if none."""
+    everything: list[OciStored | OciDisk] = [*list_roots(cache), *list_disks(cache)]
+    chosen = [entry for entry in everything if matches(entry, ref)]
     if not chosen:
         raise ImageError(f"no OCI image {ref!r} in the store", hint="see vmrun image ls")
-    for root in chosen:
-        _delete(root.path)
+    for entry in chosen:
+        _delete(entry.path)
     return chosen
 
 
@@ -88,18 +133,19 @@ def prune(cache: Path | None = None, *,
     removed: list[str] = []
     with locked(base / PRUNE_LOCK):
         used = in_use()
-        newest: set[tuple[str, str]] = set()
-        for root in list_roots(cache):
-            if (root.reference, root.arch) not in newest:
-                newest.add((root.reference, root.arch))
-            elif str(root.path) not in used:
-                _delete(root.path)
-                removed.append(f"{root.reference} ({root.arch}) {root.digest}")
+        for entries in (list_roots(cache), list_disks(cache)):
+            newest: set[tuple[str, str]] = set()
+            for entry in entries:
+                if (entry.reference, entry.arch) not in newest:
+                    newest.add((entry.reference, entry.arch))
+                elif str(entry.path) not in used:
+                    _delete(entry.path)
+                    removed.append(f"{entry.reference} ({entry.arch}) {entry.digest}")
         blobs = base / "blobs" / "sha256"
         for blob in sorted(blobs.iterdir()) if blobs.is_dir() else []:
             blob.unlink()
             removed.append(f"blob sha256:{blob.name}")
-        for directory in (base / "tmp", base / "roots"):
+        for directory in (base / "tmp", base / "roots", disks_dir(base)):
             removed += [f"leftover {path.name}" for path in _leftovers(directory)]
     return removed
 
