@@ -87,11 +87,11 @@ def xfs_fs(path: Path, tree: Path, mib: int) -> None:
 
 
 def gpt_image(path: Path, tree: Path, *, root_type: str, root_mib: int = 32,
-              make_fs: Callable[[Path, Path, int], None] = ext4_fs) -> None:
+              make_fs: Callable[[Path, Path, int], None] = ext4_fs, esp_mib: int = 4) -> None:
     """A GPT disk: partition 1 an (empty) ESP, partition 2 a filesystem made from TREE."""
     fs = path.with_suffix(".fs")
     make_fs(fs, tree, root_mib)
-    esp_start, esp_size = MIB // SECTOR, 4 * MIB // SECTOR
+    esp_start, esp_size = MIB // SECTOR, esp_mib * MIB // SECTOR
     root_start, root_size = esp_start + esp_size, root_mib * MIB // SECTOR
     with open(path, "wb") as f:
         f.truncate((root_start + root_size) * SECTOR + MIB)

@@ -225,3 +225,76 @@ def _shape_of(template: store.Template) -> Shape:
     meta = store.read_meta(template)
     assert meta is not None
     return Shape(**meta["shape"])
+
+
+# ---- image runs ------------------------------------------------------------------------
+
+def _forget_templates(memory_mib: int) -> None:
+    for made in store.all_templates():
+        if (store.read_meta(made) or {}).get("shape", {}).get("memory_mib") == memory_mib:
+            store.remove(made)
+
+
+def _warm_image_run(spec: MachineSpec, script: str) -> tuple[bool, bytes]:
+    """Run SCRIPT in a machine of SPEC; whether it was restored, and what it wrote."""
+    with Machine(spec, notice=lambda _: None) as vm:
+        result = vm.run(Command(("sh", "-c", script)), capture=True)
+    assert result.exit_code == 0, result.stderr
+    return "restore" in vm.timings, result.stdout or b""
+
+
+def test_disk_image_copies_read_their_own_partition_table(guest: Guest,
+                                                          tmp_path: Path) -> None:
+    """One template serves disk images whose partitions lie elsewhere: a copy reads its own
+    disk's table and root, never the template maker's, and keeps nothing of an earlier run."""
+    from tests.integration.test_fastboot import DPS_ROOT, LINUX_DATA, gpt_image, root_tree
+
+    root_type = DPS_ROOT.get(guest.arch.name, LINUX_DATA)
+    disks = {}
+    for name, esp_mib, root_mib in (("a", 4, 32), ("b", 9, 24)):
+        tree = root_tree(tmp_path / f"tree-{name}")
+        (tree / "vmrun-marker").write_text(f"disk {name}\n")
+        disks[name] = tmp_path / f"{name}.raw"
+        gpt_image(disks[name], tree, root_type=root_type, root_mib=root_mib, esp_mib=esp_mib)
+    script = ("cat /vmrun-marker; test -e /left-behind && echo left-behind; "
+              "echo x > /left-behind; sync; "
+              "cat /proc/partitions | grep -c 'vda[0-9]'")
+
+    def spec(name: str) -> MachineSpec:
+        return shape_spec(image=str(disks[name]), memory_mib=394, verbose=False)
+
+    _forget_templates(394)
+    for n, name in enumerate(("a", "b", "a", "b")):
+        restored, out = _warm_image_run(spec(name), script)
+        assert restored == (n > 0), name  # the first makes the template, and writes on
+        assert out.splitlines() == [f"disk {name}".encode(), b"2"], (name, out)
+    # The ESPs differ in size: a copy that kept a's table would not find b's root at all.
+    restored, out = _warm_image_run(spec("b"), "grep vda2 /proc/partitions")
+    assert restored and out.split()[2] == str(24 * 1024).encode(), out
+
+
+def test_oci_image_copies_mount_their_own_root(guest: Guest, tmp_path: Path) -> None:
+    from tests import ocitools as ot
+
+    if ot.TAR2SQFS is None:
+        pytest.skip("needs squashfs-tools-ng")
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(guest.arch.name)
+    if arch is None or guest.arch.name != os.uname().machine:
+        pytest.skip("the image uses this host's busybox")
+    images = {}
+    for name in ("x", "y"):
+        layer = [*ot.busybox_layer(), ot.symlink("bin/cat", "busybox"),
+                 ot.symlink("bin/test", "busybox"), ot.directory("etc"),
+                 ot.file("etc/which", f"image {name}\n")]
+        image = ot.make_image([(layer, "gzip")], architecture=arch,
+                              config={"Env": ["PATH=/bin"]})
+        images[name] = f"oci:{ot.write_layout(tmp_path / name, image, 'v1')}:v1"
+    script = "cat /etc/which; test -e /left-behind && echo left-behind; echo x > /left-behind"
+
+    def spec(name: str) -> MachineSpec:
+        return shape_spec(image=images[name], memory_mib=395, verbose=False)
+
+    _forget_templates(395)
+    for n, name in enumerate(("x", "y", "x")):
+        restored, out = _warm_image_run(spec(name), script)
+        assert restored == (n > 0) and out == f"image {name}\n".encode(), (name, out)

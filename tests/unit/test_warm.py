@@ -16,17 +16,17 @@ from vmrun.qemu.argv import RamFile, ShareDevice, ShareKind, build_argv, kernel_
 from vmrun.spec import Accel, MachineSpec, Share
 from vmrun.warm import ramfile, store
 from vmrun.warm.key import Shape, host_cpu, template_key
-from vmrun.warm.start import Mode, choose, why_cold
+from vmrun.warm.start import Mode, choose, disk_kind, why_cold
 
 SHAPE = Shape(
     arch="x86_64", accel="tcg", cpus=1, memory_mib=1024, share="9p", net=True, tty=False,
-    disk=False, guest="g" * 64, kernel="/c/vmlinux", initrd="/c/initrd", cmdline="console=x",
+    disk="", guest="g" * 64, kernel="/c/vmlinux", initrd="/c/initrd", cmdline="console=x",
     tsc_khz=2_000_000, host_cpu="", qemu="/usr/bin/qemu-system-x86_64",
     qemu_version="7.2.22", qemu_identity="1:2:3", sandbox=True,
 )
 CHANGES: dict[str, object] = {
     "arch": "aarch64", "accel": "kvm", "cpus": 2, "memory_mib": 512, "share": "none",
-    "net": False, "tty": True, "disk": True, "guest": "h" * 64, "kernel": "/d/vmlinux",
+    "net": False, "tty": True, "disk": "overlay", "guest": "h" * 64, "kernel": "/d/vmlinux",
     "initrd": "/d/initrd", "cmdline": "console=y", "tsc_khz": 2_100_000, "host_cpu": "ab",
     "qemu": "/opt/qemu", "qemu_version": "8.2.0", "qemu_identity": "1:2:4",
     "sandbox": False, "vmrun": "9.9", "recipe": "0",
@@ -103,6 +103,20 @@ def test_restore_argv_differs_from_making_only_in_sharing_and_incoming() -> None
                                incoming=True))
     assert [w for w in restored if w not in ("-incoming", "defer")] == \
         [w.replace("share=on", "share=off") for w in made]
+
+
+@pytest.mark.parametrize("field,kind", [("disk", "overlay"), ("root_image", "root-image")])
+def test_each_copy_attaches_its_own_disk_under_the_templates_drive(field: str,
+                                                                  kind: str) -> None:
+    """A copy's block device differs from its template's only in the file behind it."""
+    made = plan(X86, Accel.TCG, ram=MAKE_RAM, **{field: Path("/runs/a/disk")})
+    copy = plan(X86, Accel.TCG, ram=MAKE_RAM, **{field: Path("/runs/b/disk")})
+    assert disk_kind(made) == disk_kind(copy) == kind
+    assert disk_kind(plan(X86, Accel.TCG)) == ""
+    made_argv, copy_argv = build_argv(made), build_argv(copy)
+    changed = [(a, b) for a, b in zip(made_argv, copy_argv, strict=True) if a != b]
+    assert len(changed) == 1 and "id=disk0," in changed[0][0], changed
+    assert changed[0][1] == changed[0][0].replace("/runs/a/", "/runs/b/")
 
 
 def test_ram_file_path_with_comma_is_escaped() -> None:
@@ -308,7 +322,8 @@ def test_why_cold() -> None:
     assert why(MachineSpec()) == why(MachineSpec(), "aarch64") == ""
     assert why(MachineSpec(), "s390x") != ""  # no reseed path there
     assert why(MachineSpec(), custom=True) != ""
-    assert why(MachineSpec(image="x.qcow2")) != ""
+    # Images start warm: the template is taken before the guest reads the disk.
+    assert why(MachineSpec(image="x.qcow2")) == why(MachineSpec(image="docker://a/b")) == ""
     assert "virtiofs" in why(MachineSpec(), via="virtiofs")
     assert why(MachineSpec(share=Share.NONE), via="virtiofs") == ""
 

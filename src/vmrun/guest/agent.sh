@@ -60,6 +60,13 @@ if [ "${cmdline#* vmrun.warm}" != "$cmdline" ]; then
     # (random.c reseeds on PM_POST_SUSPEND; busybox cannot issue RNDRESEEDCRNG).
     load_modules /etc/vmrun/modules.9p
     load_modules /etc/vmrun/modules.net
+    # With a block device (virtio id 2): its filesystems, never its driver. virtio_blk
+    # would read this run's partition table into the template, and each copy attaches a
+    # disk of its own: a copy binds the driver at its first request and reads its own.
+    if grep -qx 0x0002 /sys/bus/virtio/devices/*/device 2>/dev/null; then
+        load_modules /etc/vmrun/modules.fs
+        load_modules /etc/vmrun/modules.oci
+    fi
     echo 0 > /sys/module/suspend/parameters/pm_test_delay
     echo freezer > /sys/power/pm_test
 fi

@@ -14,7 +14,7 @@ from vmrun import cache as cachelib
 from vmrun.qemu import process
 
 # Bumped whenever how a template is made or restored changes (agent protocol, argv).
-RECIPE = "1"
+RECIPE = "2"
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,11 @@ class Shape:
     share: str  # "9p" or "none": the device, never the path (9p's path is not device state)
     net: bool
     tty: bool
-    disk: bool
+    # The block device's kind: "" none, "overlay" (a disk image's per-run qcow2 overlay,
+    # read-write) or "root-image" (an OCI image's squashfs, read-only). Never the file:
+    # each run attaches its own under the same drive id, and a template is taken before
+    # the guest binds a driver to the device, so it holds nothing read from it.
+    disk: str
     guest: str  # content key of the kernel and initramfs (vmrun.guest.build.Guest.key)
     kernel: str
     initrd: str
