@@ -1,3 +1,3 @@
-from tests.integration.vmtools import guest, workdir
+from tests.integration.vmtools import guest, private_runs, workdir
 
-__all__ = ["guest", "workdir"]
+__all__ = ["guest", "private_runs", "workdir"]

@@ -36,6 +36,7 @@ def leftover_runs() -> set[str]:
     return {p.name for p in root.iterdir()} if root.is_dir() else set()
 
 
+@pytest.mark.usefixtures("private_runs")
 def test_writes_go_to_the_overlay_and_the_base_is_unchanged(
     guest: Guest, base: store.StoredImage, tmp_path: Path
 ) -> None:
@@ -58,6 +59,7 @@ def test_writes_go_to_the_overlay_and_the_base_is_unchanged(
     assert again.stdout == HEAD
 
 
+@pytest.mark.usefixtures("private_runs")
 def test_parallel_runs_from_one_base(guest: Guest, base: store.StoredImage,
                                      tmp_path: Path) -> None:
     before = leftover_runs()

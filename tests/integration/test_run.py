@@ -154,14 +154,27 @@ def start_and_wait_for_output(workdir: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
+@pytest.mark.usefixtures("private_runs")
+def stopped(proc: subprocess.Popen[bytes], ceiling: float = 120) -> int:
+    """PROC's exit status once it ended; a failure showing what it said if it never did
+    (the ceiling is generous: the stop ladder itself takes under 20 s at worst)."""
+    try:
+        _, err = proc.communicate(timeout=ceiling)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"vmrun did not stop within {ceiling:.0f} s: {err.decode()[-2000:]}")
+    return proc.returncode
+
+
+@pytest.mark.usefixtures("private_runs")
 def test_sigint_stops_the_vm_and_cleans_up(guest: Guest, workdir: Path) -> None:
     before = leftover_runs()
     proc = start_and_wait_for_output(workdir)
     qemus = qemu_children(proc.pid)
     assert len(qemus) == 1
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=30)
-    assert proc.returncode == 130
+    assert stopped(proc) == 130
     assert not alive(qemus[0])
     assert leftover_runs() <= before
 
@@ -170,11 +183,11 @@ def test_sigterm_exits_143(guest: Guest, workdir: Path) -> None:
     proc = start_and_wait_for_output(workdir)
     qemus = qemu_children(proc.pid)
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-    assert proc.returncode == 143
+    assert stopped(proc) == 143
     assert qemus and not alive(qemus[0])
 
 
+@pytest.mark.usefixtures("private_runs")
 def test_sigkill_of_vmrun_leaves_no_qemu(guest: Guest, workdir: Path) -> None:
     before = leftover_runs()
     proc = start_and_wait_for_output(workdir)

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +58,17 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+
+
+@pytest.fixture
+def private_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A runs directory of the test's own (VMRUN_RUNS_DIR, for vmrun in this process and
+    in the ones it starts): other vmrun processes on a busy host cannot blur a check of
+    what a run left behind. Short, under /tmp: it holds UNIX sockets."""
+    root = Path(tempfile.mkdtemp(prefix="vmrun-runs-"))
+    monkeypatch.setenv("VMRUN_RUNS_DIR", str(root))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
