@@ -124,6 +124,32 @@ def test_no_command_and_no_default_fails_before_boot(tmp_path: Path) -> None:
         (tmp_path / "cache" / "runs").iterdir())  # nothing booted
 
 
+def test_an_image_without_a_shell_runs_its_static_binary(tmp_path: Path) -> None:
+    """Distroless: the image's only file is a static binary (busybox, with two links to it),
+    no /bin/sh; the agent finds bare names on PATH itself and evaluates nothing."""
+    image = ot.make_image([([
+        ot.directory("app"), ot.file("app/busybox", ot.BUSYBOX.read_bytes(), 0o755),
+        ot.directory("usr"), ot.directory("usr/bin"),
+        ot.symlink("usr/bin/echo", "/app/busybox"),  # absolute: resolved inside the root
+        ot.symlink("usr/bin/false", "../../app/busybox")], "gzip")],
+        config={"Cmd": ["/app/busybox", "echo", "hello from a static binary"],
+                "WorkingDir": "/app", "User": "65532"})  # no PATH: docker's default applies
+    layout = ot.write_layout(tmp_path / "layout", image, "static")
+    spec = MachineSpec(image=f"oci:{layout}:static", share=Share.NONE, net=Net.NONE)
+    with Machine(spec, notice=lambda message: None) as vm:
+        def run(*argv: str, env: tuple[tuple[str, str], ...] = ()) -> tuple[int, bytes, bytes]:
+            result = vm.run(Command(argv, env=env), capture=True)
+            return result.exit_code, result.stdout or b"", result.stderr or b""
+
+        assert run() == (0, b"hello from a static binary\n", b"")
+        assert run("echo", "$(id)", "`id`;") == (0, b"$(id) `id`;\n", b"")
+        assert run("false")[0] == 1
+        assert run("./busybox", "id", "-u") == (0, b"65532\n", b"")
+        assert run("nothere") == (127, b"", b"nothere: not found\n")
+        assert run("echo", "hidden", env=(("PATH", "/app:/bin"),)) == (
+            127, b"", b"echo: not found\n")
+
+
 @pytest.mark.skipif(shutil.which(lookup_arch(FOREIGN).qemu_binary) is None,
                     reason=f"needs {lookup_arch(FOREIGN).qemu_binary}")
 def test_foreign_architecture_from_the_same_tag(published: Published) -> None:

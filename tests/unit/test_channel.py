@@ -278,6 +278,41 @@ def test_agent_resolves_paths_inside_the_root(tmp_path: Path) -> None:
 
 
 @needs_busybox
+def test_agent_finds_commands_inside_a_root_without_a_shell(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for directory in ("usr/bin", "plain", "dir/tool", "abs", "work/rel", "app"):
+        (root / directory).mkdir(parents=True)
+    for name, mode in (("usr/bin/tool", 0o755), ("plain/tool", 0o644),
+                       ("work/rel/here", 0o755), ("app/only-here", 0o755)):
+        (root / name).write_text("#!/x\n")
+        (root / name).chmod(mode)
+    (root / "bin").symlink_to("usr/bin")
+    (root / "abs/tool").symlink_to("/usr/bin/tool")  # absolute: inside the root only
+    (root / "abs/dangling").symlink_to("/app/gone")
+    cases = [  # (PATH, cwd, name) -> the path exec'd
+        (("/nowhere:/plain:/dir:/abs:/bin", "/", "tool"), "/abs/tool"),
+        (("/plain:/bin/", "/", "tool"), "/bin/tool"),
+        (("/plain:/dir", "/", "tool"), "FAILED"),
+        (("/bin", "/", "only-here"), "FAILED"),
+        (("/abs:/bin", "/", "dangling"), "FAILED"),
+        (("rel:/bin", "/work", "here"), "/work/rel/here"),
+        ((":/bin", "/work/rel", "here"), "/work/rel/./here"),
+        (("/bin", "/", "./app/only-here"), "./app/only-here"),
+        (("/bin", "/", "/app/x; rm -rf /"), "/app/x; rm -rf /"),
+        (("/bin", "/", "$(id)"), "FAILED"),
+        (("/bin", "/", ""), "FAILED"),
+    ]
+    script = agent_function("inroot") + agent_function("find_command") + (
+        'while [ $# -gt 0 ]; do PATH=$1; '
+        'if find_command "$3" "$2"; then printf "%s\\n" "$v"; else echo FAILED; fi; '
+        'shift 3; done')
+    words = [word for case, _ in cases for word in case]
+    done = subprocess.run([BUSYBOX or "", "sh", "-c", script, "sh", *words],
+                          env={"root": str(root)}, capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == [found for _, found in cases]
+
+
+@needs_busybox
 def test_encoded_arguments_unescape_to_the_originals() -> None:
     request = full_request()
     lines = encode_request(request).decode().splitlines()

@@ -153,8 +153,9 @@ start_disk() {
     say "the disk /dev/vda did not appear"
 }
 
-# The image's root, once mounted ("" before, and for good when mounting it failed).
-root= root_failure=
+# The image's root, once mounted ("" before, and for good when mounting it failed); root_sh
+# is 1 when it has a /bin/sh (an OCI image need not: a distroless one has only its program).
+root= root_failure= root_sh=
 
 # Resolve $1, an absolute path inside the root, to the path the agent sees (in v), with
 # every symlink followed inside the root: an absolute link starts again at the root and
@@ -213,7 +214,7 @@ start_root() {
             return
         fi
     fi
-    finish_root "$dev"
+    finish_root "$dev" required
 }
 
 # root squashfs: /dev/vda read-only below, a tmpfs above, the overlay of both as the root.
@@ -231,16 +232,19 @@ start_squashfs_root() {
         root_failure=root-squashfs
         return
     fi
-    finish_root /dev/vda
+    finish_root /dev/vda optional
 }
 
-# The root at /mnt/root is mounted: check it has a shell, then mount what commands expect.
+# The root at /mnt/root is mounted: check it has a shell ($2: required or optional), then
+# mount what commands expect.
 finish_root() {
     local dev=$1 entry
     # An absolute /bin/sh link is resolved against the initramfs by [ -e ]; [ -L ] takes
     # it as is, and only when both fail does the image's own shell get asked.
-    if ! { [ -e /mnt/root/bin/sh ] || [ -L /mnt/root/bin/sh ] ||
-           chroot /mnt/root /bin/sh -c : 2>/dev/null; }; then
+    if [ -e /mnt/root/bin/sh ] || [ -L /mnt/root/bin/sh ] ||
+       chroot /mnt/root /bin/sh -c : 2>/dev/null; then
+        root_sh=1
+    elif [ "$2" = required ]; then
         umount /mnt/root
         say "$dev has no /bin/sh"
         root_failure=root-shell
@@ -264,6 +268,29 @@ finish_root() {
     if inroot /tmp && [ ! -d "$v" ]; then
         mkdir -p "$v" && chmod 1777 "$v"
     fi
+}
+
+# For a root without a shell: the path to exec for the command $1 (in v), found like
+# execve and a shell's PATH search, never evaluated. A name with a "/" is itself (relative
+# to the cwd, which nsenter enters first); a bare name is looked up on $PATH (relative
+# entries from the cwd $2), each candidate resolved inside the root: the first executable
+# regular file wins. It is exec'd by that path (busybox would run its own applet for a name).
+find_command() {
+    local rest="$PATH:" dir
+    case $1 in
+        */*) v=$1; return 0 ;;
+        '') return 1 ;;
+    esac
+    while [ -n "$rest" ]; do
+        dir=${rest%%:*}
+        rest=${rest#*:}
+        case $dir in /*) ;; *) dir=${2%/}/${dir:-.} ;; esac
+        if inroot "$dir/$1" && [ -f "$v" ] && [ -x "$v" ]; then
+            v=${dir%/}/$1
+            return 0
+        fi
+    done
+    return 1
 }
 
 # The command runs in a subshell that replays the request from a file: env and argv are
@@ -294,9 +321,16 @@ run_command() {
             [ -d "$v" ] || mkdir -p -- "$v"
             # nsenter enters the root and the cwd, then drops to the ids; the image's own
             # shell finds the command on its PATH: busybox (its chroot and nsenter alike)
-            # would run an applet of that name.
-            set -- /bin/busybox nsenter --root="$root" --wd="$v" $ids /bin/sh -c \
-                'exec "$@"' sh "$@"
+            # would run an applet of that name. Without a shell, find_command does.
+            if [ -n "$root_sh" ]; then
+                set -- /bin/busybox nsenter --root="$root" --wd="$v" $ids /bin/sh -c \
+                    'exec "$@"' sh "$@"
+            else
+                wd=$v
+                find_command "$1" "$cwd" || { echo "$1: not found" >&2; exit 127; }
+                shift
+                set -- /bin/busybox nsenter --root="$root" --wd="$wd" $ids -- "$v" "$@"
+            fi
         elif [ -n "$ids" ]; then
             exit 126
         else
