@@ -434,6 +434,10 @@ def unknown_command(word: str) -> UsageError:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, _terminate)
+    # Also when started with SIGINT ignored (a background job of a script inherits that):
+    # Python installs its handler only where SIGINT was not ignored, and a vmrun that
+    # ignores an explicit SIGINT keeps its VM running until the command ends.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if args and not args[0].startswith("-") and args[0] not in SUBCOMMANDS:
             raise unknown_command(args[0])

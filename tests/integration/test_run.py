@@ -142,11 +142,16 @@ def wait_for(predicate: object, timeout: float) -> bool:
     return False
 
 
-def start_and_wait_for_output(workdir: Path) -> subprocess.Popen[bytes]:
+def start_and_wait_for_output(workdir: Path, *, sigint_ignored: bool = False
+                              ) -> subprocess.Popen[bytes]:
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     proc = subprocess.Popen(vmrun_argv("--share", "none", "--", "sh", "-c",
                                        "echo running; exec sleep 600"),
                             cwd=workdir, env=vmrun_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+                            stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=ignore_sigint if sigint_ignored else None)
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 120)
     assert ready, "the command never started"
@@ -168,9 +173,12 @@ def stopped(proc: subprocess.Popen[bytes], ceiling: float = 120) -> int:
 
 
 @pytest.mark.usefixtures("private_runs")
-def test_sigint_stops_the_vm_and_cleans_up(guest: Guest, workdir: Path) -> None:
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_sigint_stops_the_vm_and_cleans_up(guest: Guest, workdir: Path, inherited: str) -> None:
+    # "ignored": how a background job of a non-interactive shell starts; an explicit
+    # SIGINT must stop the run all the same.
     before = leftover_runs()
-    proc = start_and_wait_for_output(workdir)
+    proc = start_and_wait_for_output(workdir, sigint_ignored=inherited == "ignored")
     qemus = qemu_children(proc.pid)
     assert len(qemus) == 1
     proc.send_signal(signal.SIGINT)
