@@ -41,13 +41,21 @@ def first_failure(codes: Sequence[int]) -> int:
     return next((code for code in codes if code != 0), 0)
 
 
+def _start(timings: dict[str, float]) -> str:
+    """How long the guest took to be ready: its boot, or a warm start's restore."""
+    if "boot" in timings:
+        return f"{timings['boot']:.2f}s"
+    if "restore" in timings:
+        return f"warm:{timings['restore']:.2f}s"
+    return "-"
+
+
 def summary(legs: Sequence[Leg]) -> str:
-    rows = [("arch", "exit", "boot", "command")]
+    rows = [("arch", "exit", "start", "command")]
     for leg in legs:
         t = leg.timings()
         rows.append((
-            leg.arch, str(leg.exit_code),
-            f"{t['boot']:.2f}s" if "boot" in t else "-",
+            leg.arch, str(leg.exit_code), _start(t),
             f"{t['command']:.2f}s" if "command" in t else "-",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
