@@ -55,6 +55,29 @@ def locked(path: Path, *, shared: bool = False) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def held_if_free(path: Path) -> Iterator[bool]:
+    """Whether the existing lock file PATH is free; if so it is held inside the block.
+
+    A lock file whose owner died is free: that, never a guess by age, is how leftovers of
+    dead runs, pulls and template makers are told from live ones.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def staged(final: Path) -> Iterator[Path]:
     """Yield a temp path next to FINAL; on success it is renamed onto FINAL.
 

@@ -22,23 +22,6 @@ def runs_root() -> Path:
     return Path(explicit) if explicit else cachelib.cache_dir() / "runs"
 
 
-@contextlib.contextmanager
-def _if_dead(lock_path: Path) -> Iterator[bool]:
-    """Whether the run owning LOCK_PATH is dead; if so its lock is held inside the block."""
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        yield False
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
 
 
 def remove_dead_runs(root: Path) -> None:
@@ -53,7 +36,7 @@ def remove_dead_runs(root: Path) -> None:
         run_dir = lock_path.with_suffix("")
         if (run_dir / "kept").exists():
             continue
-        with _if_dead(lock_path) as dead:
+        with cachelib.held_if_free(lock_path) as dead:
             if dead:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 with contextlib.suppress(FileNotFoundError):
@@ -64,7 +47,7 @@ def live_runs(root: Path) -> list[Path]:
     """The run directories whose owner is alive (holds its lock)."""
     alive = []
     for lock_path in sorted(root.glob("*.lock")) if root.is_dir() else []:
-        with _if_dead(lock_path) as dead:
+        with cachelib.held_if_free(lock_path) as dead:
             if not dead:
                 alive.append(lock_path.with_suffix(""))
     return alive

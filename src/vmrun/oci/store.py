@@ -10,14 +10,12 @@ Pulls hold prune.lock shared while they fetch and convert; prune holds it exclus
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmrun.cache import locked
+from vmrun.cache import held_if_free, locked
 from vmrun.errors import ImageError
 from vmrun.oci.disks import cached_disk, disks_dir
 from vmrun.oci.pull import PRUNE_LOCK, oci_root
@@ -156,13 +154,9 @@ def _leftovers(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return gone
     for lock in sorted(directory.glob("*.lock")):
-        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue  # a pull is at work on it
-        try:
+        with held_if_free(lock) as free:
+            if not free:
+                continue  # a pull is at work on it
             stem = lock.name.removesuffix(".lock")
             for part in [*directory.glob(f"{stem}.part"), *directory.glob(f"{stem}.log"),
                          *directory.glob(f".{stem}.*.part")]:
@@ -170,6 +164,4 @@ def _leftovers(directory: Path) -> list[Path]:
                 gone.append(part)
             lock.unlink(missing_ok=True)
             gone.append(lock)
-        finally:
-            os.close(fd)
     return gone

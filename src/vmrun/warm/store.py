@@ -246,7 +246,7 @@ def prune(unused_days: float, now: float | None = None) -> list[str]:
             removed.append(template.key)
     if root.is_dir():
         for lock in root.glob("*.lock"):
-            with _free_lock(lock) as free:
+            with cachelib.held_if_free(lock) as free:
                 if free:
                     remove_staging(root, lock.stem)
                     if not (root / lock.stem).exists():
@@ -254,19 +254,3 @@ def prune(unused_days: float, now: float | None = None) -> list[str]:
     return removed
 
 
-@contextlib.contextmanager
-def _free_lock(lock: Path) -> Iterator[bool]:
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        yield False
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
