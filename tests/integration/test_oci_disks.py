@@ -229,7 +229,7 @@ def test_a_containerdisk_is_found_and_streamed_out(tmp_path: Path,
 def test_ls_rm_and_prune_handle_pulled_disks(tmp_path: Path, registry: ot.RunningRegistry,
                                              monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    from vmrun.cli_image import cmd_image
+    from vmrun.cli.image import cmd_image
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("VMRUN_CACHE_DIR", str(cache))

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-import vmrun.cli
+import vmrun.cli.common
+import vmrun.cli.run
 from vmrun.errors import ImageError, UsageError
 from vmrun.images import attach
 from vmrun.images.rawdisk import disk_signature
@@ -39,7 +40,7 @@ class NoMachine:
 @pytest.fixture(autouse=True)
 def sandbox(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     previous = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(vmrun.cli, "Machine", NoMachine)
+    monkeypatch.setattr(vmrun.cli.run, "Machine", NoMachine)
     monkeypatch.setenv("VMRUN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("VMRUN_RUNS_DIR", str(tmp_path / "runs"))
     yield
@@ -359,7 +360,7 @@ def test_the_cli_leaves_the_boot_timeout_to_the_default(monkeypatch: pytest.Monk
             seen.append(spec)
             raise UsageError("recorded")
 
-    monkeypatch.setattr(vmrun.cli, "Machine", Recorder)
+    monkeypatch.setattr(vmrun.cli.run, "Machine", Recorder)
     vmrun.cli.main(["--", "true"])
     vmrun.cli.main(["--boot-timeout", "42", "--", "true"])
     assert [spec.boot_timeout for spec in seen] == [None, 42.0]

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from vmrun.cli_disk import cmd_disk
+from vmrun.cli.disk import cmd_disk
 from vmrun.errors import ImageError, UsageError
 from vmrun.images import disk, qemu_img
 

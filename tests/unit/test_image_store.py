@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from vmrun.cache import key_of, locked, sha256_file
-from vmrun.cli_image import cmd_image
+from vmrun.cli.image import cmd_image
 from vmrun.errors import FetchError, ImageError, UsageError, VerificationError
 from vmrun.images import aliases, store
 

@@ -11,7 +11,7 @@ import pytest
 from tests import ocitools as ot
 from tests.unit.test_argv import X86, plan
 from vmrun.channel import SQUASHFS_ROOT, Request, encode_request
-from vmrun.cli import machine_spec, run_parser
+from vmrun.cli.run import machine_spec, run_parser
 from vmrun.errors import ImageError, UsageError
 from vmrun.oci.manifest import ImageConfig
 from vmrun.oci.pull import RootImage

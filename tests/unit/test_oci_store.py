@@ -10,7 +10,7 @@ import pytest
 
 from tests import ocitools as ot
 from vmrun.cache import locked
-from vmrun.cli_image import cmd_image
+from vmrun.cli.image import cmd_image
 from vmrun.errors import ImageError
 from vmrun.oci import store as oci_store
 from vmrun.oci.pull import ensure_root_image

@@ -6,7 +6,8 @@ import re
 import pytest
 
 import vmrun
-import vmrun.cli
+import vmrun.cli.common
+import vmrun.cli.run
 import vmrun.errors
 from vmrun.errors import EXIT_SIGINT, EXIT_SIGTERM, VmrunError
 
@@ -43,7 +44,7 @@ def docstring_tree() -> dict[str, tuple[str | None, int | None]]:
 def cli_exit_codes() -> dict[int, str]:
     """Parse the CLI's EXIT_CODES text: code -> its description."""
     codes: dict[int, str] = {}
-    for line in vmrun.cli.EXIT_CODES.splitlines():
+    for line in vmrun.cli.common.EXIT_CODES.splitlines():
         match = re.match(r"^\s+(\d{3})\s+(.*)$", line)
         if match:
             codes[int(match.group(1))] = match.group(2)

@@ -16,7 +16,7 @@ import pytest
 import yaml  # type: ignore[import-untyped,unused-ignore]
 
 from vmrun import seed
-from vmrun.cli_seed import cmd_seed
+from vmrun.cli.seed import cmd_seed
 from vmrun.errors import UsageError
 from vmrun.iso9660 import SECTOR, iso_name, write_iso
 

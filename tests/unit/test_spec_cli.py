@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-import vmrun.cli
+import vmrun.cli.common
+import vmrun.cli.run
 from vmrun.errors import UsageError
 from vmrun.machine import Result
 from vmrun.spec import Accel, Command, MachineSpec, Net, Share, parse_env, parse_memory
@@ -186,7 +187,7 @@ class NoMachine:
 def cli_sandbox(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # main() installs a SIGTERM handler; the test run must get the old one back.
     previous = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(vmrun.cli, "Machine", NoMachine)
+    monkeypatch.setattr(vmrun.cli.run, "Machine", NoMachine)
     FakeMachine.instances = []
     yield
     signal.signal(signal.SIGTERM, previous)
@@ -272,7 +273,7 @@ def test_cli_help_lists_reserved_exit_codes(capsys: pytest.CaptureFixture[str]) 
 def test_cli_passes_command_and_spec_to_machine(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(vmrun.cli, "Machine", FakeMachine)
+    monkeypatch.setattr(vmrun.cli.run, "Machine", FakeMachine)
     monkeypatch.setattr(FakeMachine, "exit_code", 42)
     monkeypatch.setenv("VMRUN_TEST_PASS", "from host")
     monkeypatch.delenv("VMRUN_TEST_UNSET", raising=False)
@@ -298,8 +299,8 @@ def test_cli_passes_command_and_spec_to_machine(
 def test_cli_documented_command_forms(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
     # README: `vmrun [OPTIONS] -- CMD` and `vmrun run [OPTIONS] -- CMD`; without "--" a
     # first word must be a subcommand (see test_bad_inputs).
-    monkeypatch.setattr(vmrun.cli, "Machine", FakeMachine)
-    monkeypatch.setattr(vmrun.cli, "notice_stderr", lambda message: None)
+    monkeypatch.setattr(vmrun.cli.run, "Machine", FakeMachine)
+    monkeypatch.setattr(vmrun.cli.run, "notice_stderr", lambda message: None)
     assert vmrun.cli.main(argv) == 0
     assert FakeMachine.instances[0].commands[0].argv == ("uname", "-r")
 

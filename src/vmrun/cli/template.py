@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Sequence
 
-from vmrun.cli import Parser
+from vmrun.cli.common import Parser
 from vmrun.errors import UsageError
 from vmrun.warm import store
 

@@ -5,16 +5,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 from vmrun import seed
+from vmrun.cli.common import Parser
 from vmrun.errors import UsageError
 from vmrun.userfiles import read_user_file
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message, hint=f"see {self.prog} --help")
 
 
 def seed_parser() -> argparse.ArgumentParser:

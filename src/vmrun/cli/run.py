@@ -1,36 +1,23 @@
-"""The command line: parse, build a spec, call the library, map the result to an exit code."""
+"""`vmrun [run]`: parse the options, build a spec, run the command, return its exit code."""
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
-import platform
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from vmrun import __version__
-from vmrun import cache as cachelib
+from vmrun.cli.common import EXIT_CODES, Parser, count, seconds
 from vmrun.errors import (
-    EXIT_SIGINT,
-    EXIT_SIGTERM,
-    BakeFailed,
-    GuestPanic,
-    QemuError,
     UsageError,
-    VmrunError,
 )
-from vmrun.guest.build import ensure_guest
 from vmrun.machine import Machine, notice_stderr, progress_printer
 from vmrun.matrix import run_matrix
 from vmrun.oci.reference import insecure_registries, is_image_reference
-from vmrun.qemu import accel as accellib
-from vmrun.qemu import process
 from vmrun.qemu.arch import host_arch, lookup_arch
 from vmrun.qemu.firmware import Firmware
 from vmrun.spec import (
@@ -43,55 +30,15 @@ from vmrun.spec import (
     Net,
     Share,
     no_command,
-    parse_count,
     parse_env,
     parse_memory,
-    parse_seconds,
 )
-from vmrun.userfiles import read_user_file
 
 if TYPE_CHECKING:
     from vmrun.fullboot import FullMachine, FullOptions
     from vmrun.oci.run import OciRun
 
-EXIT_CODES = """\
-exit status:
-  the command's own exit status, unchanged (death by signal N gives 128+N), or one of
-  vmrun's reserved codes:
-  117  vmrun image bake failed (cloud-init errors, no power-off in time)
-  118  a disk image is unusable, missing, broken or refused as unsafe
-  119  the guest vanished before reporting an exit status (channel lost)
-  120  the guest kernel panicked
-  121  the command ran longer than --timeout
-  122  the guest did not boot within --boot-timeout
-  123  QEMU is missing, failed to start or died
-  124  fetching or verifying the guest's kernel or busybox failed
-  125  bad usage
-  130  interrupted (SIGINT), 143 terminated (SIGTERM)
-"""
-
-
-SUBCOMMANDS = ("run", "info", "seed", "image", "disk", "template")
 MAX_JOBS = 256
-
-
-class Terminated(Exception):
-    pass
-
-
-def seconds(option: str) -> Any:
-    """An argparse type for OPTION's number of seconds (finite, above 0)."""
-    return lambda text: parse_seconds(text, option)
-
-
-def count(option: str, most: int) -> Any:
-    """An argparse type for OPTION's whole number from 1 to MOST."""
-    return lambda text: parse_count(text, option, most)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message, hint=f"see {self.prog} --help")
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -314,162 +261,3 @@ def prepare_oci(spec: MachineSpec, command: Command) -> OciRun | None:
     return prepared
 
 
-def cmd_info(argv: Sequence[str]) -> int:
-    parser = Parser(prog="vmrun info", description="What vmrun would use on this machine.")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--arch")
-    parser.add_argument("--mirror")
-    parser.add_argument("--insecure-unverified-guest", action="store_true")
-    args = parser.parse_args(argv)
-    arch = lookup_arch(args.arch or host_arch())
-    qemu = process.find_qemu(arch)
-    guest = ensure_guest(arch, mirror=args.mirror, notice=notice_stderr,
-                         insecure_unverified_guest=args.insecure_unverified_guest)
-
-    choice = accellib.choose_for_guest(Accel.AUTO, arch, guest.kernel, guest.initrd)
-    info: dict[str, Any] = {
-        "vmrun_version": __version__,
-        "qemu": qemu,
-        "qemu_version": process.qemu_version(qemu),
-        "accel": str(choice.accel),
-        "accel_reason": choice.reason,
-        "host_arch": host_arch(),
-        "host_os": platform.system(),
-        "arch": arch.name,
-        "kernel": str(guest.kernel),
-        "kernel_release": guest.release,
-        "initrd": str(guest.initrd),
-        "cache_dir": str(cachelib.cache_dir()),
-    }
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        width = max(map(len, info))
-        for key, value in info.items():
-            print(f"{key:<{width}}  {value}")
-    return 0
-
-
-def cmd_image_checked(argv: Sequence[str]) -> int:
-    """`vmrun image ...`, with the header check on every image taken in, and prune
-    sparing the bases that live runs stand on."""
-    from vmrun.cli_image import cmd_image
-    from vmrun.images.attach import live_bases, live_digests
-    from vmrun.images.formats import check_foreign_image
-    from vmrun.rundir import runs_root
-
-    if argv[:1] == ["bake"]:
-        return cmd_bake(argv[1:])
-    return cmd_image(argv, validate=check_foreign_image,
-                     in_use=lambda: live_digests(runs_root()),
-                     in_use_paths=lambda: live_bases(runs_root()))
-
-
-def cmd_bake(argv: Sequence[str]) -> int:
-    parser = Parser(prog="vmrun image bake", description="Boot BASE once with USER-DATA "
-                    "(cloud-init), wait until it powers off, and store the result as the "
-                    "layer NAME on top of BASE. Unchanged inputs are not baked again.")
-    parser.add_argument("base", help="a stored image, an image file or an alias")
-    parser.add_argument("--user-data", type=Path, required=True)
-    parser.add_argument("--meta-data", type=Path)
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--timeout", type=seconds("--timeout"), default=1800.0,
-                        help="seconds until the guest must have powered off (default 1800)")
-    parser.add_argument("--arch")
-    parser.add_argument("--cpus", type=count("--cpus", MAX_CPUS), default=1)
-    parser.add_argument("--memory", default="1G")
-    parser.add_argument("--accel", choices=[a.value for a in Accel], default="auto")
-    parser.add_argument("--firmware", choices=[f.value for f in Firmware], default="auto")
-    parser.add_argument("--net", choices=[n.value for n in Net], default="user")
-    parser.add_argument("--quiet", "-q", action="store_true", help="do not show the console")
-    parser.add_argument("--keep", action="store_true")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    from vmrun.bake import bake
-    from vmrun.fullboot import FullOptions
-
-    spec = MachineSpec(arch=args.arch, cpus=args.cpus, memory_mib=parse_memory(args.memory),
-                       accel=Accel(args.accel), net=Net(args.net), console=not args.quiet,
-                       keep=args.keep, verbose=args.verbose, boot=Boot.FULL)
-    user_data = read_user_file(args.user_data, "user-data")
-    meta_data = read_user_file(args.meta_data, "meta-data") if args.meta_data else None
-    image, built = bake(args.base, name=args.name, user_data=user_data, meta_data=meta_data,
-                        spec=spec, options=FullOptions(firmware=Firmware(args.firmware)),
-                        timeout=args.timeout, notice=notice_stderr)
-    if not built:
-        notice_stderr(f"{args.name} is up to date (baked before from the same inputs)")
-    print(f"{image.name} {image.digest}")
-    return 0
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise Terminated()
-
-
-def report(error: VmrunError) -> None:
-    print(f"vmrun: error: {error}", file=sys.stderr)
-    if isinstance(error, GuestPanic) and error.serial_tail:
-        print("--- guest console (tail) ---", file=sys.stderr)
-        print(error.serial_tail, file=sys.stderr)
-    if isinstance(error, BakeFailed) and error.serial_tail:
-        print("--- guest console (tail) ---", file=sys.stderr)
-        print(error.serial_tail, file=sys.stderr)
-    if isinstance(error, QemuError) and error.log_tail:
-        print("--- QEMU log (tail) ---", file=sys.stderr)
-        print(error.log_tail, file=sys.stderr)
-    if error.hint:
-        print(f"hint: {error.hint}", file=sys.stderr)
-
-
-def unknown_command(word: str) -> UsageError:
-    """A first word that is neither a subcommand nor an option: a typo, or a command
-    that lacks its "--"; either way nothing boots."""
-    near = difflib.get_close_matches(word, SUBCOMMANDS, n=1)
-    guess = f"; did you mean 'vmrun {near[0]}'?" if near else ""
-    return UsageError(f"unknown command {word!r}{guess}",
-                      hint=f"commands: {', '.join(SUBCOMMANDS)}; to run {word!r} in a VM: "
-                      f"vmrun [OPTIONS] -- {word} ...")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    # Also when started with SIGINT ignored (a background job of a script inherits that):
-    # Python installs its handler only where SIGINT was not ignored, and a vmrun that
-    # ignores an explicit SIGINT keeps its VM running until the command ends.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        if args and not args[0].startswith("-") and args[0] not in SUBCOMMANDS:
-            raise unknown_command(args[0])
-        if args[:1] == ["info"]:
-            return cmd_info(args[1:])
-        if args[:1] == ["seed"]:
-            from vmrun.cli_seed import cmd_seed
-
-            return cmd_seed(args[1:])
-        if args[:1] == ["disk"]:
-            from vmrun.cli_disk import cmd_disk
-
-            return cmd_disk(args[1:])
-        if args[:1] == ["image"]:
-            return cmd_image_checked(args[1:])
-        if args[:1] == ["template"]:
-            from vmrun.cli_template import cmd_template
-
-            return cmd_template(args[1:])
-        if args[:1] == ["run"]:
-            args = args[1:]
-        return cmd_run(args)
-    except KeyboardInterrupt:
-        print("vmrun: interrupted", file=sys.stderr)
-        return EXIT_SIGINT
-    except Terminated:
-        print("vmrun: terminated", file=sys.stderr)
-        return EXIT_SIGTERM
-    except VmrunError as error:
-        report(error)
-        return error.exit_code
-
-
-def entry() -> NoReturn:
-    sys.exit(main())

@@ -9,8 +9,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TextIO
 
+from vmrun.cli.common import Parser
 from vmrun.errors import ImageError, UsageError
 from vmrun.images import store
 from vmrun.images.aliases import ALIASES, ARCHES
@@ -19,11 +20,6 @@ from vmrun.oci.reference import is_image_reference
 from vmrun.oci.store import OciDisk, OciStored
 
 Validate = Callable[[Path], object]
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message, hint=f"see {self.prog} --help")
 
 
 def image_parser() -> argparse.ArgumentParser:
@@ -337,3 +333,19 @@ def _inspect(ref: str, *, as_json: bool) -> None:
         for key, value in qcow2.items():
             if value not in (None, 0, [], ()):
                 print(f"{key:<20}{value}")
+
+
+def cmd_image_checked(argv: Sequence[str]) -> int:
+    """`vmrun image ...`, with the header check on every image taken in, and prune
+    sparing the bases that live runs stand on."""
+    from vmrun.images.attach import live_bases, live_digests
+    from vmrun.images.formats import check_foreign_image
+    from vmrun.rundir import runs_root
+
+    if argv[:1] == ["bake"]:
+        from vmrun.cli.bake import cmd_bake
+
+        return cmd_bake(argv[1:])
+    return cmd_image(argv, validate=check_foreign_image,
+                     in_use=lambda: live_digests(runs_root()),
+                     in_use_paths=lambda: live_bases(runs_root()))

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
 
+from vmrun.cli.common import Parser
 from vmrun.errors import UsageError
 from vmrun.images import disk
 
@@ -22,11 +22,6 @@ FOLLOW = ("read the backing files its header names even though its format was gu
 
 def follow_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--follow-backing", action="store_true", help=FOLLOW)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message, hint=f"see {self.prog} --help")
 
 
 def disk_parser() -> argparse.ArgumentParser:

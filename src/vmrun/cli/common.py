@@ -1,0 +1,42 @@
+"""What every subcommand's parser shares: usage errors, typed numbers, the exit codes."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, NoReturn
+
+from vmrun.errors import UsageError
+from vmrun.spec import parse_count, parse_seconds
+
+EXIT_CODES = """\
+exit status:
+  the command's own exit status, unchanged (death by signal N gives 128+N), or one of
+  vmrun's reserved codes:
+  117  vmrun image bake failed (cloud-init errors, no power-off in time)
+  118  a disk image is unusable, missing, broken or refused as unsafe
+  119  the guest vanished before reporting an exit status (channel lost)
+  120  the guest kernel panicked
+  121  the command ran longer than --timeout
+  122  the guest did not boot within --boot-timeout
+  123  QEMU is missing, failed to start or died
+  124  fetching or verifying the guest's kernel or busybox failed
+  125  bad usage
+  130  interrupted (SIGINT), 143 terminated (SIGTERM)
+"""
+
+
+def seconds(option: str) -> Any:
+    """An argparse type for OPTION's number of seconds (finite, above 0)."""
+    return lambda text: parse_seconds(text, option)
+
+
+def count(option: str, most: int) -> Any:
+    """An argparse type for OPTION's whole number from 1 to MOST."""
+    return lambda text: parse_count(text, option, most)
+
+
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are vmrun's usage errors (exit 125, with a hint)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, hint=f"see {self.prog} --help")
