@@ -220,6 +220,8 @@ class Machine(Lifecycle):
             # None: the reference is a VM disk, attached below like any disk image.
             self.oci = prepare_oci(spec, arch=self.arch.name, notice=self.notice,
                                    progress=progress)
+        if spec.packages and self.oci is None:
+            self.oci = packages_run(spec, self.arch, self.notice)
         if self.oci is not None:
             self.root = SQUASHFS_ROOT
         elif spec.image is not None:
@@ -675,4 +677,14 @@ def run(argv: Sequence[str], *, spec: MachineSpec | None = None, capture: bool =
     return result
 
 
+def packages_run(spec: MachineSpec, arch: Arch, notice: Notice) -> OciRun:
+    """SPEC's --packages root, built unless cached, made ready to run as an OCI image is."""
+    from vmrun.build.roots import ensure_packages_root
+    from vmrun.oci.run import Identity, OciRun
 
+    if spec.image is not None:
+        raise UsageError("--packages and --image cannot be used together",
+                         hint="--packages builds the root the command runs in")
+    image = ensure_packages_root(spec.packages, arch=arch, suite=spec.suite,
+                                 mirror=spec.mirror, notice=notice)
+    return OciRun(image=image, entrypoint=(), identity=Identity())

@@ -63,6 +63,10 @@ class MachineSpec:
     entrypoint: tuple[str, ...] | None = None  # replaces the image's; () clears it
     insecure_registries: tuple[str, ...] = ()  # HOST[:PORT] reached over plain HTTP
     cold: bool = False  # boot the kernel, never restore a memory template (vmrun.warm)
+    # --packages: a root of these Debian packages (vmrun.build.roots), from SUITE (None:
+    # the suite of vmrun's guest kernel for the architecture).
+    packages: tuple[str, ...] = ()
+    suite: str | None = None
 
     def __post_init__(self) -> None:
         check_count(self.cpus, "--cpus", MAX_CPUS)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmrun import __version__
+from vmrun.build.debootstrap import check_suite, parse_packages
 from vmrun.cli.common import EXIT_CODES, Parser, count, seconds
 from vmrun.errors import (
     UsageError,
@@ -81,6 +82,11 @@ def run_parser() -> argparse.ArgumentParser:
                         "image file or an alias like debian:12, on a fresh overlay per run; "
                         "or run an OCI image: docker://[REGISTRY/]REPO[:TAG][@DIGEST], "
                         "oci:DIR[:TAG] or oci-archive:FILE[:TAG]")
+    parser.add_argument("--packages", metavar="P,...", help="run in a minimal Debian root "
+                        "with these packages, built on first use and cached (see 'vmrun "
+                        "image build' for bootable disks)")
+    parser.add_argument("--suite", help="--packages: the Debian (or Ubuntu) suite (default: "
+                        "the one vmrun's guest kernel comes from)")
     parser.add_argument("--entrypoint", help="OCI image: replaces its Entrypoint (a command "
                         "path; '' clears it)")
     parser.add_argument("--insecure-registry", action="append", default=[],
@@ -166,6 +172,8 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
         entrypoint=None if args.entrypoint is None else
         ((args.entrypoint,) if args.entrypoint else ()),
         insecure_registries=insecure_registries(args.insecure_registry, os.environ),
+        packages=parse_packages(args.packages) if args.packages is not None else (),
+        suite=check_suite(args.suite) if args.suite is not None else None,
     )
 
 
@@ -225,6 +233,8 @@ def cmd_run(argv: Sequence[str]) -> int:
     full_only = [name for name, given in (("--include/--exclude/--sync", args.rules),
                                           ("--collect", args.collect),
                                           ("--firmware", args.firmware != "auto")) if given]
+    if args.suite is not None and not spec.packages:
+        raise UsageError("--suite works with --packages only")
     if spec.boot == Boot.FULL:
         from vmrun.fullboot import FullMachine
 

@@ -549,6 +549,42 @@ def load_index(
     return PackageIndex(mirror=mirror, suite=suite, arch=arch, records=records, signed=signed)
 
 
+@dataclass(frozen=True)
+class ArchiveState:
+    """What a signed Release says about one architecture's packages at one moment."""
+
+    mirror: str
+    suite: str
+    arch: str
+    packages_sha256: str  # of the Packages index: changes exactly when the packages do
+    date: str  # the Release's Date field
+    signed: bool
+
+
+def archive_state(*, mirror: str, suite: str, arch: str, cache: Path, component: str = "main",
+                  keyring: Path | None = None, insecure_unverified: bool = False) -> ArchiveState:
+    """MIRROR's current state of SUITE/COMPONENT for ARCH, from its InRelease, verified as
+    load_index verifies it (one small download; the Packages index itself is not fetched).
+    Raises FetchError (also when the mirror is unreachable) or VerificationError."""
+    mirror = mirror.rstrip("/")
+    root = cache / "debian"
+    source = f"{mirror}/dists/{suite}/InRelease"
+    with locked(root / ".lock"):
+        inrelease = _store_bytes(root / "by-hash", _read_url(source, limit=_INRELEASE_LIMIT))
+        release, signed = _verified_release(
+            inrelease, source=source, suite=suite, keyring=keyring_path(keyring),
+            insecure_unverified=insecure_unverified,
+        )
+    hashes = _release_sha256(release, source=source)
+    base = f"{component}/binary-{arch}/Packages"
+    name = next((n for n in (f"{base}.xz", f"{base}.gz", base) if n in hashes), None)
+    if name is None:
+        raise FetchError(f"{source}: lists no {base} index",
+                         hint=f"is {arch} an architecture of {suite}?")
+    return ArchiveState(mirror=mirror, suite=suite, arch=arch, packages_sha256=hashes[name][0],
+                        date=release.get("Date", ""), signed=signed)
+
+
 def fetch_deb(
     index: PackageIndex,
     record: PackageRecord,

@@ -114,7 +114,7 @@ def ensure_disk(reference: str | ImageRef, *, arch: str, **options: Any) -> Pull
 
 
 def _cached_any(root: Path, digest: str, arch: str) -> RootImage | PulledDisk | None:
-    return _cached(root, _key(digest, arch)) or disks.cached_disk(
+    return cached_root(root, _key(digest, arch)) or disks.cached_disk(
         root, disks.disk_key(digest, arch))
 
 
@@ -144,7 +144,7 @@ def _pull(ref: ImageRef, arch: str, root: Path, progress: Progress | None,
             notice(f"{ref} is a containerDisk: taking /disk/{found.name}")
             return disks.install_container_disk(root, origin, found)
     with locked(root / "roots" / f"{key}.lock"):
-        cached = _cached(root, key)
+        cached = cached_root(root, key)
         if cached is not None:
             return cached
         total = sum(layer.path.stat().st_size for layer in layers)
@@ -234,10 +234,16 @@ def _build(root: Path, key: str, layers: list[Layer], image: RootImage) -> None:
             os.chmod(tmp, 0o444)
     finally:
         log.unlink(missing_ok=True)
+    record_root(root, key, image, entries=entries, recipe=RECIPE)
+
+
+def record_root(root: Path, key: str, image: RootImage, *, entries: int, recipe: str) -> None:
+    """Write what IMAGE (its squashfs already in place) was made from: the record that
+    makes it a complete root image of the store, written last."""
     record: dict[str, Any] = {
         "reference": image.reference, "digest": image.digest,
         "manifest_digest": image.manifest_digest, "arch": image.arch, "format": image.format,
-        "recipe": RECIPE, "entries": entries, "size": image.path.stat().st_size,
+        "recipe": recipe, "entries": entries, "size": image.path.stat().st_size,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": dataclasses.asdict(image.config),
     }
@@ -245,8 +251,14 @@ def _build(root: Path, key: str, layers: list[Layer], image: RootImage) -> None:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-def _cached(root: Path, key: str) -> RootImage | None:
-    path = root / "roots" / f"{key}.sqfs"
+def root_path(root: Path, key: str) -> Path:
+    """Where the root image of KEY lives in the store (ROOT: see oci_root)."""
+    return root / "roots" / f"{key}.sqfs"
+
+
+def cached_root(root: Path, key: str) -> RootImage | None:
+    """KEY's complete root image in the store at ROOT, if there is one."""
+    path = root_path(root, key)
     try:
         record = json.loads((root / "roots" / f"{key}.json").read_text())
         raw = record["config"]
