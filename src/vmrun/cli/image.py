@@ -342,6 +342,10 @@ def cmd_image_checked(argv: Sequence[str]) -> int:
     from vmrun.images.formats import check_foreign_image
     from vmrun.rundir import runs_root
 
+    if argv[:1] in (["build"], ["export"]):
+        from vmrun.cli.build import cmd_build, cmd_export
+
+        return (cmd_build if argv[0] == "build" else cmd_export)(argv[1:])
     if argv[:1] == ["bake"]:
         from vmrun.cli.bake import cmd_bake
 

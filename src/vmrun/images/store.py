@@ -88,6 +88,11 @@ def _root(cache: Path | None) -> Path:
     return (cache if cache is not None else cache_dir()) / "images"
 
 
+def store_root(cache: Path | None = None) -> Path:
+    """The image store's directory (its tmp/ is where work bound for it is done)."""
+    return _root(cache)
+
+
 def _blob(root: Path, digest: str) -> Path:
     return root / "blobs" / digest
 
@@ -467,10 +472,14 @@ def import_image(
     name: str | None = None,
     cache: Path | None = None,
     validate: Validate | None = None,
+    origin: str | None = None,
+    inputs_key: str | None = None,
 ) -> StoredImage:
     """Copy the local file PATH into the store (keeping it sparse), named NAME.
 
     NAME defaults to PATH's file name; VALIDATE is called on the copy before it is stored.
+    ORIGIN (default: PATH) is what `image ls` shows as its source; INPUTS_KEY, the key of
+    the inputs it was built from, lets find_baked find it again (see vmrun.build).
     """
     source = Path(path)
     try:
@@ -494,8 +503,10 @@ def import_image(
             checked = validate(part) if validate is not None else None
             with _store_lock(root):
                 _install_blob(root, part, digest, {})
-                return _write_name(root, name, digest=digest, source=str(source.absolute()),
-                                   size=size, fmt=_format_of(checked) or _format_for(root, digest))
+                return _write_name(root, name, digest=digest,
+                                   source=origin or str(source.absolute()), size=size,
+                                   fmt=_format_of(checked) or _format_for(root, digest),
+                                   extra={"bake_key": inputs_key} if inputs_key else None)
         finally:
             for leftover in (part, lock):
                 with contextlib.suppress(FileNotFoundError):
@@ -659,7 +670,8 @@ def alias_name(name: str, image: StoredImage, cache: Path | None = None) -> Stor
 
 
 def find_baked(bake_key: str, cache: Path | None = None) -> StoredImage | None:
-    """A stored layer baked from the inputs BAKE_KEY stands for, if one is complete."""
+    """A stored image baked (or built, see vmrun.build) from the inputs BAKE_KEY stands
+    for, if one is complete."""
     root = _root(cache)
     for name, record in _named(root).items():
         image = _image_of(root, name, record)

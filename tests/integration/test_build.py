@@ -1,0 +1,106 @@
+"""Images from packages, for real: `--packages` runs in a root built from the Debian archive,
+`vmrun image build` gives the stored image again for the same inputs, and `vmrun image
+export` writes disks other hypervisors read, still bootable.
+
+The built cloud image itself (tests/cloudimage.py, made by the same builder) boots with
+--boot fast and --boot full, BIOS and UEFI, in test_cloud.py and test_cloud_arm64.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.cloudimage import NAMES, ensure_cloud_image
+from tests.integration.vmtools import run_cli
+from vmrun.images import store
+from vmrun.images.partitions import find_root_partition, read_head
+from vmrun.qemu.arch import host_arch
+from vmrun.qemu.firmware import Firmware, bootable_by
+
+pytestmark = [pytest.mark.vm, pytest.mark.network]
+BUILD_TIMEOUT = 1800  # mmdebstrap downloads and installs for real: minutes on a busy host
+RUN_TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def cloud_image() -> Path:
+    if host_arch() != "x86_64":
+        pytest.skip("the test image is built for x86_64 hosts")
+    return ensure_cloud_image()
+
+
+def test_packages_run_in_a_root_with_those_packages(tmp_path: Path) -> None:
+    (tmp_path / "data.txt").write_text("from the host\n")
+    script = ("import sys, os; print(open('data.txt').read().strip(), sys.version_info[0]); "
+              "open('out.txt', 'w').write('from the guest'); sys.exit(7)")
+    done = run_cli("--packages", "python3", "--", "python3", "-c", script, cwd=tmp_path,
+                   timeout=BUILD_TIMEOUT)
+    assert done.returncode == 7, done.stderr.decode()
+    assert done.stdout.decode() == "from the host 3\n"
+    assert (tmp_path / "out.txt").read_text() == "from the guest"
+    # Built once: the second run uses the cached root, and says nothing about building.
+    again = run_cli("--packages", "python3", "--", "sh", "-c",
+                    "command -v python3 && ! command -v apt-get && test ! -d /usr/share/man/man1",
+                    cwd=tmp_path, timeout=RUN_TIMEOUT)
+    assert again.returncode == 0, again.stderr.decode()
+    assert b"building" not in again.stderr
+    assert again.stdout.decode().strip() == "/usr/bin/python3"
+    listed = json.loads(run_cli("image", "ls", "--json", cwd=tmp_path).stdout)
+    assert any(str(entry["name"]).startswith("packages:") and "python3" in str(entry["name"])
+               and entry["kind"] == "oci" for entry in listed)
+
+
+def test_bad_package_names_fail_before_anything_is_built(tmp_path: Path) -> None:
+    done = run_cli("--packages", "python3,Bad_Name", "--", "true", cwd=tmp_path)
+    assert done.returncode == 125
+    assert "bad package name 'Bad_Name' in --packages" in done.stderr.decode()
+    done = run_cli("--suite", "trixie", "--", "true", cwd=tmp_path)
+    assert done.returncode == 125
+    assert "--suite works with --packages only" in done.stderr.decode()
+
+
+def test_image_build_gives_the_same_inputs_back_at_once(cloud_image: Path,
+                                                        tmp_path: Path) -> None:
+    built = store.resolve(NAMES["amd64"])
+    done = run_cli("image", "build", "--name", "vmrun-test-built", cwd=tmp_path,
+                   timeout=RUN_TIMEOUT)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().split() == ["vmrun-test-built", f"sha256:{built.digest}"]
+    assert "is up to date (built before from the same inputs" in done.stderr.decode()
+    assert store.resolve("vmrun-test-built").path == cloud_image
+
+
+def test_export_writes_bootable_disks_for_other_hypervisors(cloud_image: Path,
+                                                            tmp_path: Path) -> None:
+    virtual_size = _info(cloud_image)["virtual-size"]
+    for fmt in ("raw", "vmdk", "vhdx", "qcow2"):
+        out = tmp_path / f"disk.{fmt}"
+        done = run_cli("image", "export", NAMES["amd64"], str(out), "--format", fmt,
+                       cwd=tmp_path, timeout=RUN_TIMEOUT)
+        assert done.returncode == 0, done.stderr.decode()
+        info = _info(out)
+        assert info["format"] == fmt and info["virtual-size"] == virtual_size
+        assert "backing-filename" not in info  # standalone: the chain is flattened
+        head = read_head(out, fmt)
+        assert bootable_by(head) == {Firmware.BIOS, Firmware.UEFI}
+        assert find_root_partition(head, "x86_64") == 3
+    refused = run_cli("image", "export", NAMES["amd64"], str(tmp_path / "disk.raw"),
+                      "--format", "raw", cwd=tmp_path)
+    assert refused.returncode != 0 and "exists" in refused.stderr.decode()
+    # The exported raw disk runs: the root partition found, its userland there.
+    done = run_cli("--image", str(tmp_path / "disk.raw"), "--boot", "fast", "--net", "none",
+                   "--", "sh", "-c", "test -x /usr/bin/cloud-init && cat /etc/debian_version",
+                   cwd=tmp_path, timeout=RUN_TIMEOUT)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().startswith("12.")
+
+
+def _info(path: Path) -> dict[str, object]:
+    info: dict[str, object] = json.loads(subprocess.run(
+        ["qemu-img", "info", "--output=json", str(path)], capture_output=True,
+        check=True).stdout)
+    return info
