@@ -34,7 +34,7 @@ from vmrun.errors import (
     VmrunError,
 )
 from vmrun.machine import Machine, Result, run
-from vmrun.spec import Accel, Boot, Command, MachineSpec, Net, Share
+from vmrun.spec import Accel, Boot, Command, MachineSpec, Net, Publish, Share, User, Volume
 
 # Imported when first used: they pull in YAML and the seed writer, which a plain
 # `vmrun -- CMD` does not need at start-up.
@@ -67,14 +67,17 @@ __all__ = [
     "Machine",
     "MachineSpec",
     "Net",
+    "Publish",
     "QemuError",
     "QmpError",
     "Result",
     "Share",
     "UnsafeImage",
     "UsageError",
+    "User",
     "VerificationError",
     "VmrunError",
+    "Volume",
     "__version__",
     "bake",
     "run",

@@ -46,13 +46,13 @@ from vmrun.qemu import process
 from vmrun.qemu.arch import Arch, host_arch, lookup_arch
 from vmrun.qemu.argv import (
     PORTS,
-    SHARE_TAG,
     BootPlan,
     RamFile,
     ShareDevice,
     ShareKind,
     build_argv,
     kernel_cmdline,
+    volume_tag,
 )
 from vmrun.rundir import run_directory
 from vmrun.spec import Boot, Command, MachineSpec, Net, Share, boot_timeout_for, no_command
@@ -191,6 +191,7 @@ class Machine(Lifecycle):
         self.root: int | str | None = None
         self.oci = oci
         self.share_device: ShareDevice | None = None
+        self.volume_devices: tuple[ShareDevice, ...] = ()  # -v, in the spec's order
         self.arch: Arch = lookup_arch(self.spec.arch or host_arch())
         self.share_path = (self.spec.share_dir or Path.cwd()).resolve()
         self.custom_guest = guest is not None
@@ -243,11 +244,14 @@ class Machine(Lifecycle):
         if accellib.fallback_news(self.accel) or (self.accel.fell_back and spec.verbose):
             self.notice(f"{self.accel.reason}; using TCG (slower)")
         self.rundir = self.stack.enter_context(
-            run_directory(keep=lambda: spec.keep, notice=self.notice))
+            run_directory(keep=lambda: spec.keep, notice=self.notice, name=spec.name))
+        if spec.verbose and spec.name is not None:
+            self.notice(f"run {spec.name}: {self.rundir}")
         why_cold = warm.why_cold(spec, arch=self.arch.name, custom_guest=self.custom_guest,
                                  share_via=self.share_via)
         self.warm_capable = why_cold == "" and not spec.cold
         self.share_device = self._share_device()
+        self.volume_devices = self._volume_devices()
         self.overlay = self._attach_image()
         start_plan = self._start_plan(qemu_binary, why_cold)
         self.serial = Serial(self.rundir / "serial.log", show=spec.console)
@@ -277,6 +281,7 @@ class Machine(Lifecycle):
             fds=fds, share=self.share_device, net=spec.net == Net.USER, disk=self.overlay,
             root_image=self.oci.image.path if self.oci is not None else None,
             sandbox=process.sandbox_supported(qemu_binary, self.notice),
+            volumes=self.volume_devices, forwards=spec.publish,
         )
 
     def _start_plan(self, qemu_binary: str, why_not: str) -> warm.StartPlan:
@@ -383,6 +388,33 @@ class Machine(Lifecycle):
             return ShareDevice(kind, self.share_path, readonly, sock)
         return ShareDevice(kind, self.share_path, readonly)
 
+    def _volume_devices(self) -> tuple[ShareDevice, ...]:
+        """A share device per volume (-v): 9p when warm, like the working directory."""
+        if self.share_device is not None:
+            share.check_clash(self.spec.volumes, self.share_path)
+        via = "9p" if self.warm_capable else self.share_via
+        devices = []
+        for index, volume in enumerate(self.spec.volumes, 1):
+            host = share.volume_source(volume)
+            mode = Share.RO if volume.readonly else Share.RW
+            kind = share.choose_share_kind(mode, via, self.arch)
+            tag = volume_tag(index)
+            sock = None
+            if kind == ShareKind.VIRTIOFS:
+                assert self.rundir is not None
+                sock = self.stack.enter_context(
+                    share.virtiofsd(host, self.rundir, name=f"virtiofs{index}"))
+            devices.append(ShareDevice(kind, host, volume.readonly, sock, tag))
+        return tuple(devices)
+
+    def _mounts(self) -> tuple[Mount, ...]:
+        """The first request's mounts: parents before what is mounted inside them."""
+        places = [] if self.share_device is None else [(self.share_device, str(self.share_path))]
+        places += zip(self.volume_devices, (v.target for v in self.spec.volumes), strict=True)
+        places.sort(key=lambda place: place[1].rstrip("/").count("/"))
+        return tuple(Mount(str(device.kind), device.tag, device.readonly, path)
+                     for device, path in places)
+
     def _make_sockets(self) -> dict[str, int]:
         extra = ("tty",) if self.spec.tty else ()
         child_fds = self._socketpairs((*PORTS, *extra, "serial", "qmp"))
@@ -431,10 +463,7 @@ class Machine(Lifecycle):
             stdin_mode = StdinMode.FILE
         elif command.stdin_stream and not command.tty:
             stdin_mode = StdinMode.PORT
-        mounts: tuple[Mount, ...] = ()
-        if self.first_request and self.share_device is not None:
-            device = self.share_device
-            mounts = (Mount(str(device.kind), SHARE_TAG, device.readonly, str(device.path)),)
+        mounts = self._mounts() if self.first_request else ()
         size: tuple[int, int] | None = None
         if command.tty:
             columns, lines = shutil.get_terminal_size()
@@ -446,7 +475,7 @@ class Machine(Lifecycle):
             mounts=mounts, net=self.first_request and self.spec.net == Net.USER,
             disk=self.first_request and self.spec.image is not None,
             root=self.root if self.first_request else None,
-            user=self._user(),
+            user=self._user(command),
             seed=seed, clock=clock,
         )
         self.first_warm = False
@@ -499,7 +528,9 @@ class Machine(Lifecycle):
             result.truncated = any(self.outputs[n].truncated for n in ("stdout", "stderr"))
         return result
 
-    def _user(self) -> tuple[int, int] | None:
+    def _user(self, command: Command) -> tuple[int, int] | None:
+        if command.user is not None:  # -u; an OCI image's group was found by apply()
+            return command.user.uid, command.user.gid or 0
         if self.oci is None or self.oci.identity.uid == self.oci.identity.gid == 0:
             return None
         return self.oci.identity.uid, self.oci.identity.gid

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmrun import __version__
 from vmrun.cli.common import EXIT_CODES, Parser, count, seconds
+from vmrun.cli.docker import add_docker_options, read_env_file
 from vmrun.errors import (
     UsageError,
 )
@@ -61,7 +62,7 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timings-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cpus", type=count("--cpus", MAX_CPUS), default=1,
                         help=f"virtual CPUs (default 1, at most {MAX_CPUS})")
-    parser.add_argument("--memory", default="1G", help="guest memory, like 512M or 2G "
+    parser.add_argument("-m", "--memory", default="1G", help="guest memory, like 512M or 2G "
                         "(at most the host's memory)")
     parser.add_argument("--timeout", type=seconds("--timeout"),
                         help="seconds the command may run")
@@ -73,7 +74,7 @@ def run_parser() -> argparse.ArgumentParser:
                         help="share the working directory read-write, read-only or not")
     parser.add_argument("--share-via", choices=["auto", "9p", "virtiofs"], default="auto",
                         help="how to share it (auto: virtiofs where virtiofsd runs, else 9p)")
-    parser.add_argument("--net", choices=[n.value for n in Net], default="user",
+    parser.add_argument("--net", "--network", choices=[n.value for n in Net], default="user",
                         help="user: outbound network through QEMU; none: no network")
     parser.add_argument("--accel", choices=[a.value for a in Accel], default="auto",
                         help="accelerator (auto: KVM or HVF where they work, else TCG)")
@@ -123,8 +124,9 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--console", action="store_true", help="show the guest's console")
     parser.add_argument("-t", "--tty", action="store_true",
                         help="give the command a terminal (interactive use)")
-    parser.add_argument("-v", "--verbose", action="store_true",
+    parser.add_argument("--verbose", action="store_true",
                         help="print the QEMU argv and the time of each phase")
+    add_docker_options(parser)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
     return parser
 
@@ -166,6 +168,7 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
         entrypoint=None if args.entrypoint is None else
         ((args.entrypoint,) if args.entrypoint else ()),
         insecure_registries=insecure_registries(args.insecure_registry, os.environ),
+        volumes=tuple(args.volumes), publish=tuple(args.publish), name=args.name,
     )
 
 
@@ -213,11 +216,10 @@ def cmd_run(argv: Sequence[str]) -> int:
     oci_image = args.image is not None and is_image_reference(args.image)
     if not command_argv and not oci_image:
         raise no_command()
-    env = parse_env(args.env, dict(os.environ))
-    if args.tty and "TERM" in os.environ:
-        env = (("TERM", os.environ["TERM"]), *env)  # the guest's terminal is the host's
+    env = command_env(args)
     command = Command(argv=tuple(command_argv), env=env, timeout=args.timeout, tty=args.tty,
-                      stdin_stream=not os.isatty(0))
+                      stdin_stream=args.interactive or not os.isatty(0), cwd=args.workdir,
+                      user=args.user)
     spec = machine_spec(args)
     oci = prepare_oci(spec, command) if oci_image else None
     if oci_image and oci is None and not command_argv:
@@ -245,6 +247,16 @@ def cmd_run(argv: Sequence[str]) -> int:
     if args.timings_file is not None:
         args.timings_file.write_text(json.dumps(machine.timings))
     return result.exit_code
+
+
+def command_env(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """--env-file's variables, then -e's (the later wins in the guest)."""
+    host = dict(os.environ)
+    env = tuple(pair for path in args.env_file for pair in read_env_file(path, host))
+    env += parse_env(args.env, host)
+    if args.tty and "TERM" in os.environ:
+        env = (("TERM", os.environ["TERM"]), *env)  # the guest's terminal is the host's
+    return env
 
 
 def prepare_oci(spec: MachineSpec, command: Command) -> OciRun | None:

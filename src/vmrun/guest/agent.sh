@@ -15,7 +15,8 @@
 # that fails, each command is answered "fail REASON" instead of "started" and not run.
 # "root squashfs" (an OCI image) mounts /dev/vda as a read-only squashfs under an overlay
 # whose upper layer is a tmpfs: writes live in guest memory and vanish with the VM.
-# "user UID GID" runs that command with those numeric ids (no supplementary groups).
+# "user UID GID" runs that command with those numeric ids (no supplementary groups), in
+# the image's root or in the initramfs alike.
 # Nothing here ever evaluates what the host sent as shell code: values only become
 # arguments, environment entries and paths.
 
@@ -331,11 +332,11 @@ run_command() {
                 shift
                 set -- /bin/busybox nsenter --root="$root" --wd="$wd" $ids -- "$v" "$@"
             fi
-        elif [ -n "$ids" ]; then
-            exit 126
         else
             [ -d "$cwd" ] || mkdir -p -- "$cwd"
             cd -- "$cwd" || exit 126
+            # Numeric ids need no account: nsenter without namespaces only drops to them.
+            [ -z "$ids" ] || set -- /bin/busybox nsenter $ids -- "$@"
         fi
         if [ -n "$tty" ]; then
             exec /bin/busybox setsid -c "$@"
