@@ -237,7 +237,7 @@ def cmd_run(argv: Sequence[str]) -> int:
     elif full_only:
         raise UsageError(f"{full_only[0]} works with --boot full only")
     else:
-        machine = Machine(spec, stdout_fd=1, stderr_fd=2, share_via=args.share_via,
+        machine = Machine(spec, stdout_fd=1, stderr_fd=2, share_via=share_via(args),
                           oci=oci)
     with machine:
         result = machine.run(command)
@@ -247,6 +247,13 @@ def cmd_run(argv: Sequence[str]) -> int:
     if args.timings_file is not None:
         args.timings_file.write_text(json.dumps(machine.timings))
     return result.exit_code
+
+
+def share_via(args: argparse.Namespace) -> str:
+    """--share-via, where auto means 9p with -u: virtiofsd creates files as the guest's
+    user, which vmrun's confinement refuses (see vmrun.share), while 9p creates them as
+    vmrun's own user."""
+    return "9p" if args.user is not None and args.share_via == "auto" else args.share_via
 
 
 def command_env(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
