@@ -177,6 +177,11 @@ class FullMachine(Lifecycle):
         if options is not None and options.collect and spec.share != Share.RW:
             raise UsageError("--collect writes into the working directory, which needs "
                              "--share rw")
+        if spec.volumes or spec.publish:
+            # Not yet: the image's own init mounts nothing of vmrun's, and its SSH
+            # forward is the only one (see full_boot_argv).
+            raise UsageError("--volume and --publish do not work with --boot full",
+                             hint="use --boot fast, or copy files in with --include")
         super().__init__(verbose=spec.verbose, notice=notice)
         self.spec = spec
         self.options = options or FullOptions()
@@ -579,6 +584,9 @@ class FullMachine(Lifecycle):
             raise UsageError(f"capture_limit must not be negative (got {capture_limit})")
         if self.qemu is None or self.keys is None:
             raise UsageError("the machine is not started (use it in a with statement)")
+        if command.user is not None:
+            raise UsageError("--user does not work with --boot full",
+                             hint="switch users in the command (su, setpriv)")
         if self.spec.share != Share.NONE and not self.copied:
             self.copy_in()
         t = time.monotonic()

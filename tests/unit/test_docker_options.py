@@ -345,3 +345,13 @@ def test_help_names_the_docker_options(capsys: pytest.CaptureFixture[str]) -> No
                      "-m MEMORY, --memory", "--net {user,none}, --network", "--name NAME",
                      "-p [ADDR:]HOST:GUEST[/tcp]"):
         assert spelling in text
+
+
+def test_boot_full_refuses_volumes_publish_and_user(capsys: pytest.CaptureFixture[str],
+                                                   tmp_path: Path) -> None:
+    for option in (["-v", f"{tmp_path}:/x"], ["-p", "8080:80"], ["-u", "1"]):
+        assert vmrun.cli.main(["--image", "some-image", "--boot", "full", *option,
+                               "--", "true"]) == 125
+        assert "work with --boot full" in capsys.readouterr().err
+    assert vmrun.cli.main(["--arch", "x86_64,aarch64", "-p", "8080:80", "--", "true"]) == 125
+    assert "-p cannot be used with several architectures" in capsys.readouterr().err

@@ -204,8 +204,9 @@ def cmd_run(argv: Sequence[str]) -> int:
         raise UsageError(f"unexpected {args.command[0]!r}: the command goes after '--'",
                          hint=f"vmrun [OPTIONS] -- {' '.join(args.command)}")
     if args.arch and "," in args.arch:
-        if args.tty:
-            raise UsageError("-t cannot be used with several architectures")
+        if args.tty or args.publish:
+            raise UsageError(f"{'-t' if args.tty else '-p'} cannot be used with several "
+                             "architectures")
         if not command_argv:
             raise UsageError("no command given", hint="usage: vmrun [OPTIONS] -- COMMAND")
         arches = [a for a in args.arch.split(",") if a]
@@ -232,6 +233,9 @@ def cmd_run(argv: Sequence[str]) -> int:
 
         if spec.image is None:
             raise UsageError("--boot full needs --image")
+        if command.user is not None:
+            raise UsageError("--user does not work with --boot full",
+                             hint="switch users in the command (su, setpriv)")
         machine: Machine | FullMachine = FullMachine(spec, full_options(args), stdout_fd=1,
                                                      stderr_fd=2)
     elif full_only:
