@@ -244,8 +244,10 @@ class Machine(Lifecycle):
         t = self._phase("fetch", t)
         self.accel = accellib.choose_for_guest(spec.accel, self.arch, self.guest.kernel,
                                                self.guest.initrd)
-        # Said once per host boot, when found (and with -v): not before every command.
-        fallback = accellib.fallback_notice(self.accel, verbose=spec.verbose)
+        # Said once per host boot, when found (and with -v): not before every command;
+        # a quiet run leaves the news to the next run that can show it.
+        fallback = None if quiet else accellib.fallback_notice(self.accel,
+                                                               verbose=spec.verbose)
         if fallback is not None:
             self.notice(fallback)
         self.rundir = self.stack.enter_context(
