@@ -36,6 +36,26 @@ def run(argv: Sequence[str | Path], *, timeout: float, env: dict[str, str] | Non
                           timeout=timeout, env=env, cwd=cwd)
 
 
+def deps_dir() -> Path:
+    """Wheels of the build backend and of vmrun's dependencies, kept in the test cache so
+    that a later run builds and installs without the package index."""
+    deps = cache_dir() / "wheel-deps"
+    deps.mkdir(parents=True, exist_ok=True)
+    return deps
+
+
+def pip_from_cache(pip: list[str | Path], argv: list[str | Path], needs: list[str]) -> None:
+    """Run PIP ARGV with wheels from the cache only; where some are missing, fetch NEEDS
+    from the package index into the cache first and run it again."""
+    offline = [*pip, *argv, "--no-index", "--find-links", deps_dir()]
+    done = run(offline, timeout=PIP_TIMEOUT)
+    if done.returncode != 0:
+        fetched = run([*pip, "download", "-q", "-d", deps_dir(), *needs], timeout=PIP_TIMEOUT)
+        assert fetched.returncode == 0, fetched.stderr
+        done = run(offline, timeout=PIP_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+
+
 def build_wheel(into: Path) -> Path:
     source = into / "source"
     for name in SOURCES:
@@ -45,9 +65,9 @@ def build_wheel(into: Path) -> Path:
         else:
             source.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
-    built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", into / "dist",
-                 source], timeout=PIP_TIMEOUT)
-    assert built.returncode == 0, built.stderr
+    backend = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    pip_from_cache([sys.executable, "-m", "pip", "--disable-pip-version-check"],
+                   ["wheel", "--no-deps", "-q", "-w", into / "dist", source], backend)
     (wheel,) = (into / "dist").glob("vmrun-*.whl")
     return wheel
 
@@ -61,20 +81,8 @@ def requirements(wheel: Path) -> list[str]:
 
 
 def install(wheel: Path, venv: Path) -> None:
-    """WHEEL into VENV, its dependencies from wheels kept in the test cache (fetched from
-    the package index the first time, or when the requirements change)."""
-    deps = cache_dir() / "wheel-deps"
-    deps.mkdir(parents=True, exist_ok=True)
-    pip: list[str | Path] = [venv / "bin" / "python", "-m", "pip",
-                             "--disable-pip-version-check"]
-    offline = [*pip, "install", "-q", "--no-index", "--find-links", deps, wheel]
-    installed = run(offline, timeout=PIP_TIMEOUT)
-    if installed.returncode != 0:
-        fetched = run([*pip, "download", "-q", "-d", deps, *requirements(wheel)],
-                      timeout=PIP_TIMEOUT)
-        assert fetched.returncode == 0, fetched.stderr
-        installed = run(offline, timeout=PIP_TIMEOUT)
-    assert installed.returncode == 0, installed.stderr
+    pip_from_cache([venv / "bin" / "python", "-m", "pip", "--disable-pip-version-check"],
+                   ["install", "-q", wheel], requirements(wheel))
 
 
 def test_wheel_installs_and_runs(guest: Guest, tmp_path: Path) -> None:
