@@ -20,6 +20,7 @@ from vmrun.qemu import accel as accellib
 from vmrun.qemu import process
 from vmrun.qemu.arch import ARCHES, Arch, host_arch
 from vmrun.qemu.firmware import BUILTIN_BIOS, UEFI_PACKAGES, find_uefi
+from vmrun.qemu.install import host_system, install_hint
 from vmrun.share import find_virtiofsd
 
 LOW_SPACE = 2 << 30  # bytes free in the cache below which a pull may not fit
@@ -55,7 +56,8 @@ def check_qemu(arch: Arch, *, required: bool) -> Check:
     path = shutil.which(arch.qemu_binary)
     if path is None:
         return Check(name, Status.FAIL, f"{arch.qemu_binary} not found",
-                     fix=apt(arch.qemu_package), required=required)
+                     fix=install_hint(arch, host_system()).removeprefix("install it: "),
+                     required=required)
     try:
         version = process.qemu_version(path)
     except VmrunError as error:

@@ -68,7 +68,7 @@ def test_a_missing_qemu_is_named_with_its_package(tmp_path: Path) -> None:
     lines = done.stdout.splitlines()
     [at] = [i for i, line in enumerate(lines) if line.startswith("FAIL  qemu s390x")]
     assert lines[at].endswith("qemu-system-s390x not found")
-    assert lines[at + 1].strip() == "fix: apt-get install qemu-system-misc"
+    assert lines[at + 1].strip() == "fix: sudo apt-get install qemu-system-misc"
     assert lines[-1] == "not ready: qemu s390x"
     # Without --arch, a foreign architecture is shown but does not fail the host's runs.
     full = vmrun_doctor("--json", env=env)
