@@ -380,8 +380,9 @@ class FullMachine(Lifecycle):
                              insecure_unverified_guest=self.spec.insecure_unverified_guest)
         choice = accellib.choose_for_guest(self.spec.accel, self.arch, guest.kernel,
                                            guest.initrd)
-        if accellib.fallback_news(choice) or (choice.fell_back and self.spec.verbose):
-            self.notice(f"{choice.reason}; using TCG (slower)")
+        fallback = accellib.fallback_notice(choice, verbose=self.spec.verbose)
+        if fallback is not None:
+            self.notice(fallback)
         return choice.accel
 
     def _write_seed(self) -> Path:
