@@ -641,7 +641,9 @@ class Machine(Lifecycle):
             code = self.qemu.process.wait()
         self._check_kernel_fit()
         if self._console().panicked():
-            raise self._console().panic()
+            panic = self._console().panic()
+            panic.hint = self._user_kernel_hint()
+            raise panic
         if code != 0:
             raise self.qemu.failure(f"QEMU exited with status {code}")
         tail = self._console().tail_lines(10)
