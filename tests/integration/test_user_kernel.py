@@ -4,6 +4,7 @@ with its modules tree (it runs), and without it (the agent names what is missing
 from __future__ import annotations
 
 import secrets
+import shutil
 import time
 from pathlib import Path
 
@@ -68,6 +69,28 @@ def test_debian_kernel_without_modules_names_missing_options(guest: Guest,
     assert "lacks CONFIG_VIRTIO_CONSOLE CONFIG_VIRTIO_MMIO" in line, done.stderr
     assert "--modules" in line
     assert took < MISSING_CEILING, f"{took:.1f}s: reported by the boot timeout, not the agent"
+
+
+def test_missing_drivers_named_for_the_devices_attached(guest: Guest, tmp_path: Path) -> None:
+    """A modules tree without 9p and virtio_net: a run that shares over 9p with a network
+    hears which options are off; one with neither device needs none of them."""
+    vmlinuz, modules = kernel_files(guest)
+    tree = tmp_path / "mods"
+    shutil.copytree(modules, tree, symlinks=True)
+    kernel_dir = next((tree / "lib/modules").iterdir()) / "kernel"
+    shutil.rmtree(kernel_dir / "net/9p")
+    shutil.rmtree(kernel_dir / "fs/9p")
+    (kernel_dir / "drivers/net/virtio_net.ko").unlink()
+    work = tmp_path / "work"
+    work.mkdir()
+    done = run_cli("--kernel", str(vmlinuz), "--modules", str(tree), "--share-via", "9p",
+                   "--", "true", cwd=work, timeout=RUN_CEILING)
+    assert done.returncode == 118, done.stderr
+    assert b"lacks CONFIG_VIRTIO_NET CONFIG_NET_9P_VIRTIO CONFIG_9P_FS" in done.stderr
+    assert b"does not load" in done.stderr  # with --modules, the hint says why it may be
+    plain = run_cli("--kernel", str(vmlinuz), "--modules", str(tree), "--share", "none",
+                    "--net", "none", "--", "echo", "fine", cwd=work, timeout=RUN_CEILING)
+    assert (plain.returncode, plain.stdout) == (0, b"fine\n"), plain.stderr
 
 
 def test_wrong_arch_and_garbage_refused_before_boot(guest: Guest, tmp_path: Path) -> None:
