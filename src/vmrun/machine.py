@@ -231,6 +231,14 @@ class Machine(Lifecycle):
                                 insecure_registries=spec.insecure_registries)
             # AUTO: the image's root partition when it has one, else a plain disk.
             self.root = root_for_boot(self.base, spec.boot, spec.image)
+        # KVM is probed with vmrun's own guest: a kernel of the user's that cannot reach
+        # the agent must not have KVM remembered as unusable.
+        probe = self.guest
+        if probe is None:
+            probe = ensure_guest(
+                self.arch, mirror=spec.mirror, notice=self.notice,
+                insecure_unverified_guest=spec.insecure_unverified_guest,
+                progress=progress)
         if self.guest is None and spec.kernel is not None:
             from vmrun.guest.userkernel import user_guest
 
@@ -238,14 +246,10 @@ class Machine(Lifecycle):
                 spec.kernel, self.arch, modules=spec.modules, mirror=spec.mirror,
                 notice=self.notice, progress=progress,
                 insecure_unverified_guest=spec.insecure_unverified_guest)
-        if self.guest is None:
-            self.guest = ensure_guest(
-                self.arch, mirror=spec.mirror, notice=self.notice,
-                insecure_unverified_guest=spec.insecure_unverified_guest,
-                progress=progress)
+        self.guest = self.guest or probe
         t = self._phase("fetch", t)
-        self.accel = accellib.choose_for_guest(spec.accel, self.arch, self.guest.kernel,
-                                               self.guest.initrd)
+        self.accel = accellib.choose_for_guest(spec.accel, self.arch, probe.kernel,
+                                               probe.initrd)
         # Said once per host boot, when found (and with -v): not before every command.
         if accellib.fallback_news(self.accel) or (self.accel.fell_back and spec.verbose):
             self.notice(f"{self.accel.reason}; using TCG (slower)")
