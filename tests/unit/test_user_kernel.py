@@ -12,6 +12,7 @@ import pytest
 
 import vmrun.cli.run
 from tests.unit.test_kernel import PVH_NOTES, bzimage, fake_kernel
+from vmrun.console import Serial
 from vmrun.errors import KernelUnfit, UsageError
 from vmrun.guest import userkernel
 from vmrun.guest.kernelimage import KernelImage, bootable_for, identify, release_of
@@ -278,3 +279,23 @@ def test_user_kernel_boots_cold(monkeypatch: pytest.MonkeyPatch) -> None:
     assert why.startswith("--kernel boots cold")
     assert why_cold(MachineSpec(), arch="x86_64", custom_guest=False, share_via="9p") == ""
 
+
+
+def test_machine_turns_the_agents_line_into_kernel_unfit(tmp_path: Path) -> None:
+    line = b"\r\nvmrun-agent: missing CONFIG_VIRTIO_CONSOLE\r\n"
+    user = Machine(MachineSpec(kernel=Path("/k")), notice=lambda _: None)
+    user.serial = Serial(tmp_path / "serial.log")
+    user.serial.feed(b"[ 0.1] booting\n")
+    user._check_kernel_fit()  # nothing said yet: nothing raised
+    user.serial.feed(line)
+    with pytest.raises(KernelUnfit, match="lacks CONFIG_VIRTIO_CONSOLE") as info:
+        user._check_kernel_fit()
+    assert info.value.missing == ("CONFIG_VIRTIO_CONSOLE",)
+    hint = user._user_kernel_hint()
+    assert hint is not None and "CONFIG_VIRTIO_MMIO" in hint and "--console" in hint
+    # vmrun's own kernel: the line means nothing, and no kernel hint is given.
+    own = Machine(MachineSpec(), notice=lambda _: None)
+    own.serial = Serial(tmp_path / "own.log")
+    own.serial.feed(line)
+    own._check_kernel_fit()
+    assert own._user_kernel_hint() is None

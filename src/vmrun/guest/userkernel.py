@@ -115,8 +115,9 @@ def user_guest(kernel: Path, arch: Arch, *, modules: Path | None, mirror: str | 
                                    insecure_unverified_guest=insecure_unverified_guest)
     initrd = build.cached_initrd(cachelib.cache_dir(), arch=arch, busybox=busybox,
                                  release=release or "unknown", sets=sets)
+    kernel = kernel.resolve()  # QEMU may start elsewhere than the user's cwd
     stat = kernel.stat()
-    key = cachelib.key_of("user-kernel", str(kernel.resolve()), str(stat.st_size),
+    key = cachelib.key_of("user-kernel", str(kernel), str(stat.st_size),
                           str(stat.st_mtime_ns), str(initrd))
     return build.Guest(arch=arch, kernel=kernel, initrd=initrd, release=release or "", key=key)
 
