@@ -237,14 +237,25 @@ class Machine(Lifecycle):
                                 insecure_registries=spec.insecure_registries)
             # AUTO: the image's root partition when it has one, else a plain disk.
             self.root = root_for_boot(self.base, spec.boot, spec.image)
-        if self.guest is None:
-            self.guest = ensure_guest(
+        # KVM is probed with vmrun's own guest: a kernel of the user's that cannot reach
+        # the agent must not have KVM remembered as unusable.
+        probe = self.guest
+        if probe is None:
+            probe = ensure_guest(
                 self.arch, mirror=spec.mirror, notice=self.notice,
                 insecure_unverified_guest=spec.insecure_unverified_guest,
                 progress=progress)
+        if self.guest is None and spec.kernel is not None:
+            from vmrun.guest.userkernel import user_guest
+
+            self.guest = user_guest(
+                spec.kernel, self.arch, modules=spec.modules, mirror=spec.mirror,
+                notice=self.notice, progress=progress,
+                insecure_unverified_guest=spec.insecure_unverified_guest)
+        self.guest = self.guest or probe
         t = self._phase("fetch", t)
-        self.accel = accellib.choose_for_guest(spec.accel, self.arch, self.guest.kernel,
-                                               self.guest.initrd)
+        self.accel = accellib.choose_for_guest(spec.accel, self.arch, probe.kernel,
+                                               probe.initrd)
         # Said once per host boot, when found (and with --verbose): not before every command;
         # a quiet run leaves the news to the next run that can show it.
         fallback = None if quiet else accellib.fallback_notice(self.accel,
@@ -282,7 +293,7 @@ class Machine(Lifecycle):
             arch=self.arch, accel=self.accel.accel, cpus=spec.cpus, memory_mib=spec.memory_mib,
             kernel=self.guest.kernel, initrd=self.guest.initrd,
             cmdline=kernel_cmdline(
-                self.arch, console=spec.console, extra=os.environ.get("VMRUN_KERNEL_APPEND", ""),
+                self.arch, console=spec.console, extra=self._cmdline_extra(),
                 tsc_khz=accellib.tcg_tsc_khz(self.arch, self.accel.accel),
                 warm=self.warm_capable,
             ),
@@ -291,6 +302,13 @@ class Machine(Lifecycle):
             sandbox=process.sandbox_supported(qemu_binary, self.notice),
             volumes=self.volume_devices, forwards=spec.publish,
         )
+
+    def _cmdline_extra(self) -> str:
+        """Words after vmrun's own: the agent's check of a kernel of the user's (a normal
+        boot skips it), $VMRUN_KERNEL_APPEND, then --append (last: it can override)."""
+        words = ["vmrun.check" if self.spec.kernel is not None else "",
+                 os.environ.get("VMRUN_KERNEL_APPEND", ""), self.spec.append]
+        return " ".join(word for word in words if word)
 
     def _start_plan(self, qemu_binary: str, why_not: str) -> warm.StartPlan:
         """Warm or cold: the template for this machine's shape, if it can have one."""
@@ -333,8 +351,13 @@ class Machine(Lifecycle):
             plan = replace(plan, ram=RamFile(Path(f"/proc/self/fd/{fds['ram']}"), shared=True))
         self._launch(plan, fds)
         boot_timeout = boot_timeout_for(self.spec, self.accel.accel, self.arch.name)
-        self._pump(lambda: "ready" in self.events, boot_timeout, BootTimeout(
-            f"the guest agent was not ready within {boot_timeout:.0f}s (--boot-timeout)"))
+        try:
+            self._pump(lambda: "ready" in self.events, boot_timeout, BootTimeout(
+                f"the guest agent was not ready within {boot_timeout:.0f}s (--boot-timeout)",
+                hint=self._user_kernel_hint()))
+        except BootTimeout:
+            self._check_kernel_fit()  # a kernel that said what it lacks but cannot power off
+            raise
         t = self._phase("boot", t)
         if start_plan.mode == warm.Mode.MAKE:
             assert self.qmp is not None
@@ -659,13 +682,35 @@ class Machine(Lifecycle):
             # A channel closed but QEMU lives on: nothing good can come of it.
             self.qemu.process.kill()
             code = self.qemu.process.wait()
+        self._check_kernel_fit()
         if self._console().panicked():
-            raise self._console().panic()
+            panic = self._console().panic()
+            panic.hint = self._user_kernel_hint()
+            raise panic
         if code != 0:
             raise self.qemu.failure(f"QEMU exited with status {code}")
         tail = self._console().tail_lines(10)
+        hint = "serial console tail:\n" + "\n".join(tail) if tail else None
         raise ChannelLost("the VM stopped before the command reported its exit status",
-                          hint="serial console tail:\n" + "\n".join(tail) if tail else None)
+                          hint=self._user_kernel_hint() or hint)
+
+    def _check_kernel_fit(self) -> None:
+        """KernelUnfit when the agent said the kernel lacks options (a kernel of the
+        user's: vmrun's own has them all)."""
+        if self.spec.kernel is None:
+            return
+        from vmrun.guest import userkernel
+
+        missing = userkernel.missing_options(bytes(self._console().tail))
+        if missing:
+            raise userkernel.unfit(self.spec.kernel, missing, modules=self.spec.modules)
+
+    def _user_kernel_hint(self) -> str | None:
+        if self.spec.kernel is None:
+            return None
+        from vmrun.guest.userkernel import guest_hint
+
+        return guest_hint(self.arch)
 
 
 @contextlib.contextmanager

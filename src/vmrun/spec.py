@@ -70,6 +70,10 @@ class MachineSpec:
     volumes: tuple[Volume, ...] = ()  # host directories shared besides the working one
     publish: tuple[Publish, ...] = ()  # guest TCP ports forwarded from the host
     name: str | None = None  # shown with verbose, part of the run directory's name
+    # A kernel of the user's (--kernel), booted with vmrun's initramfs and agent:
+    kernel: Path | None = None  # bzImage, Image or vmlinux; None: vmrun's Debian kernel
+    append: str = ""  # added to the kernel command line, after vmrun's own words (any kernel)
+    modules: Path | None = None  # lib/modules/RELEASE, or a modules_install tree above it
 
     def __post_init__(self) -> None:
         check_count(self.cpus, "--cpus", MAX_CPUS)
@@ -84,6 +88,13 @@ class MachineSpec:
                              hint="a guest cannot have more memory than its host")
         if self.boot_timeout is not None:
             check_seconds(self.boot_timeout, "--boot-timeout")
+        if self.kernel is None and self.modules is not None:
+            raise UsageError("--modules goes with --kernel")
+        if self.kernel is not None and self.boot == Boot.FULL:
+            raise UsageError("--kernel boots vmrun's initramfs; --boot full boots the "
+                             "image's own kernel")
+        if "\0" in self.append or "\n" in self.append:
+            raise UsageError("--append cannot hold a NUL byte or a newline")
         if self.image_format not in (None, "raw"):
             raise UsageError(f"bad --image-format {self.image_format!r}",
                              hint="only 'raw' can be given: other formats have a header")

@@ -13,7 +13,7 @@ exit status:
   the command's own exit status, unchanged (death by signal N gives 128+N), or one of
   vmrun's reserved codes:
   117  vmrun image bake failed (cloud-init errors, no power-off in time)
-  118  a disk image is unusable, missing, broken or refused as unsafe
+  118  a disk image or --kernel is unusable, missing, broken or refused as unsafe
   119  the guest vanished before reporting an exit status (channel lost)
   120  the guest kernel panicked
   121  the command ran longer than --timeout

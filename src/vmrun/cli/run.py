@@ -110,6 +110,15 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--collect", action="append", default=[], metavar="GLOB",
                         help="--boot full: copy what matches GLOB (in the guest's working "
                         "directory) back into the working directory after the command")
+    # A kernel of the user's (vmrun.guest.userkernel; README, "Your own kernel").
+    parser.add_argument("--kernel", type=Path, metavar="PATH",
+                        help="boot this kernel (bzImage, arm64 Image or ELF vmlinux) with "
+                        "vmrun's initramfs and agent instead of the Debian one")
+    parser.add_argument("--append", default="", metavar="ARGS",
+                        help="add ARGS to the kernel command line, after vmrun's own")
+    parser.add_argument("--modules", type=Path, metavar="DIR",
+                        help="with --kernel: its modules, a 'make modules_install "
+                        "INSTALL_MOD_PATH=DIR' tree or its lib/modules/RELEASE")
     parser.add_argument("--mirror", help="Debian mirror (default $VMRUN_DEBIAN_MIRROR or "
                         "http://deb.debian.org/debian)")
     parser.add_argument("--insecure-unverified-guest", action="store_true",
@@ -169,6 +178,7 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
         mirror=args.mirror, insecure_unverified_guest=args.insecure_unverified_guest,
         tty=args.tty, image=args.image, boot=Boot(args.boot),
         image_format=args.image_format, cold=args.cold,
+        kernel=args.kernel, append=args.append, modules=args.modules,
         entrypoint=None if args.entrypoint is None else
         ((args.entrypoint,) if args.entrypoint else ()),
         insecure_registries=insecure_registries(args.insecure_registry, os.environ),

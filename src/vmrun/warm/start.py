@@ -195,6 +195,12 @@ def why_cold(spec: MachineSpec, *, arch: str, custom_guest: bool, share_via: str
         return f"warm starts are not verified for {arch} guests yet"
     if custom_guest:
         return "a guest other than vmrun's own"
+    if spec.kernel is not None:
+        # A copy of a template is a machine of its own only once the restored kernel has
+        # reseeded its generator (a suspend cycle through PM_DEBUG's pm_test), which a
+        # kernel of the user's need not offer; and it changes with every build, so a
+        # template would be made far more often than used.
+        return "--kernel boots cold: a template needs a kernel vmrun can reseed"
     if share_via == "virtiofs" and (spec.share != Share.NONE or spec.volumes):
         return "virtiofs (vhost-user-fs) cannot be saved in a template: use --share-via 9p"
     if os.environ.get("VMRUN_COLD"):
