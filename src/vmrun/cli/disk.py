@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vmrun.cli.common import Parser
 from vmrun.errors import UsageError
 from vmrun.images import disk
+from vmrun.progress import percent
 
 FORMATS = [f.value for f in disk.Format]
 DETECTED = "default: qcow2 if its header says so, else raw"
@@ -99,28 +98,6 @@ def disk_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextmanager
-def progress_line(label: str) -> Iterator[Callable[[float], None] | None]:
-    """A percentage on stderr, rewritten in place, when stderr is a terminal."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    shown = False
-
-    def show(percent: float) -> None:
-        nonlocal shown
-        shown = True
-        sys.stderr.write(f"\r{label}: {percent:5.1f}%")
-        sys.stderr.flush()
-
-    try:
-        yield show
-    finally:
-        if shown:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def human(size: int) -> str:
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -155,7 +132,7 @@ def cmd_disk(argv: Sequence[str]) -> int:
         disk.overlay(args.base, args.new, base_format=args.base_format,
                      follow_backing=args.follow_backing)
     else:
-        with progress_line(op) as progress:
+        with percent(op) as progress:
             transform(op, args, progress)
     return 0
 

@@ -6,10 +6,8 @@ import argparse
 import json
 import stat
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO
 
 from vmrun.cli.common import Parser
 from vmrun.errors import ImageError, UsageError
@@ -18,6 +16,7 @@ from vmrun.images.aliases import ALIASES, ARCHES
 from vmrun.images.rawdisk import require_disk
 from vmrun.oci.reference import is_image_reference
 from vmrun.oci.store import OciDisk, OciStored
+from vmrun.progress import reporter
 
 Validate = Callable[[Path], object]
 
@@ -79,48 +78,6 @@ def image_parser() -> argparse.ArgumentParser:
     inspect.add_argument("ref", metavar="NAME|FILE")
     inspect.add_argument("--json", action="store_true")
     return parser
-
-
-class ProgressLine:
-    """Download progress on STREAM: a redrawn bar on a terminal, else one line at the end."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.label = ""
-        self.done = 0
-        self.total: int | None = None
-        self.started = time.monotonic()
-        self.drawn = 0.0
-
-    def __call__(self, label: str, done: int, total: int | None) -> None:
-        self.label, self.done, self.total = label, done, total
-        now = time.monotonic()
-        if self.tty and (now - self.drawn >= 0.1 or done == total):
-            self.drawn = now
-            self.stream.write(f"\r\x1b[K{self._text()}")
-            self.stream.flush()
-
-    def _text(self) -> str:
-        mib = self.done / (1 << 20)
-        if self.total:
-            width = 30
-            filled = width * self.done // self.total
-            bar = "#" * filled + "-" * (width - filled)
-            return (f"{self.label} [{bar}] {100 * self.done // self.total:3d}% "
-                    f"{mib:.1f}/{self.total / (1 << 20):.1f} MiB")
-        return f"{self.label} {mib:.1f} MiB"
-
-    def finish(self) -> None:
-        if not self.label:
-            return
-        if self.tty:
-            self.stream.write("\n")
-        else:
-            seconds = time.monotonic() - self.started
-            self.stream.write(f"vmrun: {self.label}: {self.done / (1 << 20):.1f} MiB "
-                              f"in {seconds:.1f}s\n")
-        self.stream.flush()
 
 
 def _notice(message: str) -> None:
@@ -201,14 +158,11 @@ def cmd_image(
     elif args.action == "push":
         _push(args.words, args.insecure_registry)
     elif args.action == "pull":
-        progress = ProgressLine(sys.stderr)
-        try:
+        with reporter() as progress:
             image = store.pull(args.source, name=args.name, sha256=args.sha256,
                                checksums_url=args.checksums, arch=args.arch,
                                mirror=args.mirror, progress=progress, notice=_notice,
                                validate=validate)
-        finally:
-            progress.finish()
         print(f"{image.name}  sha256:{image.digest}")
     elif args.action == "import":
         _require_disk_file(args.file, args.format)
@@ -260,13 +214,10 @@ def _pull_reference(source: str, arch: str | None, insecure: Sequence[str],
         raise UsageError("--name does not apply to an image reference",
                          hint="it is stored, listed and run under its reference")
     ref = parse_reference(source)
-    progress = ProgressLine(sys.stderr)
-    try:
+    with reporter() as progress:
         image = ensure_image(ref, arch=lookup_arch(arch or host_arch()).name,
                              progress=progress, notice=_notice,
                              insecure=reference_insecure(ref, _insecure(insecure)))
-    finally:
-        progress.finish()
     if isinstance(image, PulledDisk):
         print(f"{image.origin.reference}  {image.origin.digest}  {image.format} disk "
               f"({image.origin.arch})")
@@ -283,14 +234,11 @@ def _push(words: Sequence[str], insecure: Sequence[str]) -> None:
         raise UsageError("push needs images and a destination",
                          hint="vmrun image push NAME[=ARCH]... docker://REGISTRY/REPO:TAG")
     destination = words[-1]
-    progress = ProgressLine(sys.stderr)
-    try:
+    with reporter() as progress:
         pushed = push_disks([parse_source(word) for word in words[:-1]], destination,
                             insecure=reference_insecure(parse_reference(destination),
                                                         _insecure(insecure)),
                             progress=progress, notice=_notice)
-    finally:
-        progress.finish()
     print(f"{pushed.reference}@{pushed.digest}")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,9 +14,10 @@ from vmrun.cli.common import EXIT_CODES, Parser, count, seconds
 from vmrun.errors import (
     UsageError,
 )
-from vmrun.machine import Machine, notice_stderr, progress_printer
+from vmrun.machine import Machine, notice_stderr
 from vmrun.matrix import run_matrix
 from vmrun.oci.reference import insecure_registries, is_image_reference
+from vmrun.progress import reporter
 from vmrun.qemu.arch import host_arch, lookup_arch
 from vmrun.qemu.firmware import Firmware
 from vmrun.spec import (
@@ -254,8 +254,8 @@ def prepare_oci(spec: MachineSpec, command: Command) -> OciRun | None:
     from vmrun.oci import run as oci_run
 
     arch = lookup_arch(spec.arch or host_arch()).name
-    progress = progress_printer() if sys.stderr.isatty() else None
-    prepared = oci_run.prepare(spec, arch=arch, notice=notice_stderr, progress=progress)
+    with reporter() as progress:
+        prepared = oci_run.prepare(spec, arch=arch, notice=notice_stderr, progress=progress)
     if prepared is not None:
         oci_run.apply(prepared, command, shared=spec.share != Share.NONE)
     return prepared
