@@ -12,7 +12,7 @@ from vmrun.spec import MAX_CPUS, Accel, Boot, MachineSpec, Net, parse_memory
 from vmrun.userfiles import read_user_file
 
 
-def cmd_bake(argv: Sequence[str]) -> int:
+def bake_parser() -> Parser:
     parser = Parser(prog="vmrun image bake", description="Boot BASE once with USER-DATA "
                     "(cloud-init), wait until it powers off, and store the result as the "
                     "layer NAME on top of BASE. Unchanged inputs are not baked again.")
@@ -31,7 +31,11 @@ def cmd_bake(argv: Sequence[str]) -> int:
     parser.add_argument("--quiet", "-q", action="store_true", help="do not show the console")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def cmd_bake(argv: Sequence[str]) -> int:
+    args = bake_parser().parse_args(argv)
     from vmrun.bake import bake
     from vmrun.fullboot import FullOptions
 

@@ -8,6 +8,25 @@ from typing import Any, NoReturn
 from vmrun.errors import UsageError
 from vmrun.spec import parse_count, parse_seconds
 
+# The subcommands, with the line `vmrun --help` and the shell completions show for each.
+COMMANDS = {
+    "run": "run COMMAND in a throwaway VM (the default: vmrun [OPTIONS] -- COMMAND)",
+    "info": "what vmrun would use on this machine: QEMU, accelerator, guest kernel",
+    "seed": "write a cloud-init NoCloud seed ISO",
+    "image": "pull, push, import, list, inspect, bake, remove and prune disk images",
+    "disk": "create, inspect and transform disk images (qemu-img)",
+    "template": "list and remove the memory templates warm starts restore from",
+    "completion": "print the shell completion script for bash, zsh or fish",
+}
+
+
+def commands_help() -> str:
+    """The "commands:" block of `vmrun --help`: one line per subcommand."""
+    width = max(map(len, COMMANDS))
+    return "commands:\n" + "".join(f"  {name:<{width}}  {line}\n"
+                                   for name, line in COMMANDS.items())
+
+
 EXIT_CODES = """\
 exit status:
   the command's own exit status, unchanged (death by signal N gives 128+N), or one of

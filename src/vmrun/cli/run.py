@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmrun import __version__
-from vmrun.cli.common import EXIT_CODES, Parser, count, seconds
+from vmrun.cli.common import EXIT_CODES, Parser, commands_help, count, seconds
 from vmrun.errors import (
     UsageError,
 )
@@ -44,10 +44,8 @@ MAX_JOBS = 256
 def run_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="vmrun",
-        description="Run COMMAND in a fresh, throwaway virtual machine. Other subcommands: "
-        "vmrun info [--json]; vmrun seed OUTPUT.iso --user-data FILE; "
-        "vmrun image pull|import|ls|rm|prune|inspect|bake; "
-        "vmrun disk create|overlay|chain|commit|rebase|flatten|snapshot|convert|compact|resize.",
+        description="Run COMMAND in a fresh, throwaway virtual machine.\n\n" + commands_help()
+        + "\nvmrun COMMAND --help tells more about each.",
         usage="vmrun [run] [OPTIONS] -- COMMAND [ARGS...]",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
