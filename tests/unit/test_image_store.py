@@ -578,9 +578,10 @@ def test_cli_ls_json_and_rm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert cmd_image(["ls", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [(i["name"], i["digest"], i["size"]) for i in listed] == [
-        ("mine", sha256(b"disk" * 100), 400)]
+        ("mine", f"sha256:{sha256(b'disk' * 100)}", 400)]
     assert cmd_image(["ls"]) == 0
-    assert "mine" in capsys.readouterr().out
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[:2] == ["mine", f"sha256:{sha256(b'disk' * 100)[:12]}"]
 
     with pytest.raises(ImageError) as caught:
         cmd_image(["rm", "unknown"])

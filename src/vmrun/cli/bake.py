@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from vmrun.cli.common import Parser, count, seconds
+from vmrun.cli.common import Parser, count, digest_text, seconds
 from vmrun.machine import notice_stderr
 from vmrun.qemu.firmware import Firmware
 from vmrun.spec import MAX_CPUS, Accel, Boot, MachineSpec, Net, parse_memory
@@ -49,5 +49,5 @@ def cmd_bake(argv: Sequence[str]) -> int:
                         timeout=args.timeout, notice=notice_stderr)
     if not built:
         notice_stderr(f"{args.name} is up to date (baked before from the same inputs)")
-    print(f"{image.name} {image.digest}")
+    print(f"{image.name}  {digest_text(image.digest)}")
     return 0

@@ -8,6 +8,17 @@ from typing import Any, NoReturn
 from vmrun.errors import UsageError
 from vmrun.spec import parse_count, parse_seconds
 
+
+def digest_text(digest: str, *, short: bool = False) -> str:
+    """DIGEST (bare sha256 hex, or ALGORITHM:HEX) as every command prints it: in full
+    (sha256:<64 hex>) in JSON and in lines that scripts read, SHORT (sha256:<12 hex>, which
+    vmrun takes back as a reference) in tables."""
+    if not digest:
+        return digest  # none known
+    algorithm, _, hexdigest = digest.rpartition(":")
+    return f"{algorithm or 'sha256'}:{hexdigest[:12] if short else hexdigest}"
+
+
 # The subcommands, with the line `vmrun --help` and the shell completions show for each.
 COMMANDS = {
     "run": "run COMMAND in a throwaway VM (the default: vmrun [OPTIONS] -- COMMAND)",

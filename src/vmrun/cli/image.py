@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vmrun.cli.common import Parser
+from vmrun.cli.common import Parser, digest_text
 from vmrun.errors import ImageError, UsageError
 from vmrun.images import store
 from vmrun.images.aliases import ALIASES, ARCHES
@@ -85,7 +85,7 @@ def _notice(message: str) -> None:
 
 
 def _describe(image: store.StoredImage) -> dict[str, object]:
-    return {"name": image.name, "digest": image.digest, "size": image.size,
+    return {"name": image.name, "digest": digest_text(image.digest), "size": image.size,
             "format": image.format, "source": image.source, "created": image.created,
             "path": str(image.path)}
 
@@ -100,10 +100,10 @@ def _size_text(size: int) -> str:
 
 
 def _describe_oci(root: OciStored) -> dict[str, object]:
-    return {"name": root.reference, "digest": root.digest, "size": root.size,
+    return {"name": root.reference, "digest": digest_text(root.digest), "size": root.size,
             "format": "squashfs", "source": root.reference, "created": root.created,
             "path": str(root.path), "kind": "oci", "arch": root.arch,
-            "manifest_digest": root.manifest_digest}
+            "manifest_digest": digest_text(root.manifest_digest)}
 
 
 def _is_store_name(name: str) -> bool:
@@ -116,24 +116,25 @@ def _is_store_name(name: str) -> bool:
 
 
 def _describe_disk(found: OciDisk) -> dict[str, object]:
-    return {"name": found.reference, "digest": found.digest, "size": found.size,
+    return {"name": found.reference, "digest": digest_text(found.digest), "size": found.size,
             "format": found.format, "source": found.reference, "created": found.created,
             "path": str(found.path), "kind": found.kind, "arch": found.arch,
-            "manifest_digest": found.manifest_digest}
+            "manifest_digest": digest_text(found.manifest_digest)}
 
 
 def _print_table(images: list[store.StoredImage], roots: list[OciStored],
                  disks: list[OciDisk]) -> None:
     rows = [("NAME", "DIGEST", "SIZE", "FORMAT", "CREATED", "SOURCE")]
     for image in images:
-        rows.append((image.name or "<none>", image.digest[:12], _size_text(image.size),
+        rows.append((image.name or "<none>", digest_text(image.digest, short=True),
+                     _size_text(image.size),
                      image.format or "-", image.created or "-", image.source or "-"))
     for root in roots:
-        rows.append((root.reference, root.digest.removeprefix("sha256:")[:12],
+        rows.append((root.reference, digest_text(root.digest, short=True),
                      _size_text(root.size), f"squashfs ({root.arch})", root.created or "-",
                      f"{root.reference}@{root.digest}"))
     for found in disks:
-        rows.append((found.reference, found.digest.removeprefix("sha256:")[:12],
+        rows.append((found.reference, digest_text(found.digest, short=True),
                      _size_text(found.size), f"{found.format} ({found.arch})",
                      found.created or "-", f"{found.reference}@{found.digest}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
@@ -163,11 +164,11 @@ def cmd_image(
                                checksums_url=args.checksums, arch=args.arch,
                                mirror=args.mirror, progress=progress, notice=_notice,
                                validate=validate)
-        print(f"{image.name}  sha256:{image.digest}")
+        print(f"{image.name}  {digest_text(image.digest)}")
     elif args.action == "import":
         _require_disk_file(args.file, args.format)
         image = store.import_image(args.file, name=args.name, validate=validate)
-        print(f"{image.name}  sha256:{image.digest}")
+        print(f"{image.name}  {digest_text(image.digest)}")
     elif args.action == "ls":
         images = store.list_images()
         roots = oci_store.list_roots()
@@ -185,7 +186,7 @@ def cmd_image(
     elif args.action == "prune":
         removed = store.prune(in_use=in_use if in_use is not None else set)
         for digest in removed:
-            print(f"removed sha256:{digest}")
+            print(f"removed {digest_text(digest)}")
         for what in oci_store.prune(in_use=in_use_paths if in_use_paths is not None else set):
             print(f"removed {what}")
     elif args.action == "inspect":
@@ -219,10 +220,10 @@ def _pull_reference(source: str, arch: str | None, insecure: Sequence[str],
                              progress=progress, notice=_notice,
                              insecure=reference_insecure(ref, _insecure(insecure)))
     if isinstance(image, PulledDisk):
-        print(f"{image.origin.reference}  {image.origin.digest}  {image.format} disk "
+        print(f"{image.origin.reference}  {digest_text(image.origin.digest)}  {image.format} disk "
               f"({image.origin.arch})")
     else:
-        print(f"{image.reference}  {image.digest}  root file system ({image.arch})")
+        print(f"{image.reference}  {digest_text(image.digest)}  root file system ({image.arch})")
 
 
 def _push(words: Sequence[str], insecure: Sequence[str]) -> None:
@@ -239,7 +240,7 @@ def _push(words: Sequence[str], insecure: Sequence[str]) -> None:
                             insecure=reference_insecure(parse_reference(destination),
                                                         _insecure(insecure)),
                             progress=progress, notice=_notice)
-    print(f"{pushed.reference}@{pushed.digest}")
+    print(f"{pushed.reference}@{digest_text(pushed.digest)}")
 
 
 def _require_regular(path: Path) -> None:
