@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 import threading
 import time
@@ -86,6 +88,14 @@ class _Lines:
         self.stream.flush()
 
 
+def _columns(stream: TextIO) -> int:
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, io.UnsupportedOperation):
+        columns = 0
+    return columns if columns > 0 else 80
+
+
 class _Bar:
     """On a terminal: a tqdm bar with bytes, rate and ETA."""
 
@@ -93,20 +103,25 @@ class _Bar:
                  initial: int) -> None:
         from tqdm import tqdm  # imported only where there is a terminal to draw on
 
-        desc = f"vmrun: {label}"
+        # A terminal that says it has 0 columns or rows (a fresh pty, some consoles) would
+        # hide tqdm's bar: such a size counts as unknown.
+        columns = _columns(stream)
+        room = max(columns - 55, 12)  # what the numbers leave of the line for the label
+        desc = f"vmrun: {label if len(label) <= room else label[:room - 3] + '...'}"
         if unit == "%":
             self.bar = tqdm(total=total, initial=initial, desc=desc, file=stream,
-                            dynamic_ncols=True, mininterval=0.2,
+                            mininterval=0.2, ncols=columns, nrows=24,
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| "
                             "[{elapsed}<{remaining}]")
         elif unit == "s":
-            self.bar = tqdm(desc=desc, file=stream, bar_format="{desc}: {elapsed}")
+            self.bar = tqdm(desc=desc, file=stream, bar_format="{desc}: {elapsed}",
+                            ncols=columns, nrows=24)
         else:
             known = None if total is None else (
                 "{l_bar}{bar}| {n_fmt}iB/{total_fmt}iB [{elapsed}<{remaining}, {rate_fmt}]")
             self.bar = tqdm(total=total, initial=initial, desc=desc, file=stream,
                             unit="iB", unit_scale=True, unit_divisor=1024,
-                            dynamic_ncols=True, mininterval=0.2, bar_format=known)
+                            mininterval=0.2, bar_format=known, ncols=columns, nrows=24)
 
     def update(self, n: int) -> None:
         self.bar.update(n)

@@ -47,9 +47,11 @@ def test_a_terminal_gets_a_bar_with_bytes_rate_and_eta() -> None:
     assert re.search(r"100%\|.*\| 4\.00MiB/4\.00MiB \[\d\d:\d\d<\d\d:\d\d, .*iB/s\]", final), final
 
 
-def test_a_real_pseudo_terminal_gets_the_bar() -> None:
+@pytest.mark.parametrize("rows,columns", [(24, 100), (0, 100), (0, 0)])
+def test_a_real_pseudo_terminal_gets_the_bar(rows: int, columns: int) -> None:
+    # A size of 0 (a fresh pty, `script` without a terminal) once hid the bar entirely.
     master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     try:
         with open(slave, "w", closefd=False) as tty:
             assert tty.isatty()
