@@ -183,9 +183,17 @@ def reporter(stream: TextIO | None = None) -> Iterator[Progress]:
 
 @contextmanager
 def percent(label: str, stream: TextIO | None = None) -> Iterator[Percent]:
-    """A Percent callback for qemu-img conversions, shown as one task."""
-    with task(label, 100, unit="%", stream=stream) as shown:
-        yield lambda value: shown.moveto(int(value))
+    """A Percent callback for qemu-img conversions, shown as one task from its first
+    report on (a step refused before it starts shows nothing)."""
+    with ExitStack() as stack:
+        shown: list[Task] = []
+
+        def report(value: float) -> None:
+            if not shown:
+                shown.append(stack.enter_context(task(label, 100, unit="%", stream=stream)))
+            shown[0].moveto(int(value))
+
+        yield report
 
 
 @contextmanager

@@ -117,6 +117,9 @@ def test_a_conversion_shows_its_percentage() -> None:
             step(value)
     assert "vmrun: convert: 100%" in out.getvalue()
     piped = io.StringIO()
+    with progress.percent("convert", piped):
+        pass  # refused before it started: nothing to show
+    assert piped.getvalue() == ""
     with progress.percent("convert", piped) as step:
         step(100.0)
     assert re.fullmatch(r"vmrun: convert\.\.\.\nvmrun: convert: done in \d+\.\ds\n",
