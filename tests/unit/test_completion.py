@@ -97,6 +97,40 @@ def test_fish_completes_subcommands_with_their_description(
         line.split("\t")[0] for line in lines}
 
 
+# zsh completes only inside its line editor; the completion builtins the script calls are
+# stood in for by functions that print what they were given (zsh filters by prefix itself).
+ZSH_STANDINS = """
+compdef() { : }
+compadd() { while [[ $1 != -- ]]; do shift; done; shift; print -l -- "$@" }
+_describe() { print -l -- ${(P)2} }
+_files() { print FILES }
+_command_names() { print COMMANDS }
+"""
+
+
+def zsh_complete(path: Path, line: str) -> list[str]:
+    words = line.split(" ")
+    array = " ".join(f"'{w}'" for w in words)
+    program = f"{ZSH_STANDINS}source {path}; words=({array}); CURRENT={len(words)}; _vmrun"
+    done = subprocess.run(["zsh", "-fc", program], capture_output=True, text=True,
+                          timeout=60, check=True)
+    return done.stdout.splitlines()
+
+
+def test_zsh_offers_what_each_position_takes(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    needs("zsh")
+    path = script(tmp_path, "zsh", capsys)
+    assert [c.split(":")[0] for c in zsh_complete(path, "vmrun ima")] == list(SUBCOMMANDS)
+    assert zsh_complete(path, "vmrun image ima")[0].startswith("pull:")
+    assert zsh_complete(path, "vmrun disk snapshot ") == ["create", "list", "apply", "delete"]
+    assert zsh_complete(path, "vmrun --share ") == ["rw", "ro", "none"]
+    assert "--share-via" in zsh_complete(path, "vmrun --cpus 2 --sha")
+    assert zsh_complete(path, "vmrun -- ") == ["COMMANDS"]
+    assert zsh_complete(path, "vmrun -- cat ") == ["FILES"]
+    assert zsh_complete(path, "vmrun image bake --user-data ") == ["FILES"]
+
+
 def test_the_tree_has_every_subcommand() -> None:
     tree = command_tree()
     assert tuple(tree.commands) == SUBCOMMANDS

@@ -182,9 +182,9 @@ def zsh_script(root: Node) -> str:
         "(a directory on $fpath, before compinit)",
         "_vmrun() {",
         "    local path_=vmrun word i",
-        "    local -a options words values",
+        "    local -a opts vals cmds",  # (words and commands are zsh's own)
         "    for ((i = 2; i < CURRENT; i++)); do",
-        "        word=${words_[i]:-${words[i]}}",
+        "        word=${words[i]}",
         '        if [[ $word == -- && ($path_ == vmrun || $path_ == "vmrun run") ]]; then',
         "            (( i == CURRENT - 1 )) && _command_names -e || _files",
         "            return",
@@ -195,7 +195,6 @@ def zsh_script(root: Node) -> str:
         "        esac",
         "    done",
         "    local prev=${words[CURRENT-1]} cur=${words[CURRENT]}",
-        "    local -a commands",
         '    case "$path_" in',
     ]
     for node in root.walk():
@@ -203,10 +202,10 @@ def zsh_script(root: Node) -> str:
         names = [n for o in node.options for n in o.names]
         lines.append(f"            opts=({' '.join(names)})")
         described = [_quote(f"{name}:{help_}") for name, (help_, _) in node.commands.items()]
-        lines.append(f"            commands=({' '.join(described)})")
+        lines.append(f"            cmds=({' '.join(described)})")
         lines.append(f"            vals=({' '.join(node.words)})")
         cases = [f"{'|'.join(o.names)}) vals=({' '.join(o.choices) or '-f'}); "
-                 "opts=(); commands=() ;;" for o in _value_options(node)]
+                 "opts=(); cmds=() ;;" for o in _value_options(node)]
         if cases:
             lines.append('            case "$prev" in')
             lines += [f"                {case}" for case in cases]
@@ -218,8 +217,8 @@ def zsh_script(root: Node) -> str:
         "        _files",
         '    elif [[ $cur == -* && ${#opts} -gt 0 ]]; then',
         "        compadd -- $opts",
-        "    elif (( ${#commands} )); then",
-        "        _describe command commands",
+        "    elif (( ${#cmds} )); then",
+        "        _describe command cmds",
         "    elif (( ${#vals} )); then",
         "        compadd -- $vals",
         "    else",
