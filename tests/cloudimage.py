@@ -11,7 +11,7 @@ images into place. The result is cached by the hash of this recipe.
 The arm64 variant boots from UEFI only (no BIOS boot partition), with GRUB's arm64-efi
 image at EFI/BOOT/BOOTAA64.EFI made from the modules of grub-efi-arm64-bin inside the new
 root, and the DPS aarch64 root type. mmdebstrap runs its maintainer scripts through
-qemu-user, which scripts/setup registers with binfmt_misc on an x86_64 host.
+qemu-user, which scripts/setup --dev registers with binfmt_misc on an x86_64 host.
 
     python -m tests.cloudimage               # build (or find) it and print its path
     python -m tests.cloudimage --arch arm64  # the same for arm64
@@ -168,7 +168,7 @@ def check_emulation(arch: str) -> None:
         enabled = False
     if not enabled:
         raise EmulationMissing(f"building the {arch} test image here needs qemu-{machine} "
-                               f"registered with binfmt_misc ({entry}): run scripts/setup")
+                               f"registered with binfmt_misc ({entry}): run scripts/setup --dev")
 
 
 def run(argv: list[str], **kwargs: object) -> None:
@@ -180,7 +180,7 @@ def build(out: Path, *, mirror: str, variant: Variant) -> None:
                                  "grub-mkimage", "qemu-img") if shutil.which(tool) is None]
     if missing:
         raise RuntimeError(f"building the test image needs {', '.join(missing)}: "
-                           "run scripts/setup")
+                           "run scripts/setup --dev")
     root_uuid = str(uuid.UUID(recipe_key(variant.arch)[:32]))
     with tempfile.TemporaryDirectory(prefix="vmrun-cloudimage-", dir=out.parent) as tmp:
         work = Path(tmp)

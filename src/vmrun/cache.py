@@ -55,14 +55,15 @@ def locked(path: Path, *, shared: bool = False) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def held_if_free(path: Path) -> Iterator[bool]:
-    """Whether the existing lock file PATH is free; if so it is held inside the block.
+def held_if_free(path: Path, *, create: bool = False) -> Iterator[bool]:
+    """Whether the lock file PATH (which must exist, unless CREATE) is free; if so it is
+    held inside the block.
 
     A lock file whose owner died is free: that, never a guess by age, is how leftovers of
     dead runs, pulls and template makers are told from live ones.
     """
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o600)
     except OSError:
         yield False
         return

@@ -74,6 +74,10 @@ def notice_stderr(message: str) -> None:
     print(f"vmrun: {message}", file=sys.stderr, flush=True)
 
 
+def silent(message: str) -> None:
+    """The notice of a quiet run (-q): vmrun's own messages are dropped, errors are not."""
+
+
 @dataclass
 class Result:
     """What a command in the guest did.
@@ -214,7 +218,8 @@ class Machine(Lifecycle):
         if spec.boot == Boot.FULL:
             raise UsageError("Machine boots vmrun's guest; --boot full is vmrun.fullboot")
         qemu_binary = process.find_qemu(self.arch)
-        progress = self.stack.enter_context(reporter())
+        quiet = self.notice is silent  # -q: no progress either
+        progress = self.stack.enter_context(reporter(quiet=quiet))
         if spec.image is not None and is_image_reference(spec.image) and self.oci is None:
             from vmrun.oci.run import prepare as prepare_oci
 
@@ -240,9 +245,12 @@ class Machine(Lifecycle):
         t = self._phase("fetch", t)
         self.accel = accellib.choose_for_guest(spec.accel, self.arch, self.guest.kernel,
                                                self.guest.initrd)
-        # Said once per host boot, when found (and with -v): not before every command.
-        if accellib.fallback_news(self.accel) or (self.accel.fell_back and spec.verbose):
-            self.notice(f"{self.accel.reason}; using TCG (slower)")
+        # Said once per host boot, when found (and with -v): not before every command;
+        # a quiet run leaves the news to the next run that can show it.
+        fallback = None if quiet else accellib.fallback_notice(self.accel,
+                                                               verbose=spec.verbose)
+        if fallback is not None:
+            self.notice(fallback)
         self.rundir = self.stack.enter_context(
             run_directory(keep=lambda: spec.keep, notice=self.notice))
         why_cold = warm.why_cold(spec, arch=self.arch.name, custom_guest=self.custom_guest,

@@ -138,14 +138,14 @@ class _Bar:
 
 @contextmanager
 def task(label: str, total: int | None = None, *, unit: str = "B", initial: int = 0,
-         stream: TextIO | None = None) -> Iterator[Task]:
+         stream: TextIO | None = None, quiet: bool = False) -> Iterator[Task]:
     """Show the progress of one step of TOTAL units ("B": bytes, "%": a percentage,
     "s": a wait with no measure but its time) on STREAM (default: stderr).
 
     A bar with rate and ETA on a terminal; else a line at the start and one at the end
-    (with size and rate); nothing when quiet."""
+    (with size and rate); nothing when QUIET or set_quiet(True)."""
     out = sys.stderr if stream is None else stream
-    if _quiet:
+    if quiet or _quiet:
         yield _Silent()
         return
     if out.isatty():
@@ -161,7 +161,7 @@ def task(label: str, total: int | None = None, *, unit: str = "B", initial: int 
 
 
 @contextmanager
-def reporter(stream: TextIO | None = None) -> Iterator[Progress]:
+def reporter(stream: TextIO | None = None, *, quiet: bool = False) -> Iterator[Progress]:
     """A Progress callback for the library layers: one task per label, ended when its
     transfer is complete (or when the reporter is left)."""
     with ExitStack() as stack:
@@ -170,7 +170,8 @@ def reporter(stream: TextIO | None = None) -> Iterator[Progress]:
         def report(label: str, done: int, total: int | None) -> None:
             if label not in open_tasks:
                 inner = stack.enter_context(ExitStack())
-                shown = inner.enter_context(task(label, total, initial=done, stream=stream))
+                shown = inner.enter_context(task(label, total, initial=done, stream=stream,
+                                                 quiet=quiet))
                 open_tasks[label] = (shown, inner)
             shown, inner = open_tasks[label]
             shown.moveto(done)
@@ -182,7 +183,8 @@ def reporter(stream: TextIO | None = None) -> Iterator[Progress]:
 
 
 @contextmanager
-def percent(label: str, stream: TextIO | None = None) -> Iterator[Percent]:
+def percent(label: str, stream: TextIO | None = None, *,
+            quiet: bool = False) -> Iterator[Percent]:
     """A Percent callback for qemu-img conversions, shown as one task from its first
     report on (a step refused before it starts shows nothing)."""
     with ExitStack() as stack:
@@ -190,17 +192,19 @@ def percent(label: str, stream: TextIO | None = None) -> Iterator[Percent]:
 
         def report(value: float) -> None:
             if not shown:
-                shown.append(stack.enter_context(task(label, 100, unit="%", stream=stream)))
+                shown.append(stack.enter_context(task(label, 100, unit="%", stream=stream,
+                                                      quiet=quiet)))
             shown[0].moveto(int(value))
 
         yield report
 
 
 @contextmanager
-def waiting(label: str, stream: TextIO | None = None, tick: float = 1.0) -> Iterator[None]:
+def waiting(label: str, stream: TextIO | None = None, tick: float = 1.0, *,
+            quiet: bool = False) -> Iterator[None]:
     """The time spent so far in a wait with no other measure (a bake until power-off),
     redrawn every TICK seconds on a terminal."""
-    with task(label, unit="s", stream=stream) as shown:
+    with task(label, unit="s", stream=stream, quiet=quiet) as shown:
         stop = threading.Event()
 
         def redraw() -> None:

@@ -19,7 +19,7 @@ from vmrun.errors import (
     VmrunError,
 )
 
-SUBCOMMANDS = ("run", "info", "seed", "image", "disk", "template", "completion")
+SUBCOMMANDS = ("run", "info", "seed", "image", "disk", "template", "doctor", "completion")
 
 
 class Terminated(Exception):
@@ -85,6 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from vmrun.cli.template import cmd_template
 
             return cmd_template(args[1:])
+        if args[:1] == ["doctor"]:
+            from vmrun.cli.doctor import cmd_doctor
+
+            return cmd_doctor(args[1:])
         if args[:1] == ["completion"]:
             from vmrun.cli.completion import cmd_completion
 

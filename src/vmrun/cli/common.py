@@ -27,6 +27,7 @@ COMMANDS = {
     "image": "pull, push, import, list, inspect, bake, remove and prune disk images",
     "disk": "create, inspect and transform disk images (qemu-img)",
     "template": "list and remove the memory templates warm starts restore from",
+    "doctor": "check what runs need on this host, each problem with its fix",
     "completion": "print the shell completion script for bash, zsh or fish",
 }
 

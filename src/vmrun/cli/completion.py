@@ -83,6 +83,7 @@ def command_tree() -> Node:
     """Every command path of vmrun, from the parsers each subcommand parses with."""
     from vmrun.cli.bake import bake_parser
     from vmrun.cli.disk import disk_parser
+    from vmrun.cli.doctor import doctor_parser
     from vmrun.cli.image import image_parser
     from vmrun.cli.info import info_parser
     from vmrun.cli.run import run_parser
@@ -91,7 +92,8 @@ def command_tree() -> Node:
 
     parsers: dict[str, Callable[[], argparse.ArgumentParser]] = {
         "run": run_parser, "info": info_parser, "seed": seed_parser, "image": image_parser,
-        "disk": disk_parser, "template": template_parser, "completion": completion_parser,
+        "disk": disk_parser, "template": template_parser, "doctor": doctor_parser,
+        "completion": completion_parser,
     }
     root = node_of(run_parser(), ("vmrun",))
     for name, make in parsers.items():

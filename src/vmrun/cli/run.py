@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmrun import __version__
+from vmrun import __version__, config
 from vmrun.cli.common import EXIT_CODES, Parser, commands_help, count, seconds
 from vmrun.errors import (
     UsageError,
 )
-from vmrun.machine import Machine, notice_stderr
+from vmrun.machine import Machine, Notice, notice_stderr, silent
 from vmrun.matrix import run_matrix
 from vmrun.oci.reference import insecure_registries, is_image_reference
 from vmrun.progress import reporter
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from vmrun.fullboot import FullMachine, FullOptions
     from vmrun.oci.run import OciRun
 
-MAX_JOBS = 256
+MAX_JOBS = config.MAX_JOBS
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -123,6 +123,10 @@ def run_parser() -> argparse.ArgumentParser:
                         help="give the command a terminal (interactive use)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="print the QEMU argv and the time of each phase")
+    # -- defaults and output (config file: see vmrun.config)
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print none of vmrun's own notices and progress (errors still "
+                        "print)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
     return parser
 
@@ -192,7 +196,13 @@ def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def cmd_run(argv: Sequence[str]) -> int:
     options, command_argv = split_command(argv)
-    args = run_parser().parse_args(options)
+    defaults = config.run_defaults()  # option > environment > config file > built-in
+    parser = run_parser()
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(options)
+    if args.quiet and args.verbose:
+        raise UsageError("--quiet and --verbose contradict each other")
+    notice: Notice = silent if args.quiet else notice_stderr
     if args.command:
         # A word before "--" is never taken for the command: a typo like `vmrun --cpus 2
         # nrpoc` or `vmrun run images` must not boot a VM.
@@ -204,8 +214,10 @@ def cmd_run(argv: Sequence[str]) -> int:
         if not command_argv:
             raise UsageError("no command given", hint="usage: vmrun [OPTIONS] -- COMMAND")
         arches = [a for a in args.arch.split(",") if a]
-        passthrough = without_options(argv, {"--arch", "--jobs", "-j", "--timings-file"})
-        return run_matrix(arches, passthrough, command_argv, args.jobs)
+        # Every architecture gets the defaults this run resolved, before its own options.
+        passthrough = [*config.as_options(defaults, leave_out=frozenset({"arch", "jobs"})),
+                       *without_options(argv, {"--arch", "--jobs", "-j", "--timings-file"})]
+        return run_matrix(arches, passthrough, command_argv, args.jobs, quiet=args.quiet)
     if args.tty and not os.isatty(0):
         raise UsageError("-t needs a terminal on stdin")
     oci_image = args.image is not None and is_image_reference(args.image)
@@ -217,7 +229,7 @@ def cmd_run(argv: Sequence[str]) -> int:
     command = Command(argv=tuple(command_argv), env=env, timeout=args.timeout, tty=args.tty,
                       stdin_stream=not os.isatty(0))
     spec = machine_spec(args)
-    oci = prepare_oci(spec, command) if oci_image else None
+    oci = prepare_oci(spec, command, notice) if oci_image else None
     if oci_image and oci is None and not command_argv:
         raise no_command()  # a VM disk from a registry has no default command
     full_only = [name for name, given in (("--include/--exclude/--sync", args.rules),
@@ -229,12 +241,12 @@ def cmd_run(argv: Sequence[str]) -> int:
         if spec.image is None:
             raise UsageError("--boot full needs --image")
         machine: Machine | FullMachine = FullMachine(spec, full_options(args), stdout_fd=1,
-                                                     stderr_fd=2)
+                                                     stderr_fd=2, notice=notice)
     elif full_only:
         raise UsageError(f"{full_only[0]} works with --boot full only")
     else:
         machine = Machine(spec, stdout_fd=1, stderr_fd=2, share_via=args.share_via,
-                          oci=oci)
+                          oci=oci, notice=notice)
     with machine:
         result = machine.run(command)
     if spec.verbose:
@@ -245,15 +257,16 @@ def cmd_run(argv: Sequence[str]) -> int:
     return result.exit_code
 
 
-def prepare_oci(spec: MachineSpec, command: Command) -> OciRun | None:
+def prepare_oci(spec: MachineSpec, command: Command, notice: Notice = notice_stderr
+                ) -> OciRun | None:
     """SPEC's OCI image pulled and read before anything boots: a run with no command
     and an image without a default fails here, not after the boot. None: the reference
     is a VM disk (pulled, and attached later like any disk image)."""
     from vmrun.oci import run as oci_run
 
     arch = lookup_arch(spec.arch or host_arch()).name
-    with reporter() as progress:
-        prepared = oci_run.prepare(spec, arch=arch, notice=notice_stderr, progress=progress)
+    with reporter(quiet=notice is silent) as progress:
+        prepared = oci_run.prepare(spec, arch=arch, notice=notice, progress=progress)
     if prepared is not None:
         oci_run.apply(prepared, command, shared=spec.share != Share.NONE)
     return prepared

@@ -229,70 +229,15 @@ def parse_qcow2_header(
             f"qcow2 cluster_bits {cluster_bits} outside {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}"
         )
     cluster_size = 1 << cluster_bits
-    if version == 2:
-        incompatible = compatible = autoclear = 0
-        refcount_order, header_length, compression_type = 4, V2_HEADER_LENGTH, 0
-    else:
-        if len(data) < V3_MIN_HEADER_LENGTH:
-            raise ImageError(
-                f"truncated qcow2 header ({len(data)} of {V3_MIN_HEADER_LENGTH} bytes)"
-            )
-        incompatible, compatible, autoclear, refcount_order, header_length = (
-            struct.unpack_from(">QQQII", data, 72)
-        )
-        if header_length < V3_MIN_HEADER_LENGTH or header_length % 8:
-            raise ImageError(f"bad qcow2 header_length {header_length}")
-        if header_length > cluster_size:
-            raise ImageError(
-                f"qcow2 header_length {header_length} runs past the header cluster"
-            )
-        _need(data, header_length, file_size, "qcow2 header")
-        compression_type = data[104] if header_length > 104 else 0
-        if refcount_order > 6:
-            raise ImageError(f"bad qcow2 refcount_order {refcount_order}")
-
+    v3 = _v3_fields(data, cluster_size, file_size) if version == 3 else V2_FIELDS
     # Extensions run from the end of the header to the backing file name, or else to the
     # end of the header cluster (QEMU reads them the same way).
     ext_end = backing_offset if backing_offset else cluster_size
     if ext_end > cluster_size:
         raise ImageError(f"qcow2 backing file offset {backing_offset} past the header cluster")
-    extensions: list[HeaderExtension] = []
-    backing_format: str | None = None
-    data_file: str | None = None
-    offset = header_length
-    while offset + 8 <= ext_end:
-        if len(extensions) >= MAX_EXTENSIONS:
-            raise ImageError(f"more than {MAX_EXTENSIONS} qcow2 header extensions")
-        _need(data, offset + 8, file_size, "qcow2 header extension")
-        kind, length = struct.unpack_from(">II", data, offset)
-        offset += 8
-        if kind == EXT_END:
-            extensions.append(HeaderExtension(kind, EXTENSION_NAMES[kind], length))
-            break
-        if length > ext_end - offset:
-            raise ImageError(
-                f"qcow2 header extension 0x{kind:08x} length {length} runs past "
-                "the header cluster"
-            )
-        _need(data, offset + length, file_size, f"qcow2 header extension 0x{kind:08x}")
-        payload = data[offset:offset + length]
-        name = EXTENSION_NAMES.get(kind, "unknown")
-        extensions.append(HeaderExtension(kind, name, length))
-        if kind == EXT_BACKING_FORMAT:
-            backing_format = _text(payload, "backing format")
-        elif kind == EXT_DATA_FILE:
-            data_file = _text(payload, "data file name")
-        offset += (length + 7) & ~7
-
-    backing_file: str | None = None
-    if backing_offset:
-        if backing_size > MAX_BACKING_NAME:
-            raise ImageError(f"qcow2 backing file name too long ({backing_size} bytes)")
-        if backing_offset + backing_size > cluster_size:
-            raise ImageError("qcow2 backing file name runs past the header cluster")
-        _need(data, backing_offset + backing_size, file_size, "qcow2 backing file name")
-        backing_file = _text(data[backing_offset:backing_offset + backing_size], "backing file")
-
+    extensions = _extensions(data, v3.header_length, ext_end, file_size)
+    backing_file = (_backing_name(data, backing_offset, backing_size, cluster_size, file_size)
+                    if backing_offset else None)
     if nb_snapshots > MAX_SNAPSHOTS:
         raise ImageError(f"too many qcow2 snapshots ({nb_snapshots} > {MAX_SNAPSHOTS})")
     if snapshot_table is None and nb_snapshots and len(data) > snapshots_offset:
@@ -303,15 +248,95 @@ def parse_qcow2_header(
 
     return Qcow2Header(
         version=version, cluster_bits=cluster_bits, cluster_size=cluster_size,
-        virtual_size=size, backing_file=backing_file, backing_format=backing_format,
+        virtual_size=size, backing_file=backing_file,
+        backing_format=_extension_text(extensions, EXT_BACKING_FORMAT, "backing format"),
         crypt_method=crypt_method, l1_size=l1_size, l1_table_offset=l1_offset,
         refcount_table_offset=reftable_offset, refcount_table_clusters=reftable_clusters,
         nb_snapshots=nb_snapshots, snapshots_offset=snapshots_offset,
-        incompatible_features=incompatible, compatible_features=compatible,
-        autoclear_features=autoclear, refcount_order=refcount_order,
-        header_length=header_length, compression_type=compression_type,
-        data_file=data_file, extensions=tuple(extensions), snapshots=snapshots,
+        incompatible_features=v3.incompatible, compatible_features=v3.compatible,
+        autoclear_features=v3.autoclear, refcount_order=v3.refcount_order,
+        header_length=v3.header_length, compression_type=v3.compression_type,
+        data_file=_extension_text(extensions, EXT_DATA_FILE, "data file name"),
+        extensions=tuple(extension for extension, _ in extensions), snapshots=snapshots,
     )
+
+
+@dataclass(frozen=True)
+class _V3Fields:
+    """The header fields version 3 added (version 2 images have fixed values)."""
+
+    incompatible: int
+    compatible: int
+    autoclear: int
+    refcount_order: int
+    header_length: int
+    compression_type: int
+
+
+V2_FIELDS = _V3Fields(0, 0, 0, 4, V2_HEADER_LENGTH, 0)
+
+
+def _v3_fields(data: bytes, cluster_size: int, file_size: int | None) -> _V3Fields:
+    if len(data) < V3_MIN_HEADER_LENGTH:
+        raise ImageError(f"truncated qcow2 header ({len(data)} of {V3_MIN_HEADER_LENGTH} bytes)")
+    incompatible, compatible, autoclear, refcount_order, header_length = (
+        struct.unpack_from(">QQQII", data, 72)
+    )
+    if header_length < V3_MIN_HEADER_LENGTH or header_length % 8:
+        raise ImageError(f"bad qcow2 header_length {header_length}")
+    if header_length > cluster_size:
+        raise ImageError(f"qcow2 header_length {header_length} runs past the header cluster")
+    _need(data, header_length, file_size, "qcow2 header")
+    if refcount_order > 6:
+        raise ImageError(f"bad qcow2 refcount_order {refcount_order}")
+    compression_type = data[104] if header_length > 104 else 0
+    return _V3Fields(incompatible, compatible, autoclear, refcount_order, header_length,
+                     compression_type)
+
+
+def _extensions(data: bytes, start: int, end: int,
+                file_size: int | None) -> list[tuple[HeaderExtension, bytes]]:
+    """The header extensions between START and END, each with its payload."""
+    found: list[tuple[HeaderExtension, bytes]] = []
+    offset = start
+    while offset + 8 <= end:
+        if len(found) >= MAX_EXTENSIONS:
+            raise ImageError(f"more than {MAX_EXTENSIONS} qcow2 header extensions")
+        _need(data, offset + 8, file_size, "qcow2 header extension")
+        kind, length = struct.unpack_from(">II", data, offset)
+        offset += 8
+        if kind == EXT_END:
+            found.append((HeaderExtension(kind, EXTENSION_NAMES[kind], length), b""))
+            break
+        if length > end - offset:
+            raise ImageError(
+                f"qcow2 header extension 0x{kind:08x} length {length} runs past "
+                "the header cluster"
+            )
+        _need(data, offset + length, file_size, f"qcow2 header extension 0x{kind:08x}")
+        name = EXTENSION_NAMES.get(kind, "unknown")
+        found.append((HeaderExtension(kind, name, length), data[offset:offset + length]))
+        offset += (length + 7) & ~7
+    return found
+
+
+def _extension_text(extensions: list[tuple[HeaderExtension, bytes]], kind: int,
+                    what: str) -> str | None:
+    """The text of the last extension of KIND (QEMU keeps the last one), if any; every
+    one of them must be valid text."""
+    texts = [_text(payload, what) for extension, payload in extensions
+             if extension.kind == kind]
+    return texts[-1] if texts else None
+
+
+def _backing_name(data: bytes, offset: int, size: int, cluster_size: int,
+                  file_size: int | None) -> str:
+    if size > MAX_BACKING_NAME:
+        raise ImageError(f"qcow2 backing file name too long ({size} bytes)")
+    if offset + size > cluster_size:
+        raise ImageError("qcow2 backing file name runs past the header cluster")
+    _need(data, offset + size, file_size, "qcow2 backing file name")
+    return _text(data[offset:offset + size], "backing file")
 
 
 def _need(data: bytes, end: int, file_size: int | None, what: str) -> None:

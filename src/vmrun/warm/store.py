@@ -15,7 +15,6 @@ is then hashed in full and refused when its digest differs."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import secrets
@@ -142,17 +141,10 @@ def maker_lock(key: str) -> Iterator[bool]:
     others boot cold without waiting."""
     root = templates_root()
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        remove_staging(root, key)
-        yield True
-    finally:
-        os.close(fd)
+    with cachelib.held_if_free(root / f"{key}.lock", create=True) as free:
+        if free:
+            remove_staging(root, key)
+        yield free
 
 
 def staging_directory(key: str) -> Path:
