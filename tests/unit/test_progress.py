@@ -110,6 +110,19 @@ def test_quiet_shows_nothing_anywhere() -> None:
         assert out.getvalue() == ""
 
 
+def test_quiet_for_one_call_leaves_the_others_loud() -> None:
+    # A run with -q passes quiet=True (its notice is machine.silent); nothing global changes.
+    out = Terminal()
+    with progress.reporter(out, quiet=True) as report:
+        transfer(report, "x", MiB, 4096)
+    with progress.percent("convert", out, quiet=True) as step:
+        step(100.0)
+    assert out.getvalue() == "" and not progress.is_quiet()
+    with progress.reporter(out) as report:
+        transfer(report, "x", MiB, 4096)
+    assert "vmrun: x: 100%" in out.getvalue()
+
+
 def test_a_conversion_shows_its_percentage() -> None:
     out = Terminal()
     with progress.percent("convert", out) as step:
