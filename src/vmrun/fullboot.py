@@ -44,7 +44,8 @@ from vmrun.errors import (
 )
 from vmrun.images.attach import Base, attach, prepare
 from vmrun.images.partitions import read_head
-from vmrun.machine import CAPTURE_LIMIT, Result, notice_stderr
+from vmrun.machine import CAPTURE_LIMIT, Result, notice_stderr, silent
+from vmrun.progress import reporter
 from vmrun.qemu import accel as accellib
 from vmrun.qemu import firmware as fwlib
 from vmrun.qemu import process
@@ -214,10 +215,11 @@ class FullMachine(Lifecycle):
         qemu_binary = process.find_qemu(self.arch)
         if self.user_data is None:
             self.ssh = sshlib.find_ssh()
-        self.base = prepare(spec.image, guest_arch=self.arch.name,
-                            debian_arch=self.arch.debian_arch, notice=self.notice,
-                            image_format=spec.image_format,
-                            insecure_registries=spec.insecure_registries)
+        with reporter(quiet=self.notice is silent) as progress:
+            self.base = prepare(spec.image, guest_arch=self.arch.name,
+                                debian_arch=self.arch.debian_arch, notice=self.notice,
+                                progress=progress, image_format=spec.image_format,
+                                insecure_registries=spec.insecure_registries)
         bootable = fwlib.bootable_by(read_head(self.base.path, self.base.format))
         self.firmware = fwlib.choose_firmware(self.arch.name, self.options.firmware, bootable,
                                               spec.image)
@@ -376,8 +378,10 @@ class FullMachine(Lifecycle):
         if self.spec.accel == Accel.TCG or self.arch.name != host_arch():
             return Accel.TCG
         # KVM is proven with vmrun's own small guest, as for a fast boot.
-        guest = ensure_guest(self.arch, mirror=self.spec.mirror, notice=self.notice,
-                             insecure_unverified_guest=self.spec.insecure_unverified_guest)
+        with reporter(quiet=self.notice is silent) as progress:
+            guest = ensure_guest(self.arch, mirror=self.spec.mirror, notice=self.notice,
+                                 insecure_unverified_guest=self.spec.insecure_unverified_guest,
+                                 progress=progress)
         choice = accellib.choose_for_guest(self.spec.accel, self.arch, guest.kernel,
                                            guest.initrd)
         fallback = accellib.fallback_notice(choice, verbose=self.spec.verbose)

@@ -41,6 +41,7 @@ from vmrun.errors import (
 )
 from vmrun.guest.build import Guest, ensure_guest
 from vmrun.oci.reference import is_image_reference
+from vmrun.progress import reporter
 from vmrun.qemu import accel as accellib
 from vmrun.qemu import process
 from vmrun.qemu.arch import Arch, host_arch, lookup_arch
@@ -219,7 +220,7 @@ class Machine(Lifecycle):
             raise UsageError("Machine boots vmrun's guest; --boot full is vmrun.fullboot")
         qemu_binary = process.find_qemu(self.arch)
         quiet = self.notice is silent  # -q: no progress either
-        progress = progress_printer() if sys.stderr.isatty() and not quiet else None
+        progress = self.stack.enter_context(reporter(quiet=quiet))
         if spec.image is not None and is_image_reference(spec.image) and self.oci is None:
             from vmrun.oci.run import prepare as prepare_oci
 
@@ -233,7 +234,7 @@ class Machine(Lifecycle):
 
             self.base = prepare(spec.image, guest_arch=self.arch.name,
                                 debian_arch=self.arch.debian_arch, notice=self.notice,
-                                image_format=spec.image_format,
+                                progress=progress, image_format=spec.image_format,
                                 insecure_registries=spec.insecure_registries)
             # AUTO: the image's root partition when it has one, else a plain disk.
             self.root = root_for_boot(self.base, spec.boot, spec.image)
@@ -724,21 +725,6 @@ def _raw_terminal(enabled: bool) -> Iterator[None]:
         yield
     finally:
         termios.tcsetattr(0, termios.TCSADRAIN, saved)
-
-
-def progress_printer() -> Callable[[str, int, int | None], None]:
-    last = [0.0]
-
-    def show(label: str, done: int, total: int | None) -> None:
-        now = time.monotonic()
-        if now - last[0] < 0.2 and (total is None or done < total):
-            return
-        last[0] = now
-        amount = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
-        end = "\n" if total is not None and done >= total else ""
-        print(f"\r\x1b[Kvmrun: {label}: {amount}", end=end, file=sys.stderr, flush=True)
-
-    return show
 
 
 def run(argv: Sequence[str], *, spec: MachineSpec | None = None, capture: bool = False,

@@ -19,7 +19,7 @@ from vmrun.errors import (
     VmrunError,
 )
 
-SUBCOMMANDS = ("run", "info", "seed", "image", "disk", "template", "doctor")
+SUBCOMMANDS = ("run", "info", "seed", "image", "disk", "template", "doctor", "completion")
 
 
 class Terminated(Exception):
@@ -89,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from vmrun.cli.doctor import cmd_doctor
 
             return cmd_doctor(args[1:])
+        if args[:1] == ["completion"]:
+            from vmrun.cli.completion import cmd_completion
+
+            return cmd_completion(args[1:])
         if args[:1] == ["run"]:
             args = args[1:]
         from vmrun.cli.run import cmd_run

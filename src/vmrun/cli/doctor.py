@@ -14,7 +14,7 @@ MARKS = {doctor.Status.OK: "ok", doctor.Status.WARN: "warn", doctor.Status.UNKNO
          doctor.Status.FAIL: "FAIL"}
 
 
-def cmd_doctor(argv: Sequence[str]) -> int:
+def doctor_parser() -> Parser:
     parser = Parser(
         prog="vmrun doctor",
         description="Check what runs need on this host (QEMU per architecture, KVM or HVF, "
@@ -26,7 +26,11 @@ def cmd_doctor(argv: Sequence[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
     parser.add_argument("--arch", metavar="A,...", help="check these architectures only "
                         "(each then required); default: all, the host's required")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def cmd_doctor(argv: Sequence[str]) -> int:
+    args = doctor_parser().parse_args(argv)
     arches = ([lookup_arch(name) for name in args.arch.split(",") if name]
               if args.arch else None)
     checks = doctor.run_checks(arches)

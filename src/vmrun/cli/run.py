@@ -5,20 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmrun import __version__, config
-from vmrun.cli.common import EXIT_CODES, Parser, count, seconds
+from vmrun.cli.common import EXIT_CODES, Parser, commands_help, count, seconds
 from vmrun.cli.docker import add_docker_options, read_env_file
 from vmrun.errors import (
     UsageError,
 )
-from vmrun.machine import Machine, Notice, notice_stderr, progress_printer, silent
+from vmrun.machine import Machine, Notice, notice_stderr, silent
 from vmrun.matrix import run_matrix
 from vmrun.oci.reference import insecure_registries, is_image_reference
+from vmrun.progress import reporter
 from vmrun.qemu.arch import host_arch, lookup_arch
 from vmrun.qemu.firmware import Firmware
 from vmrun.spec import (
@@ -45,10 +45,8 @@ MAX_JOBS = config.MAX_JOBS
 def run_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="vmrun",
-        description="Run COMMAND in a fresh, throwaway virtual machine. Other subcommands: "
-        "vmrun info [--json]; vmrun seed OUTPUT.iso --user-data FILE; "
-        "vmrun image pull|import|ls|rm|prune|inspect|bake; "
-        "vmrun disk create|overlay|chain|commit|rebase|flatten|snapshot|convert|compact|resize.",
+        description="Run COMMAND in a fresh, throwaway virtual machine.\n\n" + commands_help()
+        + "\nvmrun COMMAND --help tells more about each.",
         usage="vmrun [run] [OPTIONS] -- COMMAND [ARGS...]",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -300,8 +298,8 @@ def prepare_oci(spec: MachineSpec, command: Command, notice: Notice = notice_std
     from vmrun.oci import run as oci_run
 
     arch = lookup_arch(spec.arch or host_arch()).name
-    progress = progress_printer() if sys.stderr.isatty() and notice is not silent else None
-    prepared = oci_run.prepare(spec, arch=arch, notice=notice, progress=progress)
+    with reporter(quiet=notice is silent) as progress:
+        prepared = oci_run.prepare(spec, arch=arch, notice=notice, progress=progress)
     if prepared is not None:
         oci_run.apply(prepared, command, shared=spec.share != Share.NONE)
     return prepared

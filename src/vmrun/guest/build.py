@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from vmrun import cache as cachelib
 from vmrun.debian import mirror_from_env
 from vmrun.errors import FetchError
+from vmrun.progress import Progress
 from vmrun.qemu.arch import Arch, Transport
 
 if TYPE_CHECKING:
@@ -76,7 +77,6 @@ shm /dev/shm tmpfs nosuid,nodev,mode=1777 0 0
 """
 
 Notice = Callable[[str], None]
-Progress = Callable[[str, int, int | None], None]
 
 # The one name of the way to boot a guest whose packages nobody vouched for.
 INSECURE_OPTION = "--insecure-unverified-guest"

@@ -11,6 +11,7 @@ from vmrun import cache as cachelib
 from vmrun.errors import KernelUnfit, UsageError
 from vmrun.guest import build
 from vmrun.guest.kernelimage import KernelImage, bootable_for, identify, release_of
+from vmrun.progress import Progress
 from vmrun.qemu.arch import Arch
 
 __all__ = ["MISSING_MARK", "README_SECTION", "guest_hint", "identify_kernel", "missing_options",
@@ -95,7 +96,7 @@ def modules_release_dir(path: Path, release: str | None = None) -> Path:
 
 
 def user_guest(kernel: Path, arch: Arch, *, modules: Path | None, mirror: str | None,
-               notice: Notice, progress: build.Progress | None,
+               notice: Notice, progress: Progress | None,
                insecure_unverified_guest: bool) -> build.Guest:
     """KERNEL with vmrun's initramfs: busybox, the agent and, from MODULES, the modules the
     agent loads (without MODULES every driver must be built in)."""

@@ -20,10 +20,10 @@ from vmrun.errors import ImageError, UsageError
 from vmrun.oci.disks import PulledDisk
 from vmrun.oci.pull import RootImage, ensure_image
 from vmrun.oci.reference import ImageRef, RegistryRef, is_insecure, parse_reference
+from vmrun.progress import Progress
 from vmrun.spec import Boot, Command, MachineSpec, User
 
 Notice = Callable[[str], None]
-Progress = Callable[[str, int, int | None], None]
 
 RDSQUASHFS = "rdsquashfs"
 # /etc/passwd or /etc/group bigger than this is not read (a hostile image's file).
