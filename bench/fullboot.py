@@ -128,7 +128,7 @@ def vmrun(image: Path | str, work: Path, boot: str, cpus: int) -> dict[str, floa
     done = subprocess.run(
         [sys.executable, "-m", "vmrun", "--image", str(image), "--boot", boot, "--cpus",
          str(cpus), "--share", "none", "--accel", "tcg", "--timings-file", str(timings),
-         "-v", "--", "true"],
+         "--verbose", "--", "true"],
         cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     total = time.monotonic() - started

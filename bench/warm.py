@@ -60,7 +60,7 @@ def compare(arch: str, runs: int, cwd: Path) -> dict[str, float]:
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for _ in range(runs):
         for kind, extra in kinds.items():
-            elapsed, done = vmrun(["--arch", arch, "-v", *extra, "--", "true"], cwd)
+            elapsed, done = vmrun(["--arch", arch, "--verbose", *extra, "--", "true"], cwd)
             warm = b"start: warm" in done.stderr
             if warm != (kind != "cold"):
                 raise SystemExit(f"warm.py: {kind} run started {'warm' if warm else 'cold'}")
@@ -82,7 +82,7 @@ def compare(arch: str, runs: int, cwd: Path) -> dict[str, float]:
 def make_overhead(arch: str, cold: float, cwd: Path, repeats: int = 2) -> None:
     for _ in range(repeats):
         remove_templates(arch, "9p")
-        elapsed, done = vmrun(["--arch", arch, "-v", "--", "true"], cwd)
+        elapsed, done = vmrun(["--arch", arch, "--verbose", "--", "true"], cwd)
         found = re.search(rb"template: ([0-9.]+)s", done.stderr)
         phase = float(found.group(1)) if found else float("nan")
         print(f"{arch}: making the template: its phase {phase:.3f}s, the run {elapsed:.3f}s "
@@ -116,8 +116,8 @@ def parallel(arch: str, count: int, cwd: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     script = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; sleep 3"
     start = time.monotonic()
-    runs = [subprocess.Popen([sys.executable, "-m", "vmrun", "--arch", arch, "-v", "--share",
-                              "none", "--", "sh", "-c", script], cwd=cwd, env=env,
+    runs = [subprocess.Popen([sys.executable, "-m", "vmrun", "--arch", arch, "--verbose",
+                              "--share", "none", "--", "sh", "-c", script], cwd=cwd, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             for _ in range(count)]
     time.sleep(2.0)  # all restored and inside their sleep (each restore takes < 1 s)

@@ -9,3 +9,6 @@ from pathlib import Path
 # vmrun's own cache: tests prune and corrupt entries on purpose.
 _user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 os.environ.setdefault("VMRUN_CACHE_DIR", str(_user_cache / "vmrun-test"))
+# A developer's own defaults (~/.config/vmrun/config.toml) must not change what tests run;
+# tests of the config file point VMRUN_CONFIG at their own.
+os.environ["VMRUN_CONFIG"] = ""

@@ -26,6 +26,7 @@ from vmrun.errors import (
     GuestPanic,
     HostKeyMismatch,
     ImageError,
+    KernelUnfit,
     QemuError,
     QmpError,
     UnsafeImage,
@@ -34,7 +35,7 @@ from vmrun.errors import (
     VmrunError,
 )
 from vmrun.machine import Machine, Result, run
-from vmrun.spec import Accel, Boot, Command, MachineSpec, Net, Share
+from vmrun.spec import Accel, Boot, Command, MachineSpec, Net, Publish, Share, User, Volume
 
 # Imported when first used: they pull in YAML and the seed writer, which a plain
 # `vmrun -- CMD` does not need at start-up.
@@ -64,17 +65,21 @@ __all__ = [
     "GuestPanic",
     "HostKeyMismatch",
     "ImageError",
+    "KernelUnfit",
     "Machine",
     "MachineSpec",
     "Net",
+    "Publish",
     "QemuError",
     "QmpError",
     "Result",
     "Share",
     "UnsafeImage",
     "UsageError",
+    "User",
     "VerificationError",
     "VmrunError",
+    "Volume",
     "__version__",
     "bake",
     "run",

@@ -15,6 +15,7 @@ import json
 import re
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -25,6 +26,7 @@ from vmrun.errors import BakeFailed, CommandTimeout
 from vmrun.fullboot import FullMachine, FullOptions
 from vmrun.images import formats, qemu_img, store
 from vmrun.images.attach import base_image
+from vmrun.progress import reporter, waiting
 from vmrun.qemu.argv import READY_PORT
 from vmrun.spec import MachineSpec, Share
 
@@ -89,7 +91,9 @@ def bake(base_ref: str, *, name: str, user_data: bytes, meta_data: bytes | None 
     from vmrun.qemu.arch import host_arch, lookup_arch
 
     arch = lookup_arch(spec.arch or host_arch())
-    path, digest = base_image(base_ref, arch=arch.debian_arch, notice=notice, progress=None)
+    with reporter() as progress:
+        path, digest = base_image(base_ref, arch=arch.debian_arch, notice=notice,
+                                  progress=progress)
     if digest is None:
         # A file given by path joins the store, so the layer can stand on it by content.
         digest = store.import_image(path, name=_store_name(path.name),
@@ -106,9 +110,12 @@ def bake(base_ref: str, *, name: str, user_data: bytes, meta_data: bytes | None 
     with FullMachine(machine_spec, options or FullOptions(), notice=notice,
                      user_data=bake_user_data(user_data), meta_data=meta_data) as machine:
         assert machine.qemu is not None and machine.serial is not None
+        # The console, when shown, is its own progress; else the time spent so far.
+        shown = nullcontext() if spec.console else waiting(f"baking {name}")
         try:
-            machine.pump(lambda: False, timeout, CommandTimeout("bake timed out"),
-                         on_exit=lambda: True)
+            with shown:
+                machine.pump(lambda: False, timeout, CommandTimeout("bake timed out"),
+                             on_exit=lambda: True)
         except CommandTimeout:
             raise BakeFailed(f"the guest did not power off within {timeout:.0f}s (--timeout)",
                              serial_tail=machine.serial.tail_text(),

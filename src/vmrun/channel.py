@@ -61,7 +61,7 @@ class Request:
     # The commands' root (first request only): /dev/vdaN, or SQUASHFS_ROOT for /dev/vda
     # as a read-only squashfs under a per-run overlay.
     root: int | str | None = None
-    user: tuple[int, int] | None = None  # uid, gid to run the command as (in a root)
+    user: tuple[int, int] | None = None  # uid, gid to run the command as (-u, OCI User)
     # After a warm start (first request only): hex entropy for the kernel's generator, and
     # the host's time in whole seconds.
     seed: str | None = None

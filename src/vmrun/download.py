@@ -28,8 +28,8 @@ from typing import Any
 
 from vmrun.cache import key_of, locked, sha256_file
 from vmrun.errors import FetchError, VerificationError
+from vmrun.progress import Progress
 
-Progress = Callable[[str, int, int | None], None]
 Notice = Callable[[str], None]
 
 TIMEOUT_S = 60.0
@@ -201,6 +201,8 @@ def download(
                 if problem is None and total is not None and done < total:
                     problem = f"connection closed after {done} of {total} bytes"
         if problem is None:
+            if progress is not None and total is None:
+                progress(label, done, done)  # the end of a transfer of unknown length
             break
         if done > high_water:
             high_water, failures = done, 0

@@ -3,7 +3,8 @@
     VmrunError                  root; every error vmrun raises on purpose
     ├── UsageError              bad option, bad value, bad project file      (exit 125)
     ├── ImageError              a disk image is unusable, missing or broken  (exit 118)
-    │   └── UnsafeImage         a foreign image fails the header check       (exit 118)
+    │   ├── UnsafeImage         a foreign image fails the header check       (exit 118)
+    │   └── KernelUnfit         --kernel: no kernel, wrong arch, options off (exit 118)
     ├── FetchError              download or archive problem                  (exit 124)
     │   └── VerificationError   a hash or signature does not match           (exit 124)
     ├── QemuError               QEMU missing, failed to start or died        (exit 123)
@@ -44,6 +45,16 @@ class ImageError(VmrunError):
 
 class UnsafeImage(ImageError):
     """A foreign image that vmrun refuses to hand to QEMU or qemu-img; says which and why."""
+
+
+class KernelUnfit(ImageError):
+    """The --kernel cannot boot vmrun's guest: no kernel, another architecture, or options
+    missing (``missing`` names them, as the agent reported them)."""
+
+    def __init__(self, message: str, *, missing: tuple[str, ...] = (),
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.missing = missing
 
 
 class FetchError(VmrunError):

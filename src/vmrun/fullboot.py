@@ -44,7 +44,8 @@ from vmrun.errors import (
 )
 from vmrun.images.attach import Base, attach, prepare
 from vmrun.images.partitions import read_head
-from vmrun.machine import CAPTURE_LIMIT, Result, notice_stderr
+from vmrun.machine import CAPTURE_LIMIT, Result, notice_stderr, silent
+from vmrun.progress import reporter
 from vmrun.qemu import accel as accellib
 from vmrun.qemu import firmware as fwlib
 from vmrun.qemu import process
@@ -177,6 +178,11 @@ class FullMachine(Lifecycle):
         if options is not None and options.collect and spec.share != Share.RW:
             raise UsageError("--collect writes into the working directory, which needs "
                              "--share rw")
+        if spec.volumes or spec.publish:
+            # Not yet: the image's own init mounts nothing of vmrun's, and its SSH
+            # forward is the only one (see full_boot_argv).
+            raise UsageError("--volume and --publish do not work with --boot full",
+                             hint="use --boot fast, or copy files in with --include")
         super().__init__(verbose=spec.verbose, notice=notice)
         self.spec = spec
         self.options = options or FullOptions()
@@ -209,10 +215,11 @@ class FullMachine(Lifecycle):
         qemu_binary = process.find_qemu(self.arch)
         if self.user_data is None:
             self.ssh = sshlib.find_ssh()
-        self.base = prepare(spec.image, guest_arch=self.arch.name,
-                            debian_arch=self.arch.debian_arch, notice=self.notice,
-                            image_format=spec.image_format,
-                            insecure_registries=spec.insecure_registries)
+        with reporter(quiet=self.notice is silent) as progress:
+            self.base = prepare(spec.image, guest_arch=self.arch.name,
+                                debian_arch=self.arch.debian_arch, notice=self.notice,
+                                progress=progress, image_format=spec.image_format,
+                                insecure_registries=spec.insecure_registries)
         bootable = fwlib.bootable_by(read_head(self.base.path, self.base.format))
         self.firmware = fwlib.choose_firmware(self.arch.name, self.options.firmware, bootable,
                                               spec.image)
@@ -371,12 +378,15 @@ class FullMachine(Lifecycle):
         if self.spec.accel == Accel.TCG or self.arch.name != host_arch():
             return Accel.TCG
         # KVM is proven with vmrun's own small guest, as for a fast boot.
-        guest = ensure_guest(self.arch, mirror=self.spec.mirror, notice=self.notice,
-                             insecure_unverified_guest=self.spec.insecure_unverified_guest)
+        with reporter(quiet=self.notice is silent) as progress:
+            guest = ensure_guest(self.arch, mirror=self.spec.mirror, notice=self.notice,
+                                 insecure_unverified_guest=self.spec.insecure_unverified_guest,
+                                 progress=progress)
         choice = accellib.choose_for_guest(self.spec.accel, self.arch, guest.kernel,
                                            guest.initrd)
-        if accellib.fallback_news(choice) or (choice.fell_back and self.spec.verbose):
-            self.notice(f"{choice.reason}; using TCG (slower)")
+        fallback = accellib.fallback_notice(choice, verbose=self.spec.verbose)
+        if fallback is not None:
+            self.notice(fallback)
         return choice.accel
 
     def _write_seed(self) -> Path:
@@ -579,6 +589,9 @@ class FullMachine(Lifecycle):
             raise UsageError(f"capture_limit must not be negative (got {capture_limit})")
         if self.qemu is None or self.keys is None:
             raise UsageError("the machine is not started (use it in a with statement)")
+        if command.user is not None:
+            raise UsageError("--user does not work with --boot full",
+                             hint="switch users in the command (su, setpriv)")
         if self.spec.share != Share.NONE and not self.copied:
             self.copy_in()
         t = time.monotonic()

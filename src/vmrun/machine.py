@@ -41,18 +41,19 @@ from vmrun.errors import (
 )
 from vmrun.guest.build import Guest, ensure_guest
 from vmrun.oci.reference import is_image_reference
+from vmrun.progress import reporter
 from vmrun.qemu import accel as accellib
 from vmrun.qemu import process
 from vmrun.qemu.arch import Arch, host_arch, lookup_arch
 from vmrun.qemu.argv import (
     PORTS,
-    SHARE_TAG,
     BootPlan,
     RamFile,
     ShareDevice,
     ShareKind,
     build_argv,
     kernel_cmdline,
+    volume_tag,
 )
 from vmrun.rundir import run_directory
 from vmrun.spec import Boot, Command, MachineSpec, Net, Share, boot_timeout_for, no_command
@@ -71,6 +72,10 @@ CAPTURE_LIMIT = 64 << 20
 
 def notice_stderr(message: str) -> None:
     print(f"vmrun: {message}", file=sys.stderr, flush=True)
+
+
+def silent(message: str) -> None:
+    """The notice of a quiet run (-q): vmrun's own messages are dropped, errors are not."""
 
 
 @dataclass
@@ -191,6 +196,7 @@ class Machine(Lifecycle):
         self.root: int | str | None = None
         self.oci = oci
         self.share_device: ShareDevice | None = None
+        self.volume_devices: tuple[ShareDevice, ...] = ()  # -v, in the spec's order
         self.arch: Arch = lookup_arch(self.spec.arch or host_arch())
         self.share_path = (self.spec.share_dir or Path.cwd()).resolve()
         self.custom_guest = guest is not None
@@ -213,7 +219,8 @@ class Machine(Lifecycle):
         if spec.boot == Boot.FULL:
             raise UsageError("Machine boots vmrun's guest; --boot full is vmrun.fullboot")
         qemu_binary = process.find_qemu(self.arch)
-        progress = progress_printer() if sys.stderr.isatty() else None
+        quiet = self.notice is silent  # -q: no progress either
+        progress = self.stack.enter_context(reporter(quiet=quiet))
         if spec.image is not None and is_image_reference(spec.image) and self.oci is None:
             from vmrun.oci.run import prepare as prepare_oci
 
@@ -229,27 +236,44 @@ class Machine(Lifecycle):
 
             self.base = prepare(spec.image, guest_arch=self.arch.name,
                                 debian_arch=self.arch.debian_arch, notice=self.notice,
-                                image_format=spec.image_format,
+                                progress=progress, image_format=spec.image_format,
                                 insecure_registries=spec.insecure_registries)
             # AUTO: the image's root partition when it has one, else a plain disk.
             self.root = root_for_boot(self.base, spec.boot, spec.image)
-        if self.guest is None:
-            self.guest = ensure_guest(
+        # KVM is probed with vmrun's own guest: a kernel of the user's that cannot reach
+        # the agent must not have KVM remembered as unusable.
+        probe = self.guest
+        if probe is None:
+            probe = ensure_guest(
                 self.arch, mirror=spec.mirror, notice=self.notice,
                 insecure_unverified_guest=spec.insecure_unverified_guest,
                 progress=progress)
+        if self.guest is None and spec.kernel is not None:
+            from vmrun.guest.userkernel import user_guest
+
+            self.guest = user_guest(
+                spec.kernel, self.arch, modules=spec.modules, mirror=spec.mirror,
+                notice=self.notice, progress=progress,
+                insecure_unverified_guest=spec.insecure_unverified_guest)
+        self.guest = self.guest or probe
         t = self._phase("fetch", t)
-        self.accel = accellib.choose_for_guest(spec.accel, self.arch, self.guest.kernel,
-                                               self.guest.initrd)
-        # Said once per host boot, when found (and with -v): not before every command.
-        if accellib.fallback_news(self.accel) or (self.accel.fell_back and spec.verbose):
-            self.notice(f"{self.accel.reason}; using TCG (slower)")
+        self.accel = accellib.choose_for_guest(spec.accel, self.arch, probe.kernel,
+                                               probe.initrd)
+        # Said once per host boot, when found (and with --verbose): not before every command;
+        # a quiet run leaves the news to the next run that can show it.
+        fallback = None if quiet else accellib.fallback_notice(self.accel,
+                                                               verbose=spec.verbose)
+        if fallback is not None:
+            self.notice(fallback)
         self.rundir = self.stack.enter_context(
-            run_directory(keep=lambda: spec.keep, notice=self.notice))
+            run_directory(keep=lambda: spec.keep, notice=self.notice, name=spec.name))
+        if spec.verbose and spec.name is not None:
+            self.notice(f"run {spec.name}: {self.rundir}")
         why_cold = warm.why_cold(spec, arch=self.arch.name, custom_guest=self.custom_guest,
                                  share_via=self.share_via)
         self.warm_capable = why_cold == "" and not spec.cold
         self.share_device = self._share_device()
+        self.volume_devices = self._volume_devices()
         self.overlay = self._attach_image()
         start_plan = self._start_plan(qemu_binary, why_cold)
         self.serial = Serial(self.rundir / "serial.log", show=spec.console)
@@ -272,14 +296,22 @@ class Machine(Lifecycle):
             arch=self.arch, accel=self.accel.accel, cpus=spec.cpus, memory_mib=spec.memory_mib,
             kernel=self.guest.kernel, initrd=self.guest.initrd,
             cmdline=kernel_cmdline(
-                self.arch, console=spec.console, extra=os.environ.get("VMRUN_KERNEL_APPEND", ""),
+                self.arch, console=spec.console, extra=self._cmdline_extra(),
                 tsc_khz=accellib.tcg_tsc_khz(self.arch, self.accel.accel),
                 warm=self.warm_capable,
             ),
             fds=fds, share=self.share_device, net=spec.net == Net.USER, disk=self.overlay,
             root_image=self.oci.image.path if self.oci is not None else None,
             sandbox=process.sandbox_supported(qemu_binary, self.notice),
+            volumes=self.volume_devices, forwards=spec.publish,
         )
+
+    def _cmdline_extra(self) -> str:
+        """Words after vmrun's own: the agent's check of a kernel of the user's (a normal
+        boot skips it), $VMRUN_KERNEL_APPEND, then --append (last: it can override)."""
+        words = ["vmrun.check" if self.spec.kernel is not None else "",
+                 os.environ.get("VMRUN_KERNEL_APPEND", ""), self.spec.append]
+        return " ".join(word for word in words if word)
 
     def _start_plan(self, qemu_binary: str, why_not: str) -> warm.StartPlan:
         """Warm or cold: the template for this machine's shape, if it can have one."""
@@ -322,8 +354,13 @@ class Machine(Lifecycle):
             plan = replace(plan, ram=RamFile(Path(f"/proc/self/fd/{fds['ram']}"), shared=True))
         self._launch(plan, fds)
         boot_timeout = boot_timeout_for(self.spec, self.accel.accel, self.arch.name)
-        self._pump(lambda: "ready" in self.events, boot_timeout, BootTimeout(
-            f"the guest agent was not ready within {boot_timeout:.0f}s (--boot-timeout)"))
+        try:
+            self._pump(lambda: "ready" in self.events, boot_timeout, BootTimeout(
+                f"the guest agent was not ready within {boot_timeout:.0f}s (--boot-timeout)",
+                hint=self._user_kernel_hint()))
+        except BootTimeout:
+            self._check_kernel_fit()  # a kernel that said what it lacks but cannot power off
+            raise
         t = self._phase("boot", t)
         if start_plan.mode == warm.Mode.MAKE:
             assert self.qmp is not None
@@ -385,6 +422,33 @@ class Machine(Lifecycle):
             return ShareDevice(kind, self.share_path, readonly, sock)
         return ShareDevice(kind, self.share_path, readonly)
 
+    def _volume_devices(self) -> tuple[ShareDevice, ...]:
+        """A share device per volume (-v): 9p when warm, like the working directory."""
+        if self.share_device is not None:
+            share.check_clash(self.spec.volumes, self.share_path)
+        via = "9p" if self.warm_capable else self.share_via
+        devices = []
+        for index, volume in enumerate(self.spec.volumes, 1):
+            host = share.volume_source(volume)
+            mode = Share.RO if volume.readonly else Share.RW
+            kind = share.choose_share_kind(mode, via, self.arch)
+            tag = volume_tag(index)
+            sock = None
+            if kind == ShareKind.VIRTIOFS:
+                assert self.rundir is not None
+                sock = self.stack.enter_context(
+                    share.virtiofsd(host, self.rundir, name=f"virtiofs{index}"))
+            devices.append(ShareDevice(kind, host, volume.readonly, sock, tag))
+        return tuple(devices)
+
+    def _mounts(self) -> tuple[Mount, ...]:
+        """The first request's mounts: parents before what is mounted inside them."""
+        places = [] if self.share_device is None else [(self.share_device, str(self.share_path))]
+        places += zip(self.volume_devices, (v.target for v in self.spec.volumes), strict=True)
+        places.sort(key=lambda place: place[1].rstrip("/").count("/"))
+        return tuple(Mount(str(device.kind), device.tag, device.readonly, path)
+                     for device, path in places)
+
     def _make_sockets(self) -> dict[str, int]:
         extra = ("tty",) if self.spec.tty else ()
         child_fds = self._socketpairs((*PORTS, *extra, "serial", "qmp"))
@@ -433,10 +497,7 @@ class Machine(Lifecycle):
             stdin_mode = StdinMode.FILE
         elif command.stdin_stream and not command.tty:
             stdin_mode = StdinMode.PORT
-        mounts: tuple[Mount, ...] = ()
-        if self.first_request and self.share_device is not None:
-            device = self.share_device
-            mounts = (Mount(str(device.kind), SHARE_TAG, device.readonly, str(device.path)),)
+        mounts = self._mounts() if self.first_request else ()
         size: tuple[int, int] | None = None
         if command.tty:
             columns, lines = shutil.get_terminal_size()
@@ -448,7 +509,7 @@ class Machine(Lifecycle):
             mounts=mounts, net=self.first_request and self.spec.net == Net.USER,
             disk=self.first_request and self.spec.image is not None,
             root=self.root if self.first_request else None,
-            user=self._user(),
+            user=self._user(command),
             seed=seed, clock=clock,
         )
         self.first_warm = False
@@ -501,7 +562,9 @@ class Machine(Lifecycle):
             result.truncated = any(self.outputs[n].truncated for n in ("stdout", "stderr"))
         return result
 
-    def _user(self) -> tuple[int, int] | None:
+    def _user(self, command: Command) -> tuple[int, int] | None:
+        if command.user is not None:  # -u; an OCI image's group was found by apply()
+            return command.user.uid, command.user.gid or 0
         if self.oci is None or self.oci.identity.uid == self.oci.identity.gid == 0:
             return None
         return self.oci.identity.uid, self.oci.identity.gid
@@ -622,13 +685,35 @@ class Machine(Lifecycle):
             # A channel closed but QEMU lives on: nothing good can come of it.
             self.qemu.process.kill()
             code = self.qemu.process.wait()
+        self._check_kernel_fit()
         if self._console().panicked():
-            raise self._console().panic()
+            panic = self._console().panic()
+            panic.hint = self._user_kernel_hint()
+            raise panic
         if code != 0:
             raise self.qemu.failure(f"QEMU exited with status {code}")
         tail = self._console().tail_lines(10)
+        hint = "serial console tail:\n" + "\n".join(tail) if tail else None
         raise ChannelLost("the VM stopped before the command reported its exit status",
-                          hint="serial console tail:\n" + "\n".join(tail) if tail else None)
+                          hint=self._user_kernel_hint() or hint)
+
+    def _check_kernel_fit(self) -> None:
+        """KernelUnfit when the agent said the kernel lacks options (a kernel of the
+        user's: vmrun's own has them all)."""
+        if self.spec.kernel is None:
+            return
+        from vmrun.guest import userkernel
+
+        missing = userkernel.missing_options(bytes(self._console().tail))
+        if missing:
+            raise userkernel.unfit(self.spec.kernel, missing, modules=self.spec.modules)
+
+    def _user_kernel_hint(self) -> str | None:
+        if self.spec.kernel is None:
+            return None
+        from vmrun.guest.userkernel import guest_hint
+
+        return guest_hint(self.arch)
 
 
 @contextlib.contextmanager
@@ -642,21 +727,6 @@ def _raw_terminal(enabled: bool) -> Iterator[None]:
         yield
     finally:
         termios.tcsetattr(0, termios.TCSADRAIN, saved)
-
-
-def progress_printer() -> Callable[[str, int, int | None], None]:
-    last = [0.0]
-
-    def show(label: str, done: int, total: int | None) -> None:
-        now = time.monotonic()
-        if now - last[0] < 0.2 and (total is None or done < total):
-            return
-        last[0] = now
-        amount = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
-        end = "\n" if total is not None and done >= total else ""
-        print(f"\r\x1b[Kvmrun: {label}: {amount}", end=end, file=sys.stderr, flush=True)
-
-    return show
 
 
 def run(argv: Sequence[str], *, spec: MachineSpec | None = None, capture: bool = False,

@@ -64,8 +64,9 @@ def summary(legs: Sequence[Leg]) -> str:
 
 
 def run_matrix(arches: Sequence[str], passthrough: Sequence[str], command: Sequence[str],
-               jobs: int) -> int:
-    """Run COMMAND once per arch (at most JOBS at a time); returns the first failure."""
+               jobs: int, *, quiet: bool = False) -> int:
+    """Run COMMAND once per arch (at most JOBS at a time); returns the first failure.
+    QUIET (-q, also in PASSTHROUGH) leaves out the summary table."""
     names = [lookup_arch(a).name for a in arches]
     width = max(map(len, names))
     with tempfile.TemporaryDirectory(prefix="vmrun-matrix-") as tmp:
@@ -107,5 +108,6 @@ def run_matrix(arches: Sequence[str], passthrough: Sequence[str], command: Seque
                     assert leg.process is not None
                     leg.exit_code = leg.process.wait()
                     running.remove(leg)
-        print(summary(legs), file=sys.stderr)
+        if not quiet:
+            print(summary(legs), file=sys.stderr)
         return first_failure([leg.exit_code or 0 for leg in legs])

@@ -53,9 +53,9 @@ def live_runs(root: Path) -> list[Path]:
     return alive
 
 
-def _take_run_lock(root: Path) -> tuple[Path, int]:
+def _take_run_lock(root: Path, name: str | None) -> tuple[Path, int]:
     while True:
-        path = root / f"run-{secrets.token_hex(6)}"
+        path = root / f"run-{name + '-' if name else ''}{secrets.token_hex(6)}"
         lock_path = path.with_suffix(".lock")
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -72,11 +72,13 @@ def _take_run_lock(root: Path) -> tuple[Path, int]:
 
 
 @contextlib.contextmanager
-def run_directory(*, keep: Callable[[], bool], notice: Notice) -> Iterator[Path]:
+def run_directory(*, keep: Callable[[], bool], notice: Notice,
+                  name: str | None = None) -> Iterator[Path]:
+    """A fresh run directory, named run-[NAME-]RANDOM (NAME: --name, already checked)."""
     root = runs_root()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     remove_dead_runs(root)
-    path, lock = _take_run_lock(root)
+    path, lock = _take_run_lock(root, name)
     path.mkdir(mode=0o700)
     try:
         yield path

@@ -22,14 +22,14 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from vmrun.errors import UsageError
 from vmrun.qemu import process
 from vmrun.qemu.arch import Arch
 from vmrun.qemu.argv import ShareKind
-from vmrun.spec import Share
+from vmrun.spec import Share, Volume
 
 
 def find_virtiofsd() -> str | None:
@@ -87,16 +87,38 @@ def virtiofsd_argv(daemon: str, fd: int, path: Path, euid: int) -> list[str]:
             "--sandbox", "chroot" if euid == 0 else "namespace"]
 
 
+def volume_source(volume: Volume) -> Path:
+    """VOLUME's host directory, resolved; a file, or nothing there, is a UsageError (9p
+    and virtiofs share directories: a file is given by sharing its directory)."""
+    try:
+        host = volume.host.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise UsageError(f"volume {volume.host}: no such directory on the host",
+                         hint="create it first; vmrun never creates host directories") from None
+    if not host.is_dir():
+        raise UsageError(f"volume {volume.host}: not a directory",
+                         hint="share the directory that holds it: -v DIR:GUESTDIR")
+    return host
+
+
+def check_clash(volumes: Sequence[Volume], workdir: Path) -> None:
+    """No volume goes where the shared working directory WORKDIR is mounted."""
+    clash = next((v for v in volumes if v.target == str(workdir)), None)
+    if clash is not None:
+        raise UsageError(f"volume {clash.host}: {workdir} is the shared working directory's "
+                         "guest path", hint="give the volume another guest path")
+
+
 @contextlib.contextmanager
-def virtiofsd(path: Path, rundir: Path) -> Iterator[Path]:
+def virtiofsd(path: Path, rundir: Path, name: str = "virtiofs") -> Iterator[Path]:
     daemon = find_virtiofsd()
     assert daemon is not None
-    sock_path = rundir / "virtiofs.sock"
+    sock_path = rundir / f"{name}.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(sock_path))
     listener.listen(1)
     argv = virtiofsd_argv(daemon, listener.fileno(), path, os.geteuid())
-    log = rundir / "virtiofsd.log"
+    log = rundir / f"{name}d.log"
     daemon_proc = process.spawn(argv, log=log, pass_fds=(listener.fileno(),))
     listener.close()
     try:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
+import posixpath
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -63,6 +66,14 @@ class MachineSpec:
     entrypoint: tuple[str, ...] | None = None  # replaces the image's; () clears it
     insecure_registries: tuple[str, ...] = ()  # HOST[:PORT] reached over plain HTTP
     cold: bool = False  # boot the kernel, never restore a memory template (vmrun.warm)
+    # Docker-style options (README "Docker-style options"):
+    volumes: tuple[Volume, ...] = ()  # host directories shared besides the working one
+    publish: tuple[Publish, ...] = ()  # guest TCP ports forwarded from the host
+    name: str | None = None  # shown with verbose, part of the run directory's name
+    # A kernel of the user's (--kernel), booted with vmrun's initramfs and agent:
+    kernel: Path | None = None  # bzImage, Image or vmlinux; None: vmrun's Debian kernel
+    append: str = ""  # added to the kernel command line, after vmrun's own words (any kernel)
+    modules: Path | None = None  # lib/modules/RELEASE, or a modules_install tree above it
     # --packages: a root of these Debian packages (vmrun.build.roots), from SUITE (None:
     # the suite of vmrun's guest kernel for the architecture).
     packages: tuple[str, ...] = ()
@@ -70,6 +81,7 @@ class MachineSpec:
 
     def __post_init__(self) -> None:
         check_count(self.cpus, "--cpus", MAX_CPUS)
+        check_docker_options(self)
         if self.memory_mib < MIN_MEMORY_MIB:
             raise UsageError(f"--memory must be at least {MIN_MEMORY_MIB}M, "
                              f"not {self.memory_mib}M")
@@ -80,6 +92,13 @@ class MachineSpec:
                              hint="a guest cannot have more memory than its host")
         if self.boot_timeout is not None:
             check_seconds(self.boot_timeout, "--boot-timeout")
+        if self.kernel is None and self.modules is not None:
+            raise UsageError("--modules goes with --kernel")
+        if self.kernel is not None and self.boot == Boot.FULL:
+            raise UsageError("--kernel boots vmrun's initramfs; --boot full boots the "
+                             "image's own kernel")
+        if "\0" in self.append or "\n" in self.append:
+            raise UsageError("--append cannot hold a NUL byte or a newline")
         if self.image_format not in (None, "raw"):
             raise UsageError(f"bad --image-format {self.image_format!r}",
                              hint="only 'raw' can be given: other formats have a header")
@@ -100,8 +119,12 @@ class Command:
     tty: bool = False
     input: bytes | None = None  # stdin given up front (API); None: see stdin_stream
     stdin_stream: bool = field(default=False)  # forward the host's stdin, EOF on close
+    user: User | None = None  # run as these ids (-u); None: root, or an OCI image's user
 
     def __post_init__(self) -> None:
+        if self.cwd is not None and not self.cwd.startswith("/"):
+            raise UsageError(f"the working directory must be an absolute path, not "
+                             f"{self.cwd!r}", hint="like -w /src")
         for word in (*self.argv, *(k + v for k, v in self.env), self.cwd or ""):
             if "\0" in word:
                 raise UsageError("a NUL byte cannot be passed to the guest")
@@ -110,6 +133,98 @@ class Command:
                 raise UsageError(f"bad environment variable name {key!r}")
         if self.timeout is not None:
             check_seconds(self.timeout, "--timeout")
+
+
+# ---- docker-style options: volumes, published ports, users, names ------------------------
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "unchanged" to setuid(2)
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A host directory shared with the guest at GUEST (-v HOST[:GUEST][:ro]), by 9p or
+    virtiofs like the working directory; read-only ones are always 9p, which refuses
+    writes on the host side."""
+
+    host: Path
+    guest: str | None = None  # None: the host directory's absolute path
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        if self.guest is not None and not self.guest.startswith("/"):
+            raise UsageError(f"volume {self.host}: the guest path {self.guest!r} is not "
+                             "absolute", hint="like -v HOST:/data")
+        if "\0" in str(self.host) + (self.guest or ""):
+            raise UsageError("a NUL byte cannot be passed to the guest")
+        if self.target == "/":
+            raise UsageError(f"volume {self.host}: cannot be mounted over the guest's '/'",
+                             hint="like -v HOST:/data")
+
+    @property
+    def target(self) -> str:
+        """Where the guest sees it: a normalized absolute path."""
+        if self.guest is None:
+            return os.path.abspath(self.host)
+        return posixpath.normpath("/" + self.guest.lstrip("/"))
+
+
+@dataclass(frozen=True)
+class Publish:
+    """A guest TCP port reached from the host (-p [ADDR:]HOST:GUEST), through QEMU's user
+    network; ADDR is the host address it listens on, loopback unless given."""
+
+    host_port: int
+    guest_port: int
+    address: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        for port in (self.host_port, self.guest_port):
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise UsageError(f"--publish: port {port} is not between 1 and 65535")
+        try:
+            ipaddress.IPv4Address(self.address)
+        except ValueError:
+            raise UsageError(f"--publish: {self.address!r} is not an IPv4 address",
+                             hint="like -p 127.0.0.1:8080:80 or -p 0.0.0.0:8080:80") from None
+
+
+@dataclass(frozen=True)
+class User:
+    """Numeric ids a command runs as (-u UID[:GID])."""
+
+    uid: int
+    gid: int | None = None  # None: the user's group in an OCI image's /etc/passwd, else 0
+
+    def __post_init__(self) -> None:
+        for value in (self.uid, self.gid if self.gid is not None else 0):
+            if isinstance(value, bool) or not isinstance(value, int) or \
+                    not 0 <= value <= MAX_ID:
+                raise UsageError(f"--user: id {value} is out of range (0 to {MAX_ID})")
+
+
+def check_docker_options(spec: MachineSpec) -> None:
+    """SPEC's volumes, ports and name make sense together (paths on the host are checked
+    when the machine starts)."""
+    if spec.name is not None and not NAME_PATTERN.fullmatch(spec.name):
+        raise UsageError(f"bad --name {spec.name!r}",
+                         hint="a letter or digit, then up to 63 of A-Z a-z 0-9 _ . -")
+    seen: dict[str, Volume] = {}
+    for volume in spec.volumes:
+        if volume.target in seen:
+            raise UsageError(f"volumes {seen[volume.target].host} and {volume.host} are both "
+                             f"mounted at {volume.target}", hint="give each its own guest path")
+        seen[volume.target] = volume
+    if spec.publish and spec.net == Net.NONE:
+        raise UsageError("--publish needs the guest network", hint="drop --net none")
+    for at, rule in enumerate(spec.publish):
+        if any(_same_socket(rule, other) for other in spec.publish[:at]):
+            raise UsageError(f"--publish: host port {rule.host_port} is given twice")
+
+
+def _same_socket(a: Publish, b: Publish) -> bool:
+    return a.host_port == b.host_port and (a.address == b.address
+                                           or "0.0.0.0" in (a.address, b.address))
 
 
 def no_command() -> UsageError:

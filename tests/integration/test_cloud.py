@@ -210,7 +210,7 @@ def test_full_boot_runs_over_ssh_with_copy_in_and_collect(
         "sudo systemctl start network-online.target; ip -4 route | grep -q '^default'; "
         "exit 42"
     )
-    done = run_cli("--image", "vmrun-test-baked", "--boot", "full", "-v",
+    done = run_cli("--image", "vmrun-test-baked", "--boot", "full", "--verbose",
                    "--include", "src/***", "--exclude", "*", "--collect", "out",
                    "--", "sh", "-c", script, cwd=project, timeout=900)
     err = done.stderr.decode(errors="replace")

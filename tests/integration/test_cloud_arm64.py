@@ -41,14 +41,14 @@ def arm64_image() -> Path:
 
 
 def phase_times(stderr: str) -> dict[str, float]:
-    """The `vmrun: PHASE: 1.234s` lines of a -v run, by phase."""
+    """The `vmrun: PHASE: 1.234s` lines of a --verbose run, by phase."""
     return {name: float(seconds) for name, seconds
             in re.findall(r"^vmrun: ([a-z -]+): ([0-9.]+)s$", stderr, re.MULTILINE)}
 
 
 def test_aarch64_full_boot_through_uefi(arm64_image: Path, tmp_path: Path) -> None:
     done = run_cli("--arch", "aarch64", "--image", str(arm64_image), "--boot", "full",
-                   "--share", "none", "-v", "--boot-timeout", str(BOOT_TIMEOUT),
+                   "--share", "none", "--verbose", "--boot-timeout", str(BOOT_TIMEOUT),
                    "--", "sh", "-c", "uname -m; exit 3", cwd=tmp_path, timeout=RUN_TIMEOUT)
     err = done.stderr.decode(errors="replace")
     assert done.returncode == 3, err[-3000:]

@@ -39,9 +39,9 @@ DPS_ROOT = {"x86_64": ROOT_X86_64, "aarch64": "B921B045-1DF0-41C3-AF44-4C6F280D3
 def _tools() -> None:
     for tool in ("mke2fs", "sfdisk"):
         if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is missing: run scripts/setup (e2fsprogs, fdisk)")
+            pytest.fail(f"{tool} is missing: run scripts/setup --dev (e2fsprogs, fdisk)")
     if not BUSYBOX.is_file():
-        pytest.fail("/bin/busybox is missing: run scripts/setup (busybox-static)")
+        pytest.fail("/bin/busybox is missing: run scripts/setup --dev (busybox-static)")
 
 
 def root_tree(top: Path, *, shell: bool = True) -> Path:

@@ -44,7 +44,9 @@ def test_skopeo_pushed_index_pulls_per_architecture(tmp_path: Path,
                                        cache=cache, progress=lambda *a: seen.append(a))
     assert ot.files_of(s390x.path)["etc/arch"][1] == b"s390x"
     finished = {label for label, done, total in seen if done == total}
-    assert len(finished) == 3  # every layer reported, to its end
+    # Every layer reported, to its end, and then the conversion to a root image.
+    assert len(finished) == 4 and seen[-1][1] == seen[-1][2]
+    assert seen[-1][0].startswith("converting 3 layers of docker://")
     amd64 = oci_pull.ensure_root_image(f"docker://{registry.host}/test/multi:v1",
                                        arch="x86_64", cache=cache)
     assert ot.files_of(amd64.path)["etc/arch"][1] == b"amd64"

@@ -243,7 +243,7 @@ def test_tty_gives_an_interactive_shell(guest: Guest, workdir: Path) -> None:
 
 
 def test_keep_leaves_logs(guest: Guest, workdir: Path) -> None:
-    done = run_cli("--keep", "-v", "--share", "none", "--", "true", cwd=workdir)
+    done = run_cli("--keep", "--verbose", "--share", "none", "--", "true", cwd=workdir)
     assert done.returncode == 0, done.stderr
     line = next(x for x in done.stderr.decode().splitlines() if "kept the run directory" in x)
     kept = Path(line.split("kept the run directory ")[1].split()[0])

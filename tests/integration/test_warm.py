@@ -81,7 +81,7 @@ def test_commands_behave_alike_warm_and_cold(guest: Guest, workdir: Path, cold: 
 def test_cli_stdin_stdout_stderr_and_exit_code(guest: Guest, workdir: Path, cold: bool) -> None:
     flags = ("--cold",) if cold else ()
     run_cli(*flags, "--", "true", cwd=workdir)
-    done = run_cli(*flags, "-v", "--", "sh", "-c", "wc -c; echo to-stderr >&2; exit 7",
+    done = run_cli(*flags, "--verbose", "--", "sh", "-c", "wc -c; echo to-stderr >&2; exit 7",
                    cwd=workdir, input=b"x" * 100_000)
     assert done.returncode == 7, done.stderr
     assert done.stdout.strip() == b"100000"
@@ -94,7 +94,7 @@ def test_parallel_copies_differ_and_keep_the_hosts_time(guest: Guest, workdir: P
     script = ("head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; "
               "cat /proc/sys/kernel/random/boot_id; date +%s")
     before = time.time()
-    runs = [subprocess.Popen(vmrun_argv("-v", "--", "sh", "-c", script), cwd=workdir,
+    runs = [subprocess.Popen(vmrun_argv("--verbose", "--", "sh", "-c", script), cwd=workdir,
                              env=vmrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             for _ in range(4)]
     outputs = [run.communicate(timeout=300) for run in runs]
@@ -127,10 +127,10 @@ def test_each_copy_sees_its_own_share(guest: Guest, tmp_path: Path) -> None:
     first.mkdir()
     second.mkdir()
     (first / "only-a").write_text("a")
-    done = run_cli("-v", "--", "sh", "-c", "ls; echo 1 > made-in-a", cwd=first)
-    done = run_cli("-v", "--", "sh", "-c", "ls; echo 2 > made-in-b", cwd=first)
+    done = run_cli("--verbose", "--", "sh", "-c", "ls; echo 1 > made-in-a", cwd=first)
+    done = run_cli("--verbose", "--", "sh", "-c", "ls; echo 2 > made-in-b", cwd=first)
     assert b"start: warm" in done.stderr
-    done = run_cli("-v", "--", "ls", "-a", cwd=second)
+    done = run_cli("--verbose", "--", "ls", "-a", cwd=second)
     assert b"start: warm" in done.stderr, done.stderr
     assert done.stdout.split() == [b".", b".."]
     assert sorted(p.name for p in first.iterdir()) == ["made-in-a", "made-in-b", "only-a"]
@@ -202,7 +202,7 @@ def test_sigkill_while_making_a_template_leaves_nothing_trusted(
     template = shape_template()
     key = template.key
     store.remove(template)
-    run = subprocess.Popen(vmrun_argv("-v", *SHAPE_ARGS, "--", "true"), cwd=workdir,
+    run = subprocess.Popen(vmrun_argv("--verbose", *SHAPE_ARGS, "--", "true"), cwd=workdir,
                            env=vmrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     root = store.templates_root()

@@ -21,7 +21,7 @@ def guest() -> Guest:
     """The default guest, fetched or built once for the whole session."""
     arch = lookup_arch(host_arch())
     if shutil.which(arch.qemu_binary) is None:
-        pytest.fail(f"{arch.qemu_binary} is missing: run scripts/setup")
+        pytest.fail(f"{arch.qemu_binary} is missing: run scripts/setup --dev")
     return ensure_guest(arch)
 
 

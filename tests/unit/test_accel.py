@@ -309,3 +309,62 @@ def test_the_fall_back_is_news_once_per_boot_and_reason(
     assert not accellib.fallback_news(AccelChoice(Accel.TCG, "TCG requested"), tmp_path)
     monkeypatch.setattr(accellib, "_boot_id", lambda: "boot-2")
     assert accellib.fallback_news(fell, tmp_path)
+
+
+# --- the fall-back notice: whole words, once, then with -v -----------------------------------
+
+ASSERTION = ("qemu-system-x86_64: ../../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs: "
+             "Assertion `ret == cpu->kvm_msr_buf->nmsrs' failed. " + "and more words " * 12)
+
+
+def test_a_failed_probe_is_told_in_whole_words(tmp_path: Path) -> None:
+    qemu = tmp_path / "qemu-system-x86_64"
+    (tmp_path / "message").write_text(ASSERTION + "\n")
+    qemu.write_text(f"#!/bin/sh\ncat {tmp_path / 'message'} >&2\nexit 134\n")
+    qemu.chmod(0o755)
+    problem = accellib.probe_kvm(str(qemu), tmp_path / "k", tmp_path / "i", "", "microvm")
+    assert problem is not None and problem.startswith("a test boot under KVM failed (qemu-")
+    detail = problem.removeprefix("a test boot under KVM failed (").removesuffix(")")
+    assert detail.endswith(" ...") and len(detail) <= accellib.DETAIL_WIDTH
+    assert ASSERTION.startswith(detail.removesuffix(" ...") + " ")
+    assert "failed." in detail  # QEMU's own message is whole; only the tail is left out
+
+
+@pytest.mark.parametrize(
+    ("text", "width", "clipped"),
+    [("short", 10, "short"), ("one two three four", 12, "one two ..."),
+     ("unbreakable" * 3, 10, "unbreakable" * 3)],
+)
+def test_clip_cuts_between_words(text: str, width: int, clipped: str) -> None:
+    assert accellib.clip(text, width) == clipped
+
+
+def test_the_fall_back_notice_once_then_only_verbose(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(accellib, "_boot_id", lambda: "boot-1")
+    reason = f"/dev/kvm is present but unusable: a test boot under KVM failed ({ASSERTION})"
+    fell = AccelChoice(Accel.TCG, reason, fell_back=True)
+    first = accellib.fallback_notice(fell, verbose=False, cache=tmp_path)
+    assert first == f"{reason}; using TCG (slower)"
+    assert accellib.fallback_notice(fell, verbose=False, cache=tmp_path) is None
+    assert accellib.fallback_notice(fell, verbose=True, cache=tmp_path) == first
+    kvm = AccelChoice(Accel.KVM, "/dev/kvm works")
+    assert accellib.fallback_notice(kvm, verbose=True, cache=tmp_path) is None
+
+
+def test_remembered_kvm_reads_this_boots_answer_without_probing(
+    tmp_path: Path, counted_probe: Callable[[str | None], list[Args]],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qemu = "/usr/bin/qemu-system-x86_64"
+    assert accellib.remembered_kvm(qemu, "microvm", tmp_path) is None
+    calls = counted_probe("a test boot under KVM failed (oops)")
+    usable(tmp_path)
+    assert accellib.remembered_kvm(qemu, "microvm", tmp_path) == (
+        "a test boot under KVM failed (oops)",)
+    assert accellib.remembered_kvm(qemu, "q35", tmp_path) is None
+    assert accellib.remembered_kvm("/opt/qemu", "microvm", tmp_path) is None
+    monkeypatch.setattr(accellib, "_boot_id", lambda: "boot-2")
+    assert accellib.remembered_kvm(qemu, "microvm", tmp_path) is None
+    assert len(calls) == 1

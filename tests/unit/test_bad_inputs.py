@@ -325,8 +325,8 @@ def test_typos_never_boot(capsys: pytest.CaptureFixture[str], argv: list[str],
 def test_unknown_command_hint_shows_how_to_run_it(capsys: pytest.CaptureFixture[str]) -> None:
     assert vmrun.cli.main(["ps"]) == 125
     hint = capsys.readouterr().err.splitlines()[1]
-    assert hint == "hint: commands: run, info, seed, image, disk, template; to run 'ps' in a VM: " \
-        "vmrun [OPTIONS] -- ps ..."
+    assert hint == "hint: commands: run, info, seed, image, disk, template, doctor, " \
+        "completion; to run 'ps' in a VM: vmrun [OPTIONS] -- ps ..."
 
 
 # --- boot timeouts that fit the boot ---------------------------------------------------------

@@ -47,3 +47,30 @@ def test_disk_overlay_and_chain(tmp_path: Path, capsys: pytest.CaptureFixture[st
     layers = json.loads(capsys.readouterr().out)
     assert [Path(layer["path"]).name for layer in layers] == ["top.qcow2", "base.raw"]
     assert main(["disk", "overlay", str(base), str(top)]) == 125  # never overwrites
+
+
+def test_one_digest_style_in_full_and_short() -> None:
+    from vmrun.cli.common import digest_text
+
+    hexdigest = "ab" * 32
+    assert digest_text(hexdigest) == digest_text(f"sha256:{hexdigest}") == f"sha256:{hexdigest}"
+    assert digest_text(hexdigest, short=True) == "sha256:abababababab"
+    assert digest_text(f"sha512:{'cd' * 64}", short=True) == "sha512:cdcdcdcdcdcd"
+    assert digest_text("") == ""
+
+
+def test_the_short_digest_of_a_listing_is_taken_back_as_a_reference(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from vmrun.images import store
+
+    monkeypatch.setenv("VMRUN_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "disk.raw"
+    source.write_bytes(b"disk" * (1 << 18))  # 1 MiB: a raw disk vmrun takes
+    assert main(["image", "import", str(source), "--name", "mine", "--format", "raw"]) == 0
+    name, full = capsys.readouterr().out.split()
+    assert name == "mine" and full.startswith("sha256:") and len(full) == 7 + 64
+    assert main(["image", "ls"]) == 0
+    short = capsys.readouterr().out.splitlines()[1].split()[1]
+    assert short == full[:7 + 12]
+    assert store.resolve(short).digest == store.resolve(full).digest == full[7:]

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +280,25 @@ def test_snapshot_roundtrip(tmp_path: Path) -> None:
         disk.snapshot_apply(img, "other")
     disk.snapshot_delete(img, "clean")
     assert disk.snapshot_list(img) == []
+
+
+def test_cli_snapshot_list_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = qcow2_from(tmp_path, "img", pattern(1))
+    assert cmd_disk(["snapshot", "list", str(img), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    disk.snapshot_create(img, "clean")
+    disk.snapshot_create(img, "later")
+    assert cmd_disk(["snapshot", "list", str(img), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(s["id"], s["name"], s["vm_state_size"]) for s in listed] == [
+        ("1", "clean", 0), ("2", "later", 0)]
+    when = datetime.fromisoformat(listed[0]["date"])
+    assert when.tzinfo is not None and abs(when.timestamp() - time.time()) < 600
+    assert cmd_disk(["snapshot", "list", str(img)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["ID", "NAME"] and table[2].split()[:2] == ["2", "later"]
+    with pytest.raises(UsageError, match="--json goes with snapshot list"):
+        cmd_disk(["snapshot", "delete", str(img), "clean", "--json"])
 
 
 def test_snapshot_on_raw_file_fails_without_probing(tmp_path: Path) -> None:
@@ -630,7 +650,8 @@ def test_cli_shows_progress_on_a_terminal(
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert cmd_disk(["convert", str(raw), str(tmp_path / "out.qcow2"), "--to", "qcow2"]) == 0
     err = capsys.readouterr().err
-    assert err.startswith("\rconvert:") and err.endswith("convert: 100.0%\n")
+    assert err.startswith("\rvmrun: convert:") and err.endswith("\n")
+    assert "vmrun: convert: 100%" in err
 
 
 def test_an_external_data_file_is_refused_before_qemu_img_reads_it(tmp_path: Path) -> None:

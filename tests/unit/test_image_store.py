@@ -45,6 +45,7 @@ class Server:
     sent: dict[str, int] = field(default_factory=dict)
     faults: dict[str, Fault] = field(default_factory=dict)
     ranges: bool = True
+    length: bool = True  # False: no Content-Length, the end of the body is the closed connection
     delay: float = 0.0  # seconds between chunks, to make a download take a while
     release: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -89,7 +90,8 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
             if start:
                 self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/"
                                  f"{len(content)}")
-            self.send_header("Content-Length", str(len(body)))
+            if server.length:
+                self.send_header("Content-Length", str(len(body)))
             self.send_header("ETag", etag)
             self.end_headers()
             if fault is not None:
@@ -294,6 +296,16 @@ def test_parse_checksums() -> None:
             f"{'c' * 128}  ./big.qcow2\nnot a line\n")
     assert store.parse_checksums(text) == {
         "bin.img": "a" * 64, "text.img": "b" * 64, "big.qcow2": "c" * 128}
+
+
+def test_a_download_of_unknown_length_reports_its_end(server: Server, tmp_path: Path) -> None:
+    server.length = False
+    url, data = publish(server, "/images/nolength.img", MiB + 5)
+    seen: list[tuple[str, int, int | None]] = []
+    store.pull(url, sha256=sha256(data), cache=tmp_path,
+               progress=lambda label, done, total: seen.append((label, done, total)))
+    assert seen[0][2] is None and seen[-2][2] is None  # reported as it came
+    assert seen[-1] == ("nolength.img", len(data), len(data))  # and then its end
 
 
 # -- interrupted downloads --
@@ -578,9 +590,10 @@ def test_cli_ls_json_and_rm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert cmd_image(["ls", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [(i["name"], i["digest"], i["size"]) for i in listed] == [
-        ("mine", sha256(b"disk" * 100), 400)]
+        ("mine", f"sha256:{sha256(b'disk' * 100)}", 400)]
     assert cmd_image(["ls"]) == 0
-    assert "mine" in capsys.readouterr().out
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[:2] == ["mine", f"sha256:{sha256(b'disk' * 100)[:12]}"]
 
     with pytest.raises(ImageError) as caught:
         cmd_image(["rm", "unknown"])

@@ -207,11 +207,11 @@ def run_main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, 
         (["--cpus", "x", "--", "true"], "--cpus takes a whole number, not 'x'"),
         (["--share", "maybe", "--", "true"], "argument --share: invalid choice"),
         (["--accel", "xen", "--", "true"], "argument --accel: invalid choice"),
-        (["--net", "bridge", "--", "true"], "argument --net: invalid choice"),
+        (["--net", "bridge", "--", "true"], "argument --net/--network: invalid choice"),
         (["--share-via", "nfs", "--", "true"], "argument --share-via: invalid choice"),
         (["--timeout", "soon", "--", "true"], "--timeout takes a number of seconds, not 'soon'"),
         (["uname", "-r"], "unknown command 'uname'"),
-        (["--memory"], "argument --memory: expected one argument"),
+        (["--memory"], "argument -m/--memory: expected one argument"),
         (["--memory", "lots", "--", "true"], "bad memory size 'lots'"),
         (["--env", "=V", "--", "true"], "bad --env '=V'"),
         ([], "no command given"),
@@ -295,7 +295,8 @@ def test_cli_passes_command_and_spec_to_machine(
 
 
 @pytest.mark.parametrize("argv", [["run", "--", "uname", "-r"], ["--", "uname", "-r"],
-                                  ["-v", "--", "uname", "-r"], ["run", "-v", "--", "uname", "-r"]])
+                                  ["--verbose", "--", "uname", "-r"],
+                                  ["run", "--verbose", "--", "uname", "-r"]])
 def test_cli_documented_command_forms(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
     # README: `vmrun [OPTIONS] -- CMD` and `vmrun run [OPTIONS] -- CMD`; without "--" a
     # first word must be a subcommand (see test_bad_inputs).

@@ -29,7 +29,7 @@ CHANGES: dict[str, object] = {
     "net": False, "tty": True, "disk": "overlay", "guest": "h" * 64, "kernel": "/d/vmlinux",
     "initrd": "/d/initrd", "cmdline": "console=y", "tsc_khz": 2_100_000, "host_cpu": "ab",
     "qemu": "/opt/qemu", "qemu_version": "8.2.0", "qemu_identity": "1:2:4",
-    "sandbox": False, "vmrun": "9.9", "recipe": "0",
+    "sandbox": False, "volumes": 2, "vmrun": "9.9", "recipe": "0",
 }
 
 

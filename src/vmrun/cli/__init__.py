@@ -19,7 +19,7 @@ from vmrun.errors import (
     VmrunError,
 )
 
-SUBCOMMANDS = ("run", "info", "seed", "image", "disk", "template")
+SUBCOMMANDS = ("run", "info", "seed", "image", "disk", "template", "doctor", "completion")
 
 
 class Terminated(Exception):
@@ -85,6 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from vmrun.cli.template import cmd_template
 
             return cmd_template(args[1:])
+        if args[:1] == ["doctor"]:
+            from vmrun.cli.doctor import cmd_doctor
+
+            return cmd_doctor(args[1:])
+        if args[:1] == ["completion"]:
+            from vmrun.cli.completion import cmd_completion
+
+            return cmd_completion(args[1:])
         if args[:1] == ["run"]:
             args = args[1:]
         from vmrun.cli.run import cmd_run

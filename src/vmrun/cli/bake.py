@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from vmrun.cli.common import Parser, count, seconds
+from vmrun.cli.common import Parser, count, digest_text, seconds
 from vmrun.machine import notice_stderr
 from vmrun.qemu.firmware import Firmware
 from vmrun.spec import MAX_CPUS, Accel, Boot, MachineSpec, Net, parse_memory
 from vmrun.userfiles import read_user_file
 
 
-def cmd_bake(argv: Sequence[str]) -> int:
+def bake_parser() -> Parser:
     parser = Parser(prog="vmrun image bake", description="Boot BASE once with USER-DATA "
                     "(cloud-init), wait until it powers off, and store the result as the "
                     "layer NAME on top of BASE. Unchanged inputs are not baked again.")
@@ -31,7 +31,11 @@ def cmd_bake(argv: Sequence[str]) -> int:
     parser.add_argument("--quiet", "-q", action="store_true", help="do not show the console")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def cmd_bake(argv: Sequence[str]) -> int:
+    args = bake_parser().parse_args(argv)
     from vmrun.bake import bake
     from vmrun.fullboot import FullOptions
 
@@ -45,5 +49,5 @@ def cmd_bake(argv: Sequence[str]) -> int:
                         timeout=args.timeout, notice=notice_stderr)
     if not built:
         notice_stderr(f"{args.name} is up to date (baked before from the same inputs)")
-    print(f"{image.name} {image.digest}")
+    print(f"{image.name}  {digest_text(image.digest)}")
     return 0

@@ -8,12 +8,43 @@ from typing import Any, NoReturn
 from vmrun.errors import UsageError
 from vmrun.spec import parse_count, parse_seconds
 
+
+def digest_text(digest: str, *, short: bool = False) -> str:
+    """DIGEST (bare sha256 hex, or ALGORITHM:HEX) as every command prints it: in full
+    (sha256:<64 hex>) in JSON and in lines that scripts read, SHORT (sha256:<12 hex>, which
+    vmrun takes back as a reference) in tables."""
+    if not digest:
+        return digest  # none known
+    algorithm, _, hexdigest = digest.rpartition(":")
+    return f"{algorithm or 'sha256'}:{hexdigest[:12] if short else hexdigest}"
+
+
+# The subcommands, with the line `vmrun --help` and the shell completions show for each.
+COMMANDS = {
+    "run": "run COMMAND in a throwaway VM (the default: vmrun [OPTIONS] -- COMMAND)",
+    "info": "what vmrun would use on this machine: QEMU, accelerator, guest kernel",
+    "seed": "write a cloud-init NoCloud seed ISO",
+    "image": "pull, push, import, list, inspect, bake, remove and prune disk images",
+    "disk": "create, inspect and transform disk images (qemu-img)",
+    "template": "list and remove the memory templates warm starts restore from",
+    "doctor": "check what runs need on this host, each problem with its fix",
+    "completion": "print the shell completion script for bash, zsh or fish",
+}
+
+
+def commands_help() -> str:
+    """The "commands:" block of `vmrun --help`: one line per subcommand."""
+    width = max(map(len, COMMANDS))
+    return "commands:\n" + "".join(f"  {name:<{width}}  {line}\n"
+                                   for name, line in COMMANDS.items())
+
+
 EXIT_CODES = """\
 exit status:
   the command's own exit status, unchanged (death by signal N gives 128+N), or one of
   vmrun's reserved codes:
   117  vmrun image bake failed (cloud-init errors, no power-off in time)
-  118  a disk image is unusable, missing, broken or refused as unsafe
+  118  a disk image or --kernel is unusable, missing, broken or refused as unsafe
   119  the guest vanished before reporting an exit status (channel lost)
   120  the guest kernel panicked
   121  the command ran longer than --timeout

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vmrun.cli.common import Parser
 from vmrun.errors import UsageError
 from vmrun.images import disk
+from vmrun.progress import percent
 
 FORMATS = [f.value for f in disk.Format]
 DETECTED = "default: qcow2 if its header says so, else raw"
@@ -74,6 +73,7 @@ def disk_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["create", "list", "apply", "delete"])
     p.add_argument("file", type=Path, metavar="FILE")
     p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="list: one JSON array on stdout")
 
     p = sub.add_parser("convert", help="copy into another format")
     p.add_argument("src", type=Path, metavar="SRC")
@@ -97,28 +97,6 @@ def disk_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, help=DETECTED)
     follow_option(p)
     return parser
-
-
-@contextmanager
-def progress_line(label: str) -> Iterator[Callable[[float], None] | None]:
-    """A percentage on stderr, rewritten in place, when stderr is a terminal."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    shown = False
-
-    def show(percent: float) -> None:
-        nonlocal shown
-        shown = True
-        sys.stderr.write(f"\r{label}: {percent:5.1f}%")
-        sys.stderr.flush()
-
-    try:
-        yield show
-    finally:
-        if shown:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 def human(size: int) -> str:
@@ -147,7 +125,7 @@ def cmd_disk(argv: Sequence[str]) -> int:
     elif op == "chain":
         show_chain(disk.chain(args.file), as_json=args.json)
     elif op == "snapshot":
-        return snapshot(args.action, args.file, args.name)
+        return snapshot(args.action, args.file, args.name, as_json=args.json)
     elif op == "resize":
         disk.resize(args.file, args.size, fmt=args.format, shrink=args.shrink,
                     follow_backing=args.follow_backing)
@@ -155,7 +133,7 @@ def cmd_disk(argv: Sequence[str]) -> int:
         disk.overlay(args.base, args.new, base_format=args.base_format,
                      follow_backing=args.follow_backing)
     else:
-        with progress_line(op) as progress:
+        with percent(op) as progress:
             transform(op, args, progress)
     return 0
 
@@ -192,12 +170,21 @@ def show_chain(layers: list[disk.Layer], *, as_json: bool) -> None:
     print_table(rows)
 
 
-def snapshot(action: str, path: Path, name: str | None) -> int:
+def snapshot_json(found: disk.Snapshot) -> dict[str, object]:
+    return {"id": found.id, "name": found.name, "date": found.date.isoformat(),
+            "vm_state_size": found.vm_state_size, "vm_clock_ns": found.vm_clock_ns}
+
+
+def snapshot(action: str, path: Path, name: str | None, *, as_json: bool = False) -> int:
+    if as_json and action != "list":
+        raise UsageError(f"--json goes with snapshot list, not snapshot {action}")
     if action == "list":
         if name is not None:
             raise UsageError("snapshot list takes no NAME")
         snapshots = disk.snapshot_list(path)
-        if snapshots:
+        if as_json:
+            print(json.dumps(list(map(snapshot_json, snapshots)), indent=2))
+        elif snapshots:
             rows = [["ID", "NAME", "DATE", "VM STATE"]]
             rows += [[s.id, s.name, s.date.strftime("%Y-%m-%d %H:%M:%S UTC"),
                       human(s.vm_state_size)] for s in snapshots]

@@ -6,18 +6,17 @@ import argparse
 import json
 import stat
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO
 
-from vmrun.cli.common import Parser
+from vmrun.cli.common import Parser, digest_text
 from vmrun.errors import ImageError, UsageError
 from vmrun.images import store
 from vmrun.images.aliases import ALIASES, ARCHES
 from vmrun.images.rawdisk import require_disk
 from vmrun.oci.reference import is_image_reference
 from vmrun.oci.store import OciDisk, OciStored
+from vmrun.progress import reporter
 
 Validate = Callable[[Path], object]
 
@@ -81,54 +80,12 @@ def image_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class ProgressLine:
-    """Download progress on STREAM: a redrawn bar on a terminal, else one line at the end."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.label = ""
-        self.done = 0
-        self.total: int | None = None
-        self.started = time.monotonic()
-        self.drawn = 0.0
-
-    def __call__(self, label: str, done: int, total: int | None) -> None:
-        self.label, self.done, self.total = label, done, total
-        now = time.monotonic()
-        if self.tty and (now - self.drawn >= 0.1 or done == total):
-            self.drawn = now
-            self.stream.write(f"\r\x1b[K{self._text()}")
-            self.stream.flush()
-
-    def _text(self) -> str:
-        mib = self.done / (1 << 20)
-        if self.total:
-            width = 30
-            filled = width * self.done // self.total
-            bar = "#" * filled + "-" * (width - filled)
-            return (f"{self.label} [{bar}] {100 * self.done // self.total:3d}% "
-                    f"{mib:.1f}/{self.total / (1 << 20):.1f} MiB")
-        return f"{self.label} {mib:.1f} MiB"
-
-    def finish(self) -> None:
-        if not self.label:
-            return
-        if self.tty:
-            self.stream.write("\n")
-        else:
-            seconds = time.monotonic() - self.started
-            self.stream.write(f"vmrun: {self.label}: {self.done / (1 << 20):.1f} MiB "
-                              f"in {seconds:.1f}s\n")
-        self.stream.flush()
-
-
 def _notice(message: str) -> None:
     print(f"vmrun: {message}", file=sys.stderr, flush=True)
 
 
 def _describe(image: store.StoredImage) -> dict[str, object]:
-    return {"name": image.name, "digest": image.digest, "size": image.size,
+    return {"name": image.name, "digest": digest_text(image.digest), "size": image.size,
             "format": image.format, "source": image.source, "created": image.created,
             "path": str(image.path)}
 
@@ -143,10 +100,10 @@ def _size_text(size: int) -> str:
 
 
 def _describe_oci(root: OciStored) -> dict[str, object]:
-    return {"name": root.reference, "digest": root.digest, "size": root.size,
+    return {"name": root.reference, "digest": digest_text(root.digest), "size": root.size,
             "format": "squashfs", "source": root.reference, "created": root.created,
             "path": str(root.path), "kind": "oci", "arch": root.arch,
-            "manifest_digest": root.manifest_digest}
+            "manifest_digest": digest_text(root.manifest_digest)}
 
 
 def _is_store_name(name: str) -> bool:
@@ -159,24 +116,25 @@ def _is_store_name(name: str) -> bool:
 
 
 def _describe_disk(found: OciDisk) -> dict[str, object]:
-    return {"name": found.reference, "digest": found.digest, "size": found.size,
+    return {"name": found.reference, "digest": digest_text(found.digest), "size": found.size,
             "format": found.format, "source": found.reference, "created": found.created,
             "path": str(found.path), "kind": found.kind, "arch": found.arch,
-            "manifest_digest": found.manifest_digest}
+            "manifest_digest": digest_text(found.manifest_digest)}
 
 
 def _print_table(images: list[store.StoredImage], roots: list[OciStored],
                  disks: list[OciDisk]) -> None:
     rows = [("NAME", "DIGEST", "SIZE", "FORMAT", "CREATED", "SOURCE")]
     for image in images:
-        rows.append((image.name or "<none>", image.digest[:12], _size_text(image.size),
+        rows.append((image.name or "<none>", digest_text(image.digest, short=True),
+                     _size_text(image.size),
                      image.format or "-", image.created or "-", image.source or "-"))
     for root in roots:
-        rows.append((root.reference, root.digest.removeprefix("sha256:")[:12],
+        rows.append((root.reference, digest_text(root.digest, short=True),
                      _size_text(root.size), f"squashfs ({root.arch})", root.created or "-",
                      f"{root.reference}@{root.digest}"))
     for found in disks:
-        rows.append((found.reference, found.digest.removeprefix("sha256:")[:12],
+        rows.append((found.reference, digest_text(found.digest, short=True),
                      _size_text(found.size), f"{found.format} ({found.arch})",
                      found.created or "-", f"{found.reference}@{found.digest}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
@@ -201,19 +159,16 @@ def cmd_image(
     elif args.action == "push":
         _push(args.words, args.insecure_registry)
     elif args.action == "pull":
-        progress = ProgressLine(sys.stderr)
-        try:
+        with reporter() as progress:
             image = store.pull(args.source, name=args.name, sha256=args.sha256,
                                checksums_url=args.checksums, arch=args.arch,
                                mirror=args.mirror, progress=progress, notice=_notice,
                                validate=validate)
-        finally:
-            progress.finish()
-        print(f"{image.name}  sha256:{image.digest}")
+        print(f"{image.name}  {digest_text(image.digest)}")
     elif args.action == "import":
         _require_disk_file(args.file, args.format)
         image = store.import_image(args.file, name=args.name, validate=validate)
-        print(f"{image.name}  sha256:{image.digest}")
+        print(f"{image.name}  {digest_text(image.digest)}")
     elif args.action == "ls":
         images = store.list_images()
         roots = oci_store.list_roots()
@@ -231,7 +186,7 @@ def cmd_image(
     elif args.action == "prune":
         removed = store.prune(in_use=in_use if in_use is not None else set)
         for digest in removed:
-            print(f"removed sha256:{digest}")
+            print(f"removed {digest_text(digest)}")
         for what in oci_store.prune(in_use=in_use_paths if in_use_paths is not None else set):
             print(f"removed {what}")
     elif args.action == "inspect":
@@ -260,18 +215,15 @@ def _pull_reference(source: str, arch: str | None, insecure: Sequence[str],
         raise UsageError("--name does not apply to an image reference",
                          hint="it is stored, listed and run under its reference")
     ref = parse_reference(source)
-    progress = ProgressLine(sys.stderr)
-    try:
+    with reporter() as progress:
         image = ensure_image(ref, arch=lookup_arch(arch or host_arch()).name,
                              progress=progress, notice=_notice,
                              insecure=reference_insecure(ref, _insecure(insecure)))
-    finally:
-        progress.finish()
     if isinstance(image, PulledDisk):
-        print(f"{image.origin.reference}  {image.origin.digest}  {image.format} disk "
+        print(f"{image.origin.reference}  {digest_text(image.origin.digest)}  {image.format} disk "
               f"({image.origin.arch})")
     else:
-        print(f"{image.reference}  {image.digest}  root file system ({image.arch})")
+        print(f"{image.reference}  {digest_text(image.digest)}  root file system ({image.arch})")
 
 
 def _push(words: Sequence[str], insecure: Sequence[str]) -> None:
@@ -283,15 +235,12 @@ def _push(words: Sequence[str], insecure: Sequence[str]) -> None:
         raise UsageError("push needs images and a destination",
                          hint="vmrun image push NAME[=ARCH]... docker://REGISTRY/REPO:TAG")
     destination = words[-1]
-    progress = ProgressLine(sys.stderr)
-    try:
+    with reporter() as progress:
         pushed = push_disks([parse_source(word) for word in words[:-1]], destination,
                             insecure=reference_insecure(parse_reference(destination),
                                                         _insecure(insecure)),
                             progress=progress, notice=_notice)
-    finally:
-        progress.finish()
-    print(f"{pushed.reference}@{pushed.digest}")
+    print(f"{pushed.reference}@{digest_text(pushed.digest)}")
 
 
 def _require_regular(path: Path) -> None:

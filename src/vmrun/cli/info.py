@@ -12,23 +12,30 @@ from vmrun import cache as cachelib
 from vmrun.cli.common import Parser
 from vmrun.guest.build import ensure_guest
 from vmrun.machine import notice_stderr
+from vmrun.progress import reporter
 from vmrun.qemu import accel as accellib
 from vmrun.qemu import process
 from vmrun.qemu.arch import host_arch, lookup_arch
 from vmrun.spec import Accel
 
 
-def cmd_info(argv: Sequence[str]) -> int:
+def info_parser() -> Parser:
     parser = Parser(prog="vmrun info", description="What vmrun would use on this machine.")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--arch")
     parser.add_argument("--mirror")
     parser.add_argument("--insecure-unverified-guest", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def cmd_info(argv: Sequence[str]) -> int:
+    args = info_parser().parse_args(argv)
     arch = lookup_arch(args.arch or host_arch())
     qemu = process.find_qemu(arch)
-    guest = ensure_guest(arch, mirror=args.mirror, notice=notice_stderr,
-                         insecure_unverified_guest=args.insecure_unverified_guest)
+    with reporter() as progress:
+        guest = ensure_guest(arch, mirror=args.mirror, notice=notice_stderr,
+                             insecure_unverified_guest=args.insecure_unverified_guest,
+                             progress=progress)
 
     choice = accellib.choose_for_guest(Accel.AUTO, arch, guest.kernel, guest.initrd)
     info: dict[str, Any] = {

@@ -5,20 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmrun import __version__
+from vmrun import __version__, config
 from vmrun.build.debootstrap import check_suite, parse_packages
-from vmrun.cli.common import EXIT_CODES, Parser, count, seconds
+from vmrun.cli.common import EXIT_CODES, Parser, commands_help, count, seconds
+from vmrun.cli.docker import add_docker_options, read_env_file
 from vmrun.errors import (
     UsageError,
 )
-from vmrun.machine import Machine, notice_stderr, progress_printer
+from vmrun.machine import Machine, Notice, notice_stderr, silent
 from vmrun.matrix import run_matrix
 from vmrun.oci.reference import insecure_registries, is_image_reference
+from vmrun.progress import reporter
 from vmrun.qemu.arch import host_arch, lookup_arch
 from vmrun.qemu.firmware import Firmware
 from vmrun.spec import (
@@ -39,16 +40,14 @@ if TYPE_CHECKING:
     from vmrun.fullboot import FullMachine, FullOptions
     from vmrun.oci.run import OciRun
 
-MAX_JOBS = 256
+MAX_JOBS = config.MAX_JOBS
 
 
 def run_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="vmrun",
-        description="Run COMMAND in a fresh, throwaway virtual machine. Other subcommands: "
-        "vmrun info [--json]; vmrun seed OUTPUT.iso --user-data FILE; "
-        "vmrun image pull|import|ls|rm|prune|inspect|bake; "
-        "vmrun disk create|overlay|chain|commit|rebase|flatten|snapshot|convert|compact|resize.",
+        description="Run COMMAND in a fresh, throwaway virtual machine.\n\n" + commands_help()
+        + "\nvmrun COMMAND --help tells more about each.",
         usage="vmrun [run] [OPTIONS] -- COMMAND [ARGS...]",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -62,7 +61,7 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timings-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cpus", type=count("--cpus", MAX_CPUS), default=1,
                         help=f"virtual CPUs (default 1, at most {MAX_CPUS})")
-    parser.add_argument("--memory", default="1G", help="guest memory, like 512M or 2G "
+    parser.add_argument("-m", "--memory", default="1G", help="guest memory, like 512M or 2G "
                         "(at most the host's memory)")
     parser.add_argument("--timeout", type=seconds("--timeout"),
                         help="seconds the command may run")
@@ -74,7 +73,7 @@ def run_parser() -> argparse.ArgumentParser:
                         help="share the working directory read-write, read-only or not")
     parser.add_argument("--share-via", choices=["auto", "9p", "virtiofs"], default="auto",
                         help="how to share it (auto: virtiofs where virtiofsd runs, else 9p)")
-    parser.add_argument("--net", choices=[n.value for n in Net], default="user",
+    parser.add_argument("--net", "--network", choices=[n.value for n in Net], default="user",
                         help="user: outbound network through QEMU; none: no network")
     parser.add_argument("--accel", choices=[a.value for a in Accel], default="auto",
                         help="accelerator (auto: KVM or HVF where they work, else TCG)")
@@ -115,6 +114,15 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--collect", action="append", default=[], metavar="GLOB",
                         help="--boot full: copy what matches GLOB (in the guest's working "
                         "directory) back into the working directory after the command")
+    # A kernel of the user's (vmrun.guest.userkernel; README, "Your own kernel").
+    parser.add_argument("--kernel", type=Path, metavar="PATH",
+                        help="boot this kernel (bzImage, arm64 Image or ELF vmlinux) with "
+                        "vmrun's initramfs and agent instead of the Debian one")
+    parser.add_argument("--append", default="", metavar="ARGS",
+                        help="add ARGS to the kernel command line, after vmrun's own")
+    parser.add_argument("--modules", type=Path, metavar="DIR",
+                        help="with --kernel: its modules, a 'make modules_install "
+                        "INSTALL_MOD_PATH=DIR' tree or its lib/modules/RELEASE")
     parser.add_argument("--mirror", help="Debian mirror (default $VMRUN_DEBIAN_MIRROR or "
                         "http://deb.debian.org/debian)")
     parser.add_argument("--insecure-unverified-guest", action="store_true",
@@ -129,8 +137,13 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--console", action="store_true", help="show the guest's console")
     parser.add_argument("-t", "--tty", action="store_true",
                         help="give the command a terminal (interactive use)")
-    parser.add_argument("-v", "--verbose", action="store_true",
+    parser.add_argument("--verbose", action="store_true",
                         help="print the QEMU argv and the time of each phase")
+    # -- defaults and output (config file: see vmrun.config)
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print none of vmrun's own notices and progress (errors still "
+                        "print)")
+    add_docker_options(parser)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
     return parser
 
@@ -169,9 +182,11 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
         mirror=args.mirror, insecure_unverified_guest=args.insecure_unverified_guest,
         tty=args.tty, image=args.image, boot=Boot(args.boot),
         image_format=args.image_format, cold=args.cold,
+        kernel=args.kernel, append=args.append, modules=args.modules,
         entrypoint=None if args.entrypoint is None else
         ((args.entrypoint,) if args.entrypoint else ()),
         insecure_registries=insecure_registries(args.insecure_registry, os.environ),
+        volumes=tuple(args.volumes), publish=tuple(args.publish), name=args.name,
         packages=parse_packages(args.packages) if args.packages is not None else (),
         suite=check_suite(args.suite) if args.suite is not None else None,
     )
@@ -202,32 +217,40 @@ def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def cmd_run(argv: Sequence[str]) -> int:
     options, command_argv = split_command(argv)
-    args = run_parser().parse_args(options)
+    defaults = config.run_defaults()  # option > environment > config file > built-in
+    parser = run_parser()
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(options)
+    if args.quiet and args.verbose:
+        raise UsageError("--quiet and --verbose contradict each other")
+    notice: Notice = silent if args.quiet else notice_stderr
     if args.command:
         # A word before "--" is never taken for the command: a typo like `vmrun --cpus 2
         # nrpoc` or `vmrun run images` must not boot a VM.
         raise UsageError(f"unexpected {args.command[0]!r}: the command goes after '--'",
                          hint=f"vmrun [OPTIONS] -- {' '.join(args.command)}")
     if args.arch and "," in args.arch:
-        if args.tty:
-            raise UsageError("-t cannot be used with several architectures")
+        if args.tty or args.publish:
+            raise UsageError(f"{'-t' if args.tty else '-p'} cannot be used with several "
+                             "architectures")
         if not command_argv:
             raise UsageError("no command given", hint="usage: vmrun [OPTIONS] -- COMMAND")
         arches = [a for a in args.arch.split(",") if a]
-        passthrough = without_options(argv, {"--arch", "--jobs", "-j", "--timings-file"})
-        return run_matrix(arches, passthrough, command_argv, args.jobs)
+        # Every architecture gets the defaults this run resolved, before its own options.
+        passthrough = [*config.as_options(defaults, leave_out=frozenset({"arch", "jobs"})),
+                       *without_options(argv, {"--arch", "--jobs", "-j", "--timings-file"})]
+        return run_matrix(arches, passthrough, command_argv, args.jobs, quiet=args.quiet)
     if args.tty and not os.isatty(0):
         raise UsageError("-t needs a terminal on stdin")
     oci_image = args.image is not None and is_image_reference(args.image)
     if not command_argv and not oci_image:
         raise no_command()
-    env = parse_env(args.env, dict(os.environ))
-    if args.tty and "TERM" in os.environ:
-        env = (("TERM", os.environ["TERM"]), *env)  # the guest's terminal is the host's
+    env = command_env(args)
     command = Command(argv=tuple(command_argv), env=env, timeout=args.timeout, tty=args.tty,
-                      stdin_stream=not os.isatty(0))
+                      stdin_stream=args.interactive or not os.isatty(0), cwd=args.workdir,
+                      user=args.user)
     spec = machine_spec(args)
-    oci = prepare_oci(spec, command) if oci_image else None
+    oci = prepare_oci(spec, command, notice) if oci_image else None
     if oci_image and oci is None and not command_argv:
         raise no_command()  # a VM disk from a registry has no default command
     full_only = [name for name, given in (("--include/--exclude/--sync", args.rules),
@@ -240,13 +263,16 @@ def cmd_run(argv: Sequence[str]) -> int:
 
         if spec.image is None:
             raise UsageError("--boot full needs --image")
+        if command.user is not None:
+            raise UsageError("--user does not work with --boot full",
+                             hint="switch users in the command (su, setpriv)")
         machine: Machine | FullMachine = FullMachine(spec, full_options(args), stdout_fd=1,
-                                                     stderr_fd=2)
+                                                     stderr_fd=2, notice=notice)
     elif full_only:
         raise UsageError(f"{full_only[0]} works with --boot full only")
     else:
-        machine = Machine(spec, stdout_fd=1, stderr_fd=2, share_via=args.share_via,
-                          oci=oci)
+        machine = Machine(spec, stdout_fd=1, stderr_fd=2, share_via=share_via(args),
+                          oci=oci, notice=notice)
     with machine:
         result = machine.run(command)
     if spec.verbose:
@@ -257,15 +283,33 @@ def cmd_run(argv: Sequence[str]) -> int:
     return result.exit_code
 
 
-def prepare_oci(spec: MachineSpec, command: Command) -> OciRun | None:
+def share_via(args: argparse.Namespace) -> str:
+    """--share-via, where auto means 9p with -u: virtiofsd creates files as the guest's
+    user, which vmrun's confinement refuses (see vmrun.share), while 9p creates them as
+    vmrun's own user."""
+    return "9p" if args.user is not None and args.share_via == "auto" else args.share_via
+
+
+def command_env(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """--env-file's variables, then -e's (the later wins in the guest)."""
+    host = dict(os.environ)
+    env = tuple(pair for path in args.env_file for pair in read_env_file(path, host))
+    env += parse_env(args.env, host)
+    if args.tty and "TERM" in os.environ:
+        env = (("TERM", os.environ["TERM"]), *env)  # the guest's terminal is the host's
+    return env
+
+
+def prepare_oci(spec: MachineSpec, command: Command, notice: Notice = notice_stderr
+                ) -> OciRun | None:
     """SPEC's OCI image pulled and read before anything boots: a run with no command
     and an image without a default fails here, not after the boot. None: the reference
     is a VM disk (pulled, and attached later like any disk image)."""
     from vmrun.oci import run as oci_run
 
     arch = lookup_arch(spec.arch or host_arch()).name
-    progress = progress_printer() if sys.stderr.isatty() else None
-    prepared = oci_run.prepare(spec, arch=arch, notice=notice_stderr, progress=progress)
+    with reporter(quiet=notice is silent) as progress:
+        prepared = oci_run.prepare(spec, arch=arch, notice=notice, progress=progress)
     if prepared is not None:
         oci_run.apply(prepared, command, shared=spec.share != Share.NONE)
     return prepared

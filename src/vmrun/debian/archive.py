@@ -31,6 +31,7 @@ from vmrun.cache import key_of, locked, remove_stale_parts, sha256_bytes, sha256
 from vmrun.debian.deb import parse_stanzas
 from vmrun.download import Expected, fetch_verified, remove_dead_parts
 from vmrun.errors import FetchError, VerificationError
+from vmrun.progress import Progress
 
 # The Debian archive's public keys, shipped with vmrun (keys/README.md says whence).
 SHIPPED_KEYRING = Path(__file__).with_name("keys") / "debian-archive-keyring.gpg"
@@ -38,7 +39,6 @@ KEYRING_ENV = "VMRUN_DEBIAN_KEYRING"
 # A part of a download that died stays this long for the next fetch to resume it.
 STALE_PART_AGE_S = 24 * 3600.0
 
-Progress = Callable[[str, int, int | None], None]
 
 _TIMEOUT_S = 60.0
 _INRELEASE_LIMIT = 16 << 20

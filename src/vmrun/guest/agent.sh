@@ -15,7 +15,8 @@
 # that fails, each command is answered "fail REASON" instead of "started" and not run.
 # "root squashfs" (an OCI image) mounts /dev/vda as a read-only squashfs under an overlay
 # whose upper layer is a tmpfs: writes live in guest memory and vanish with the VM.
-# "user UID GID" runs that command with those numeric ids (no supplementary groups).
+# "user UID GID" runs that command with those numeric ids (no supplementary groups), in
+# the image's root or in the initramfs alike.
 # Nothing here ever evaluates what the host sent as shell code: values only become
 # arguments, environment entries and paths.
 
@@ -27,7 +28,7 @@ say() { echo "vmrun-agent: $*" > /dev/console; }
 die() { say "$*"; sync; poweroff -f; sleep 5; }
 
 # One exec for all mounts: every fork+exec costs milliseconds under TCG.
-mount -t devtmpfs -o nosuid dev /dev 2>/dev/null
+mount -t devtmpfs -o nosuid dev /dev 2>/dev/null || no_devtmpfs=1
 mkdir -p /dev/pts /dev/shm
 mount -a
 ln -sf /proc/self/fd /dev/fd
@@ -45,6 +46,63 @@ load_modules() {
         [ -n "$ko" ] && insmod "$ko" 2>/dev/null
     done < "$1"
 }
+has_fs() {
+    local a b
+    while read -r a b; do
+        [ "$a" = "$1" ] || [ "$b" = "$1" ] && return 0
+    done < /proc/filesystems
+    return 1
+}
+
+# ---- what a kernel of the user's lacks (README, "Your own kernel") ----
+# Run at boot only with vmrun.check (--kernel), and when the channel never appears: a
+# normal boot pays one test of the command line. Found gaps go to the console as one line,
+# "vmrun-agent: missing CONFIG_A CONFIG_B", which the host turns into its error.
+in_set() {
+    local ko
+    while read -r ko; do
+        [ "${ko##*/}" = "$1.ko" ] && return 0
+    done < "/etc/vmrun/modules.$2"
+    return 1
+}
+# $1 driver (module) name, $2 module set, $3 option: bound or loadable, else missing.
+need_driver() {
+    [ -d "/sys/bus/virtio/drivers/$1" ] || in_set "$1" "$2" || missing="$missing $3"
+}
+kernel_missing() {
+    local d id any= transport
+    missing=
+    [ -n "$no_devtmpfs" ] && missing=" CONFIG_DEVTMPFS"
+    [ -d /sys/class/virtio-ports ] || missing="$missing CONFIG_VIRTIO_CONSOLE"
+    for d in /sys/bus/virtio/devices/*; do
+        [ -r "$d/device" ] || continue
+        any=1
+        read -r id < "$d/device"
+        case $id in
+            0x0001) need_driver virtio_net net CONFIG_VIRTIO_NET ;;
+            0x0002) need_driver virtio_blk blk CONFIG_VIRTIO_BLK ;;
+            0x0009) need_driver 9pnet_virtio 9p CONFIG_NET_9P_VIRTIO
+                    has_fs 9p || in_set 9p 9p || missing="$missing CONFIG_9P_FS" ;;
+            0x001a) need_driver virtiofs virtiofs CONFIG_VIRTIO_FS ;;
+        esac
+    done
+    if [ -z "$any" ]; then
+        read -r transport < /etc/vmrun/transport
+        missing="$missing $transport"
+    fi
+    missing=${missing# }
+}
+check_kernel() {
+    local i
+    # Devices a driver has yet to probe may still come: a short grace, only when short.
+    for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+        kernel_missing
+        [ -z "$missing" ] && return 0
+        usleep 50000
+    done
+    die "missing $missing"
+}
+
 read -r cmdline < /proc/cmdline
 if [ "${cmdline#* vmrun.probe}" != "$cmdline" ]; then
     echo vmrun-probe-ok > /dev/console
@@ -52,6 +110,7 @@ if [ "${cmdline#* vmrun.probe}" != "$cmdline" ]; then
 fi
 
 load_modules /etc/vmrun/modules.boot
+[ "${cmdline#* vmrun.check}" != "$cmdline" ] && check_kernel
 ip link set lo up 2>/dev/null
 if [ "${cmdline#* vmrun.warm}" != "$cmdline" ]; then
     # A boot that may become a template: what a restored copy would load after restore,
@@ -119,7 +178,11 @@ while :; do
     done
     [ -n "$ctl" ] && [ -n "$status" ] && [ -n "$out" ] && [ -n "$err" ] && [ -n "$inp" ] && break
     tries=$((tries + 1))
-    [ "$tries" -gt 2000 ] && die "channel ports did not appear"
+    if [ "$tries" -gt 2000 ]; then
+        kernel_missing
+        [ -n "$missing" ] && die "missing $missing"
+        die "channel ports did not appear"
+    fi
     usleep 5000
 done
 
@@ -181,14 +244,6 @@ inroot() {
         fi
     done
     v=$root$got
-}
-
-has_fs() {
-    local a b
-    while read -r a b; do
-        [ "$a" = "$1" ] || [ "$b" = "$1" ] && return 0
-    done < /proc/filesystems
-    return 1
 }
 
 # root N: mount /dev/vdaN (on the run's overlay, read-write) with what a command expects
@@ -331,11 +386,11 @@ run_command() {
                 shift
                 set -- /bin/busybox nsenter --root="$root" --wd="$wd" $ids -- "$v" "$@"
             fi
-        elif [ -n "$ids" ]; then
-            exit 126
         else
             [ -d "$cwd" ] || mkdir -p -- "$cwd"
             cd -- "$cwd" || exit 126
+            # Numeric ids need no account: nsenter without namespaces only drops to them.
+            [ -z "$ids" ] || set -- /bin/busybox nsenter $ids -- "$@"
         fi
         if [ -n "$tty" ]; then
             exec /bin/busybox setsid -c "$@"

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from vmrun import cache as cachelib
 from vmrun.debian import mirror_from_env
 from vmrun.errors import FetchError
+from vmrun.progress import Progress
 from vmrun.qemu.arch import Arch, Transport
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 # found without it, and every run's start-up time counts.
 
 # Bump when the layout of the initramfs changes in a way the agent depends on.
-INITRD_FORMAT = "7"
+INITRD_FORMAT = "8"
 
 # Module sets the agent loads: at boot, and when a request needs them.
 MODULE_SETS: dict[str, tuple[str, ...]] = {
@@ -52,6 +53,8 @@ MODULE_SETS: dict[str, tuple[str, ...]] = {
     "oci": ("squashfs", "overlay"),
 }
 TRANSPORT_MODULE = {Transport.MMIO: "virtio_mmio", Transport.PCI: "virtio_pci", Transport.CCW: ""}
+TRANSPORT_OPTION = {Transport.MMIO: "CONFIG_VIRTIO_MMIO", Transport.PCI: "CONFIG_VIRTIO_PCI",
+                    Transport.CCW: "CONFIG_VIRTIO_CCW"}
 
 # Only these parts of the kernel's module tree are unpacked: the closure of the sets
 # above lies inside them (checked when the closure is computed).
@@ -74,7 +77,6 @@ shm /dev/shm tmpfs nosuid,nodev,mode=1777 0 0
 """
 
 Notice = Callable[[str], None]
-Progress = Callable[[str, int, int | None], None]
 
 # The one name of the way to boot a guest whose packages nobody vouched for.
 INSECURE_OPTION = "--insecure-unverified-guest"
@@ -202,7 +204,7 @@ def _modules_root(kernel_dir: Path) -> Path:
 
 
 def _write_initrd(out: io.BufferedWriter, *, busybox: bytes, agent: bytes, release: str,
-                  module_sets: dict[str, list[Module]]) -> None:
+                  module_sets: dict[str, list[Module]], transport: str) -> None:
     from vmrun.guest import modules as modlib
     from vmrun.guest.cpio import CpioWriter
 
@@ -218,6 +220,8 @@ def _write_initrd(out: io.BufferedWriter, *, busybox: bytes, agent: bytes, relea
     cpio.file("etc/fstab", FSTAB)
     cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     cpio.file("etc/group", b"root:x:0:\ntty:x:5:\n")
+    # The option the agent names when no virtio device shows up (a kernel of the user's).
+    cpio.file("etc/vmrun/transport", transport.encode() + b"\n")
     written: set[str] = set()
     for set_name, mods in module_sets.items():
         paths = []
@@ -235,8 +239,21 @@ def _build_initrd(kernel_dir: Path, busybox_root: Path, arch: Arch, cache: Path)
     from vmrun.guest import modules as modlib
 
     modules_root = _modules_root(kernel_dir)
-    release = modules_root.name
-    available = modlib.scan_modules(modules_root)
+    busybox_path = next(
+        (p for p in (busybox_root / "bin/busybox", busybox_root / "usr/bin/busybox")
+         if p.exists()), None)
+    if busybox_path is None:
+        raise FetchError("the busybox-static package holds no busybox binary")
+    sets = module_sets(modlib.scan_modules(modules_root), arch)
+    return cached_initrd(cache, arch=arch, busybox=busybox_path.read_bytes(),
+                         release=modules_root.name, sets=sets)
+
+
+def module_sets(available: dict[str, Module], arch: Arch) -> dict[str, list[Module]]:
+    """The modules of each of MODULE_SETS found in AVAILABLE, with what they need, each
+    module in the first set that needs it; missing ones are taken to be built in."""
+    from vmrun.guest import modules as modlib
+
     boot_wanted = [TRANSPORT_MODULE[arch.transport], *MODULE_SETS["boot"]]
     boot = modlib.closure([m for m in boot_wanted if m], available, missing_ok=True)
     sets = {"boot": boot}
@@ -245,22 +262,24 @@ def _build_initrd(kernel_dir: Path, busybox_root: Path, arch: Arch, cache: Path)
         if name != "boot":
             sets[name] = [m for m in modlib.closure(wanted, available, missing_ok=True)
                           if m.name not in loaded]
-    busybox_path = next(
-        (p for p in (busybox_root / "bin/busybox", busybox_root / "usr/bin/busybox")
-         if p.exists()), None)
-    if busybox_path is None:
-        raise FetchError("the busybox-static package holds no busybox binary")
-    busybox = busybox_path.read_bytes()
+    return sets
+
+
+def cached_initrd(cache: Path, *, arch: Arch, busybox: bytes, release: str,
+                  sets: dict[str, list[Module]]) -> Path:
+    """vmrun's initramfs with BUSYBOX, the agent and SETS of modules, built once per
+    content."""
     agent = _agent_script()
     key = cachelib.key_of(
-        INITRD_FORMAT, agent, busybox, release,
+        INITRD_FORMAT, agent, busybox, release, TRANSPORT_OPTION[arch.transport],
         *[f"{n}:{m.name}:{cachelib.sha256_file(m.path)}" for n, ms in sets.items() for m in ms],
     )
     final = cache / "initrd" / f"{key}.cpio"
     if final.exists():
         return final
     with cachelib.staged(final) as tmp, open(tmp, "wb") as out:
-        _write_initrd(out, busybox=busybox, agent=agent, release=release, module_sets=sets)
+        _write_initrd(out, busybox=busybox, agent=agent, release=release, module_sets=sets,
+                      transport=TRANSPORT_OPTION[arch.transport])
     return final
 
 
@@ -439,3 +458,24 @@ def ensure_guest(arch: Arch, *, mirror: str | None = None, cache: Path | None = 
         })
     return Guest(arch=arch, kernel=kernel, initrd=initrd, release=release,
                  key=cachelib.key_of(str(kernel), str(initrd)))
+
+
+def ensure_busybox(arch: Arch, *, mirror: str | None = None, cache: Path | None = None,
+                   notice: Notice = lambda _: None, progress: Progress | None = None,
+                   insecure_unverified_guest: bool = False) -> bytes:
+    """The static busybox of ARCH's default guest (fetched and verified with it), for an
+    initramfs around a kernel of the user's."""
+    cache = cache or cachelib.cache_dir()
+    ensure_guest(arch, mirror=mirror, cache=cache, notice=notice, progress=progress,
+                 insecure_unverified_guest=insecure_unverified_guest)
+    pointer = _pointer(cache, arch)
+    with cachelib.locked(pointer.with_suffix(".lock")):
+        deb = _read_pointer(pointer).get("busybox")
+        if not isinstance(deb, str) or not _intact_deb(deb):
+            raise FetchError(f"the busybox-static package for {arch.name} is gone from the "
+                             "cache", hint="run again: it is fetched anew")
+        root = _unpack_busybox(Path(deb), cache)
+    for candidate in (root / "bin/busybox", root / "usr/bin/busybox"):
+        if candidate.exists():
+            return candidate.read_bytes()
+    raise FetchError("the busybox-static package holds no busybox binary")

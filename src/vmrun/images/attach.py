@@ -26,11 +26,11 @@ from vmrun.images.aliases import ALIASES
 from vmrun.images.partitions import SECTOR, find_root_partition, head_arch, read_head
 from vmrun.images.rawdisk import require_disk
 from vmrun.oci.reference import is_image_reference
+from vmrun.progress import Progress
 from vmrun.rundir import live_runs
 from vmrun.spec import Boot
 
 Notice = Callable[[str], None]
-Progress = Callable[[str, int, int | None], None]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,8 +23,9 @@ from typing import Any
 
 from vmrun.errors import ImageError, UnsafeImage, UsageError
 from vmrun.images import formats, qemu_img
+from vmrun.progress import Percent
 
-Progress = Callable[[float], None]
+Progress = Percent
 
 QCOW2_MAGIC = b"QFI\xfb"
 MAX_CHAIN_DEPTH = 64

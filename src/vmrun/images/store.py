@@ -44,8 +44,8 @@ from vmrun.cache import cache_dir, key_of, locked, remove_stale_parts, sha256_fi
 from vmrun.download import Expected, download, lock_if_free, open_url, read_sidecar
 from vmrun.errors import FetchError, ImageError, UsageError, VerificationError
 from vmrun.images import aliases
+from vmrun.progress import Progress
 
-Progress = Callable[[str, int, int | None], None]
 Validate = Callable[[Path], object]
 
 MIRROR_ENV = "VMRUN_IMAGE_MIRROR"

@@ -30,7 +30,8 @@ from vmrun.oci.disks import PulledDisk
 from vmrun.oci.layers import Layer
 from vmrun.oci.reference import ImageRef, RegistryRef, parse_reference
 from vmrun.oci.rootfs import COMPRESSOR, COMPRESSOR_OPTIONS, FORMAT, build_rootfs
-from vmrun.oci.sources import Progress, Source, open_source
+from vmrun.oci.sources import Source, open_source
+from vmrun.progress import Progress
 from vmrun.qemu.arch import lookup_arch
 
 # Part of every root image's key: a change to how images are built makes new ones.
@@ -148,10 +149,16 @@ def _pull(ref: ImageRef, arch: str, root: Path, progress: Progress | None,
         if cached is not None:
             return cached
         total = sum(layer.path.stat().st_size for layer in layers)
-        notice(f"converting {len(layers)} layers ({total / 1e6:.1f} MB) of {ref}")
+        step = f"converting {len(layers)} layers of {ref}"
+        if progress is None:
+            notice(f"converting {len(layers)} layers ({total / 1e6:.1f} MB) of {ref}")
+        else:
+            progress(step, 0, total)  # its end line says how long it took
         image = RootImage(root / "roots" / f"{key}.sqfs", config, str(ref), digest,
                           manifest_digest, arch)
         _build(root, key, layers, image)
+        if progress is not None:
+            progress(step, total, total)
         return image
 
 

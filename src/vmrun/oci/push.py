@@ -24,7 +24,8 @@ from vmrun.oci import disks
 from vmrun.oci import manifest as mf
 from vmrun.oci.auth import find_credentials
 from vmrun.oci.reference import RegistryRef, parse_reference
-from vmrun.oci.registry import Progress, Registry
+from vmrun.oci.registry import Registry
+from vmrun.progress import Progress
 from vmrun.qemu.arch import lookup_arch
 
 Notice = Callable[[str], None]

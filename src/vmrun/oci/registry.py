@@ -18,7 +18,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,7 @@ from vmrun.errors import FetchError, VerificationError
 from vmrun.oci.auth import Credentials
 from vmrun.oci.manifest import ACCEPT, MANIFEST_LIMIT, Descriptor
 from vmrun.oci.reference import RegistryRef
-
-Progress = Callable[[str, int, int | None], None]
+from vmrun.progress import Progress
 
 TIMEOUT_S = 60.0
 ATTEMPTS = 3

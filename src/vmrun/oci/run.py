@@ -20,10 +20,10 @@ from vmrun.errors import ImageError, UsageError
 from vmrun.oci.disks import PulledDisk
 from vmrun.oci.pull import RootImage, ensure_image
 from vmrun.oci.reference import ImageRef, RegistryRef, is_insecure, parse_reference
-from vmrun.spec import Boot, Command, MachineSpec
+from vmrun.progress import Progress
+from vmrun.spec import Boot, Command, MachineSpec, User
 
 Notice = Callable[[str], None]
-Progress = Callable[[str, int, int | None], None]
 
 RDSQUASHFS = "rdsquashfs"
 # /etc/passwd or /etc/group bigger than this is not read (a hostile image's file).
@@ -102,9 +102,16 @@ def apply(run: OciRun, command: Command, *, shared: bool) -> Command:
     cwd = command.cwd
     if cwd is None and not shared:
         cwd = config.working_dir or "/"
+    identity, user = run.identity, command.user
+    if user is not None:
+        # -u: the group (when not given) and home from the image's /etc/passwd, as docker.
+        wanted = str(user.uid) if user.gid is None else f"{user.uid}:{user.gid}"
+        identity = resolve_user(wanted, lambda name: read_image_file(run.image.path, name),
+                                "")
+        user = User(identity.uid, identity.gid)
     return dataclasses.replace(
         command, argv=command_argv(run.entrypoint, config.cmd, command.argv),
-        env=image_env(config.env, run.identity, command.env), cwd=cwd)
+        env=image_env(config.env, identity, command.env), cwd=cwd, user=user)
 
 
 # ---- User ---------------------------------------------------------------------------------

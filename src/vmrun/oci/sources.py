@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -16,8 +16,8 @@ from vmrun.oci.auth import find_credentials
 from vmrun.oci.manifest import MANIFEST_LIMIT, Descriptor, parse_descriptor
 from vmrun.oci.reference import ArchiveRef, ImageRef, LayoutRef, RegistryRef
 from vmrun.oci.registry import Registry
+from vmrun.progress import Progress
 
-Progress = Callable[[str, int, int | None], None]
 REF_NAME = "org.opencontainers.image.ref.name"
 _CHUNK = 1 << 20
 

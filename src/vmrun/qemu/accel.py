@@ -19,6 +19,8 @@ from vmrun.qemu.argv import kernel_cmdline
 from vmrun.spec import Accel
 
 PROBE_DEADLINE = 1.5  # seconds a working KVM needs, with room, to boot the guest to init
+DETAIL_WIDTH = 160  # of QEMU's last stderr line in a failed probe's answer
+MEMO_FORMAT = "2"  # 2: the memo names its boot, QEMU and machine (for vmrun doctor)
 
 
 @dataclass(frozen=True)
@@ -59,18 +61,25 @@ def probe_kvm(qemu: str, kernel: Path, initrd: Path, cmdline: str, machine: str)
         if done.returncode != 0:
             lines = done.stderr.decode(errors="replace").strip().splitlines()
             detail = lines[-1] if lines else f"exit status {done.returncode}"
-            if len(detail) > 120:
-                detail = detail[:117] + "..."
-            return f"a test boot under KVM failed ({detail})"
+            return f"a test boot under KVM failed ({clip(detail, DETAIL_WIDTH)})"
         if b"vmrun-probe-ok" not in serial.read_bytes():
             return "a test boot under KVM did not reach the guest agent"
     return None
 
 
+def clip(text: str, width: int) -> str:
+    """TEXT cut to at most about WIDTH characters at a space, never inside a word."""
+    if len(text) <= width:
+        return text
+    cut = text.rfind(" ", 0, width - 3)
+    return text if cut <= 0 else text[:cut].rstrip() + " ..."
+
+
 def kvm_usable(qemu: str, qemu_version: str, kernel: Path, initrd: Path, cmdline: str,
                machine: str, cache: Path) -> str | None:
     """Like probe_kvm, but remembered for this host boot, QEMU and kernel."""
-    key = cachelib.key_of(_boot_id(), qemu, qemu_version, str(kernel), str(initrd), machine)
+    key = cachelib.key_of(MEMO_FORMAT, _boot_id(), qemu, qemu_version, str(kernel),
+                          str(initrd), machine)
     memo = cache / "accel" / f"kvm-{key}.json"
     # Many runs starting at once probe once; the others wait for its answer.
     with cachelib.locked(memo.with_suffix(".lock")):
@@ -81,8 +90,25 @@ def kvm_usable(qemu: str, qemu_version: str, kernel: Path, initrd: Path, cmdline
                 pass
         problem = probe_kvm(qemu, kernel, initrd, cmdline, machine)
         with cachelib.staged(memo) as tmp:
-            tmp.write_text(json.dumps({"problem": problem}))
+            tmp.write_text(json.dumps({"problem": problem, "boot_id": _boot_id(),
+                                       "qemu": qemu, "machine": machine}))
     return problem
+
+
+def remembered_kvm(qemu: str, machine: str, cache: Path) -> tuple[str | None] | None:
+    """The newest KVM probe answer for QEMU and MACHINE in this host boot, probing
+    nothing: (None,) if KVM worked, (problem,) if not, None if no run probed yet."""
+    answers: list[tuple[float, str | None]] = []
+    for memo in (cache / "accel").glob("kvm-*.json"):
+        try:
+            data = json.loads(memo.read_text())
+            stamp = memo.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        if (isinstance(data, dict) and data.get("boot_id") == _boot_id()
+                and data.get("qemu") == qemu and data.get("machine") == machine):
+            answers.append((stamp, data.get("problem")))
+    return (max(answers, key=lambda answer: answer[0])[1],) if answers else None
 
 
 def fallback_news(choice: AccelChoice, cache: Path | None = None) -> bool:
@@ -100,6 +126,15 @@ def fallback_news(choice: AccelChoice, cache: Path | None = None) -> bool:
     except FileExistsError:
         return False
     return True
+
+
+def fallback_notice(choice: AccelChoice, *, verbose: bool, cache: Path | None = None
+                    ) -> str | None:
+    """The notice for CHOICE's fall-back to TCG: once when it is found out, afterwards
+    only when VERBOSE (vmrun doctor reports it too); None when there is nothing to say."""
+    if fallback_news(choice, cache) or (choice.fell_back and verbose):
+        return f"{choice.reason}; using TCG (slower)"
+    return None
 
 
 def choose_accel(

@@ -7,7 +7,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from vmrun.qemu.arch import Arch, Transport
-from vmrun.spec import Accel
+from vmrun.spec import Accel, Publish
 
 # The chardevs vmrun connects to the guest agent's virtio-serial ports, in this order.
 PORTS = ("control", "status", "stdout", "stderr", "stdin")
@@ -21,12 +21,18 @@ class ShareKind(StrEnum):
     VIRTIOFS = "virtiofs"
 
 
+def volume_tag(index: int) -> str:
+    """The mount tag of volume INDEX (from 1): SHARE_TAG is the working directory's."""
+    return f"vmrun{index}"
+
+
 @dataclass(frozen=True)
 class ShareDevice:
     kind: ShareKind
     path: Path
     readonly: bool
     socket: Path | None = None  # virtiofs: virtiofsd's vhost-user socket
+    tag: str = SHARE_TAG  # the working directory's; volumes (-v) are vmrun1, vmrun2, ...
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,16 @@ class BootPlan:
     sandbox: bool = True  # -sandbox needs QEMU built with seccomp
     ram: RamFile | None = None  # guest RAM in a file: a warm-start template's (vmrun.warm)
     incoming: bool = False  # wait for the device state to restore (migrate-incoming)
+    volumes: tuple[ShareDevice, ...] = ()  # more shared directories (-v), after SHARE
+    forwards: tuple[Publish, ...] = ()  # host ports forwarded to the guest (-p)
+
+    @property
+    def shares(self) -> tuple[ShareDevice, ...]:
+        """Every shared directory: the working directory's first."""
+        return (*(() if self.share is None else (self.share,)), *self.volumes)
+
+    def uses_virtiofs(self) -> bool:
+        return any(s.kind == ShareKind.VIRTIOFS for s in self.shares)
 
 
 @dataclass(frozen=True)
@@ -95,7 +111,7 @@ def machine_args(plan: BootPlan) -> list[str]:
         machine += ",isa-serial=on,rtc=on"
     if plan.arch.name == "aarch64" and plan.accel == Accel.KVM:
         machine += ",gic-version=host"
-    if plan.ram is not None or (plan.share is not None and plan.share.kind == ShareKind.VIRTIOFS):
+    if plan.ram is not None or plan.uses_virtiofs():
         machine += ",memory-backend=mem"
     return ["-machine", machine]
 
@@ -106,24 +122,28 @@ def option_value(value: object) -> str:
 
 
 def share_args(plan: BootPlan) -> list[str]:
-    share = plan.share
-    if share is None:
-        return []
+    argv: list[str] = []
+    if plan.uses_virtiofs():
+        argv += ["-object", f"memory-backend-memfd,id=mem,size={plan.memory_mib}M,share=on"]
+    for index, share in enumerate(plan.shares):
+        argv += share_device_args(plan.arch, share, index)
+    return argv
+
+
+def share_device_args(arch: Arch, share: ShareDevice, index: int) -> list[str]:
     if share.kind == ShareKind.NINEP:
-        fsdev = f"local,id=share0,path={option_value(share.path)}"
+        fsdev = f"local,id=share{index},path={option_value(share.path)}"
         fsdev += ",security_model=none,multidevs=remap"
         if share.readonly:
             fsdev += ",readonly=on"
         return [
             "-fsdev", fsdev,
-            "-device", f"{plan.arch.device('9p')},fsdev=share0,mount_tag={SHARE_TAG}",
+            "-device", f"{arch.device('9p')},fsdev=share{index},mount_tag={share.tag}",
         ]
     assert share.socket is not None
     return [
-        "-object",
-        f"memory-backend-memfd,id=mem,size={plan.memory_mib}M,share=on",
-        "-chardev", f"socket,id=vfs0,path={option_value(share.socket)}",
-        "-device", f"vhost-user-fs-{plan.arch.device_suffix},chardev=vfs0,tag={SHARE_TAG}",
+        "-chardev", f"socket,id=vfs{index},path={option_value(share.socket)}",
+        "-device", f"vhost-user-fs-{arch.device_suffix},chardev=vfs{index},tag={share.tag}",
     ]
 
 
@@ -131,7 +151,7 @@ def warm_args(plan: BootPlan) -> list[str]:
     """RAM in a template's file, and the device state to restore (see vmrun.warm)."""
     if plan.ram is None:
         return []
-    if plan.share is not None and plan.share.kind == ShareKind.VIRTIOFS:
+    if plan.uses_virtiofs():
         raise ValueError("a RAM file and virtiofs (vhost-user-fs) cannot go together")
     share = "on" if plan.ram.shared else "off"
     argv = ["-object", f"memory-backend-file,id=mem,size={plan.memory_mib}M,"
@@ -174,7 +194,10 @@ def build_argv(plan: BootPlan, qemu: str | None = None) -> list[str]:
         argv += ["-chardev", f"socket,id=tty,fd={plan.fds['tty']}"]
         argv += ["-device", "virtconsole,chardev=tty,name=vmrun.tty"]
     if plan.net:
-        argv += ["-netdev", "user,id=net0", "-device", f"{arch.device('net')},netdev=net0"]
+        netdev = "user,id=net0" + "".join(
+            f",hostfwd=tcp:{rule.address}:{rule.host_port}-:{rule.guest_port}"
+            for rule in plan.forwards)
+        argv += ["-netdev", netdev, "-device", f"{arch.device('net')},netdev=net0"]
     argv += share_args(plan)
     if plan.disk is not None:
         # The format is always named (never probed), and a failed write is reported to

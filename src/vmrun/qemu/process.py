@@ -18,6 +18,7 @@ from vmrun import confine
 from vmrun.errors import QemuError
 from vmrun.qemu.arch import Arch
 from vmrun.qemu.argv import SANDBOX
+from vmrun.qemu.install import host_system, install_hint
 from vmrun.qemu.qmp import Qmp
 
 PR_SET_PDEATHSIG = 1
@@ -26,10 +27,8 @@ PR_SET_PDEATHSIG = 1
 def find_qemu(arch: Arch) -> str:
     path = shutil.which(arch.qemu_binary)
     if path is None:
-        raise QemuError(
-            f"{arch.qemu_binary} not found",
-            hint=f"install it: apt-get install {arch.qemu_package}",
-        )
+        raise QemuError(f"QEMU for {arch.name} is not installed ({arch.qemu_binary} is not "
+                        "on PATH)", hint=install_hint(arch, host_system()))
     return path
 
 

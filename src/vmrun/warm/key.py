@@ -43,6 +43,7 @@ class Shape:
     qemu_version: str
     qemu_identity: str  # inode, size and mtime of the binary
     sandbox: bool
+    volumes: int = 0  # how many more 9p devices (-v): no paths, as for share
     vmrun: str = __version__
     recipe: str = RECIPE
 

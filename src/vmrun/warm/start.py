@@ -195,7 +195,13 @@ def why_cold(spec: MachineSpec, *, arch: str, custom_guest: bool, share_via: str
         return f"warm starts are not verified for {arch} guests yet"
     if custom_guest:
         return "a guest other than vmrun's own"
-    if share_via == "virtiofs" and spec.share != Share.NONE:
+    if spec.kernel is not None:
+        # A copy of a template is a machine of its own only once the restored kernel has
+        # reseeded its generator (a suspend cycle through PM_DEBUG's pm_test), which a
+        # kernel of the user's need not offer; and it changes with every build, so a
+        # template would be made far more often than used.
+        return "--kernel boots cold: a template needs a kernel vmrun can reseed"
+    if share_via == "virtiofs" and (spec.share != Share.NONE or spec.volumes):
         return "virtiofs (vhost-user-fs) cannot be saved in a template: use --share-via 9p"
     if os.environ.get("VMRUN_COLD"):
         return "VMRUN_COLD is set"
@@ -208,7 +214,7 @@ def shape_of(plan: BootPlan, qemu: str, guest: Guest, *, tty: bool) -> Shape:
     return Shape(
         arch=plan.arch.name, accel=str(plan.accel), cpus=plan.cpus,
         memory_mib=plan.memory_mib, share="none" if plan.share is None else str(plan.share.kind),
-        net=plan.net, tty=tty, disk=disk_kind(plan), guest=guest.key,
+        volumes=len(plan.volumes), net=plan.net, tty=tty, disk=disk_kind(plan), guest=guest.key,
         kernel=str(plan.kernel), initrd=str(plan.initrd), cmdline=plan.cmdline,
         tsc_khz=tcg_tsc_khz(plan.arch, plan.accel), host_cpu=host_cpu() if hardware else "",
         qemu=qemu, qemu_version=qemu_version_cached(qemu), qemu_identity=binary_identity(qemu),
