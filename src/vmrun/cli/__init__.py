@@ -21,7 +21,6 @@ from vmrun.errors import (
 )
 
 
-
 class Terminated(Exception):
     pass
 
