@@ -34,6 +34,10 @@ SLIM_DPKG_OPTIONS = (
 )
 CLEAN_APT = 'rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/log/*.log'
 _LOG_TAIL = 2000
+STOP_GRACE_S = 60.0
+# apt's words for a name it does not know, or knows with nothing to install.
+MISSING = re.compile(r"Unable to locate package (\S+)|Package '?([^' ]+)'? has no "
+                     r"installation candidate")
 
 
 @dataclass(frozen=True)
@@ -105,17 +109,49 @@ def check_host(debian_arch: str) -> None:
 
 
 def run(bootstrap: Bootstrap, target: str, *, stdout: IO[bytes] | int | None,
-        log: Path) -> subprocess.Popen[bytes]:
-    """Start mmdebstrap writing to TARGET ("-": a tar on STDOUT); messages go to LOG."""
+        log: Path, tmpdir: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start mmdebstrap writing to TARGET ("-": a tar on STDOUT); messages go to LOG. Its
+    own working directory goes under TMPDIR (default: the system's). End it with stop()."""
     check_host(bootstrap.arch)
+    env = {**os.environ, "TMPDIR": str(tmpdir)} if tmpdir is not None else None
     with open(log, "ab") as log_file:
         return subprocess.Popen(bootstrap.argv(target), stdin=subprocess.DEVNULL,
-                                stdout=stdout, stderr=log_file)
+                                stdout=stdout, stderr=log_file, env=env)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """End an interrupted mmdebstrap through its own clean-up: as root it has mounted
+    proc, sys and device nodes into its directory, which a SIGKILL would leave behind.
+    SIGTERM, then up to STOP_GRACE_S for it to unmount and remove its directory."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def finish(bootstrap: Bootstrap, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait for PROCESS; on an interruption stop() it; ImageError if it failed."""
+    try:
+        status = process.wait()
+    except BaseException:
+        stop(process)
+        raise
+    if status != 0:
+        raise failure(bootstrap, status, log)
 
 
 def failure(bootstrap: Bootstrap, status: int, log: Path) -> ImageError:
     """The error for an mmdebstrap that exited with STATUS, with its last message."""
     text = log.read_text(errors="replace")[-_LOG_TAIL:] if log.exists() else ""
+    missing = MISSING.findall(text)
+    if missing:
+        names = ", ".join(dict.fromkeys(a or b for a, b in missing))
+        return ImageError(f"no package {names} in {bootstrap.suite} for {bootstrap.arch} on "
+                          f"{bootstrap.mirror}", hint="check the names (apt-cache search, or "
+                          "packages.debian.org); nothing was stored")
     lines = [line for line in text.strip().splitlines() if line.strip()]
     # mmdebstrap ends with "E: mmdebstrap failed to run"; what failed is said before it.
     telling = [line for line in lines if not line.startswith(("E: mmdebstrap failed",

@@ -13,7 +13,6 @@ images have no boot loader yet: they run with `--boot fast` only.
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import struct
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from vmrun import cache as cachelib
-from vmrun.build.debootstrap import Bootstrap, check_host, failure
+from vmrun.build.debootstrap import Bootstrap, check_host, finish, run
 from vmrun.debian import archive
 from vmrun.errors import ImageError, UsageError
 from vmrun.images.partitions import BIOS_BOOT, DPS_ROOT, ESP
@@ -199,12 +198,8 @@ def build_disk(disk: DiskRecipe, state: archive.ArchiveState, out: Path) -> None
             finish=(hook(MAKE_ROOT, root_uuid, str(root_img), str(disk.size // 1024),
                          str(work / "tree")),))
         log = work / "mmdebstrap.log"
-        with open(log, "ab") as log_file:
-            status = subprocess.run(bootstrap.argv("/dev/null"), stdin=subprocess.DEVNULL,
-                                    stdout=log_file, stderr=log_file, check=False,
-                                    env={**os.environ, "TMPDIR": str(work)}).returncode
-        if status != 0:
-            raise failure(bootstrap, status, log)
+        finish(bootstrap, run(bootstrap, "/dev/null", stdout=subprocess.DEVNULL, log=log,
+                              tmpdir=work), log)
         esp_img = None
         if layout.efi_target is not None and "uefi" in disk.firmware:
             esp_img = work / "esp.img"

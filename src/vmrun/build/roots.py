@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmrun import cache as cachelib
-from vmrun.build.debootstrap import Bootstrap, check_suite, describe, failure
+from vmrun.build.debootstrap import Bootstrap, check_suite, describe, finish, stop
 from vmrun.build.debootstrap import run as run_mmdebstrap
 from vmrun.debian import archive, mirror_from_env
 from vmrun.errors import FetchError, ImageError
@@ -148,13 +148,11 @@ def _bootstrap_to_squashfs(bootstrap: Bootstrap, out: Path, log: Path) -> None:
             consumer = subprocess.run(tar2sqfs_argv(out, jobs), stdin=producer.stdout,
                                       stdout=log_file, stderr=subprocess.STDOUT, check=False)
     except BaseException:
-        producer.kill()
+        stop(producer)
         raise
     finally:
         producer.stdout.close()
-        status = producer.wait()
-    if status != 0:
-        raise failure(bootstrap, status, log)
+    finish(bootstrap, producer, log)
     if consumer.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()
         raise ImageError(f"tar2sqfs failed (exit {consumer.returncode}) on mmdebstrap's root: "
