@@ -374,16 +374,50 @@ def test_a_missing_package_is_named(tmp_path: Path) -> None:
         "E: setup failed: E: command failed: mke2fs")
 
 
+def test_stop_signals_the_whole_group(tmp_path: Path) -> None:
+    """mmdebstrap waits for its setup process before it cleans up: the group gets it."""
+    script = (f'trap "touch {tmp_path}/main; exit 1" TERM; '
+              f'sh -c \'trap "touch {tmp_path}/helper; exit 1" TERM; echo up; '
+              'while :; do sleep 1; done\' & wait')
+    main = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE,
+                            start_new_session=True)
+    assert main.stdout is not None and main.stdout.readline() == b"up\n"
+    debootstrap.stop(main)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "helper").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (tmp_path / "helper").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+def test_a_work_directory_with_mounts_is_left_alone(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    (work / "proc").mkdir(parents=True)
+    (work / "file").write_text("kept")
+    assert debootstrap.mounts_under(work) == []
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(work / "proc")], check=True)
+    try:
+        assert debootstrap.mounts_under(work) == [str(work / "proc")]
+        with pytest.raises(ImageError, match="still has 1 mounts"):
+            debootstrap.remove_work(work)
+        assert (work / "file").read_text() == "kept"
+    finally:
+        subprocess.run(["umount", str(work / "proc")], check=True)
+    debootstrap.remove_work(work)
+    assert not work.exists()
+
+
 def test_stop_lets_mmdebstrap_clean_up_then_kills(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     script = f'trap "touch {tmp_path}/cleaned; exit 1" TERM; echo up; while :; do sleep 1; done'
-    polite = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE)
+    polite = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE,
+                              start_new_session=True)
     assert polite.stdout is not None and polite.stdout.readline() == b"up\n"
     debootstrap.stop(polite)
     assert polite.returncode == 1 and (tmp_path / "cleaned").exists()
     monkeypatch.setattr(debootstrap, "STOP_GRACE_S", 0.5)
     stubborn = subprocess.Popen(["sh", "-c", "trap '' TERM; echo up; exec sleep 600"],
-                                stdout=subprocess.PIPE)
+                                stdout=subprocess.PIPE, start_new_session=True)
     assert stubborn.stdout is not None and stubborn.stdout.readline() == b"up\n"
     debootstrap.stop(stubborn)
     assert stubborn.returncode == -9

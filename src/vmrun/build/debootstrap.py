@@ -8,9 +8,11 @@ fails only after its downloads otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -115,21 +117,53 @@ def run(bootstrap: Bootstrap, target: str, *, stdout: IO[bytes] | int | None,
     check_host(bootstrap.arch)
     env = {**os.environ, "TMPDIR": str(tmpdir)} if tmpdir is not None else None
     with open(log, "ab") as log_file:
+        # A process group of its own: stop() signals mmdebstrap with its helpers.
         return subprocess.Popen(bootstrap.argv(target), stdin=subprocess.DEVNULL,
-                                stdout=stdout, stderr=log_file, env=env)
+                                stdout=stdout, stderr=log_file, env=env,
+                                start_new_session=True)
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
     """End an interrupted mmdebstrap through its own clean-up: as root it has mounted
     proc, sys and device nodes into its directory, which a SIGKILL would leave behind.
-    SIGTERM, then up to STOP_GRACE_S for it to unmount and remove its directory."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    SIGTERM to its whole group (its setup process, apt, dpkg: mmdebstrap waits for them
+    before it cleans up), then up to STOP_GRACE_S for it to unmount and remove its
+    directory; SIGKILL to the group after that."""
+    if process.poll() is not None:
+        return
+    _signal_group(process, signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        _signal_group(process, signal.SIGKILL)
+        process.wait()
+
+
+def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signum)
+
+
+def mounts_under(directory: Path) -> list[str]:
+    """What is mounted at or below DIRECTORY (from /proc/self/mountinfo)."""
+    prefix = os.path.realpath(directory)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    points = [line.split()[4].encode().decode("unicode_escape") for line in lines]
+    return [point for point in points if point == prefix or point.startswith(prefix + "/")]
+
+
+def remove_work(directory: Path) -> None:
+    """Remove a build's work DIRECTORY, unless something is still mounted in it (an
+    mmdebstrap that did not clean up): then leave it, and say so, rather than descend."""
+    left = mounts_under(directory)
+    if left:
+        raise ImageError(f"{directory} still has {len(left)} mounts ({left[0]}, ...): left "
+                         "in place", hint=f"umount them (umount -R {left[0]}), then remove "
+                         "the directory")
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def finish(bootstrap: Bootstrap, process: subprocess.Popen[bytes], log: Path) -> None:

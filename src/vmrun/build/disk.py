@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from vmrun import cache as cachelib
-from vmrun.build.debootstrap import Bootstrap, check_host, finish, run
+from vmrun.build.debootstrap import Bootstrap, check_host, finish, remove_work, run
 from vmrun.debian import archive
 from vmrun.errors import ImageError, UsageError
 from vmrun.images.partitions import BIOS_BOOT, DPS_ROOT, ESP
@@ -187,8 +187,8 @@ def build_disk(disk: DiskRecipe, state: archive.ArchiveState, out: Path) -> None
     check_host(disk.bootstrap.arch)
     root_uuid = disk.root_uuid(state)
     layout = disk.layout
-    with tempfile.TemporaryDirectory(prefix="vmrun-build-", dir=out.parent) as tmp:
-        work = Path(tmp)
+    work = Path(tempfile.mkdtemp(prefix="vmrun-build-", dir=out.parent))
+    try:
         root_img = work / "root.img"
         args = f"ro {layout.console} net.ifnames=0"
         bootstrap = Bootstrap(
@@ -212,6 +212,8 @@ def build_disk(disk: DiskRecipe, state: archive.ArchiveState, out: Path) -> None
         assemble(raw, arch=disk.arch, core_img=core_img, esp_img=esp_img, root_img=root_img,
                  boot_img=work / "grub-i386-pc" / "boot.img")
         _run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(out)])
+    finally:
+        remove_work(work)
 
 
 def hook(script: str, *args: str) -> str:
