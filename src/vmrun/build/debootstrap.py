@@ -36,6 +36,7 @@ SLIM_DPKG_OPTIONS = (
 )
 CLEAN_APT = 'rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/log/*.log'
 _LOG_TAIL = 2000
+_LOG_SCAN = 1 << 20  # where apt's complaint about a name is looked for
 STOP_GRACE_S = 60.0
 # apt's words for a name it does not know, or knows with nothing to install.
 MISSING = re.compile(r"Unable to locate package (\S+)|Package '?([^' ]+)'? has no "
@@ -179,8 +180,9 @@ def finish(bootstrap: Bootstrap, process: subprocess.Popen[bytes], log: Path) ->
 
 def failure(bootstrap: Bootstrap, status: int, log: Path) -> ImageError:
     """The error for an mmdebstrap that exited with STATUS, with its last message."""
-    text = log.read_text(errors="replace")[-_LOG_TAIL:] if log.exists() else ""
-    missing = MISSING.findall(text)
+    whole = log.read_text(errors="replace")[-_LOG_SCAN:] if log.exists() else ""
+    text = whole[-_LOG_TAIL:]
+    missing = MISSING.findall(whole)
     if missing:
         names = ", ".join(dict.fromkeys(a or b for a, b in missing))
         return ImageError(f"no package {names} in {bootstrap.suite} for {bootstrap.arch} on "
