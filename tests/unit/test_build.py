@@ -289,13 +289,32 @@ def test_a_failed_mmdebstrap_is_one_clear_error(tmp_path: Path, mirror: Mirror) 
     url = mirror.url.rstrip("/")
     started = time.monotonic()
     with pytest.raises(ImageError, match=r"mmdebstrap failed \(exit \d+\) building bookworm "
-                       r"amd64 with hello") as info:
-        roots.ensure_packages_root(["hello"], arch=X86, suite="bookworm", mirror=url,
+                       r"amd64 with zlib1g") as info:
+        roots.ensure_packages_root(["zlib1g"], arch=X86, suite="bookworm", mirror=url,
                                    cache=tmp_path / "cache")
     assert "\n" not in str(info.value)
     assert time.monotonic() - started < 600
     leftovers = list((oci_root(tmp_path / "cache") / "roots").glob("*.sqfs"))
     assert leftovers == []  # nothing half-made is kept
+
+
+@needs_gpg
+def test_package_names_are_checked_against_the_archive(tmp_path: Path, mirror: Mirror) -> None:
+    url = mirror.url.rstrip("/")
+    good = Bootstrap(suite="bookworm", mirror=url, arch="amd64",
+                     packages=("libc-any", "zlib1g=1:1.2.13.dfsg-1", "busybox-static/bookworm"))
+    debootstrap.check_packages(good, tmp_path)  # real, provided, with a version or release
+    bad = dataclasses.replace(good, packages=("nosuch", "zlib1g", "ghost=1.0"))
+    with pytest.raises(ImageError) as info:
+        debootstrap.check_packages(bad, tmp_path)
+    assert str(info.value) == f"no package nosuch, ghost in bookworm for amd64 on {url}"
+    started = time.monotonic()
+    with pytest.raises(ImageError, match="no package nosuch"):
+        roots.ensure_packages_root(["nosuch"], arch=X86, suite="bookworm", mirror=url,
+                                   cache=tmp_path / "cache")
+    assert time.monotonic() - started < 120
+    assert not (oci_root(tmp_path / "cache") / "roots").exists() or not list(
+        (oci_root(tmp_path / "cache") / "roots").glob("*.sqfs"))
 
 
 def test_bootstrap_repr_is_the_key_material() -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from vmrun.errors import ImageError, UsageError
+from vmrun.errors import FetchError, ImageError, UsageError
 from vmrun.qemu.arch import host_arch, lookup_arch
 
 MMDEBSTRAP = "mmdebstrap"
@@ -82,6 +82,28 @@ def parse_packages(text: str, option: str = "--packages") -> tuple[str, ...]:
     if len(set(names)) > MAX_PACKAGES:
         raise UsageError(f"{option} names more than {MAX_PACKAGES} packages")
     return tuple(sorted(set(names)))
+
+
+def check_packages(bootstrap: Bootstrap, cache: Path) -> None:
+    """Every package BOOTSTRAP names exists in its suite for its architecture (a real
+    package or one some package provides), from the verified Packages index (cached by
+    its hash): a typo fails in seconds, naming the package, before any download."""
+    from vmrun.debian import archive
+
+    index = archive.load_index(mirror=bootstrap.mirror, suite=bootstrap.suite,
+                               arch=bootstrap.arch, cache=cache)
+    missing = []
+    for package in bootstrap.packages:
+        name = re.split(r"[=/]", package, maxsplit=1)[0]
+        try:
+            index.lookup(name)
+        except FetchError:
+            missing.append(name)
+    if missing:
+        raise ImageError(f"no package {', '.join(missing)} in {bootstrap.suite} for "
+                         f"{bootstrap.arch} on {bootstrap.mirror}",
+                         hint="check the names (apt-cache search, or packages.debian.org); "
+                         "nothing was built")
 
 
 def check_suite(suite: str) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmrun import cache as cachelib
-from vmrun.build.debootstrap import check_suite, describe
+from vmrun.build.debootstrap import check_packages, check_suite, describe
 from vmrun.build.disk import DEFAULT_SIZE, DiskRecipe, build_disk, recipe
 from vmrun.debian import archive, mirror_from_env
 from vmrun.errors import FetchError
@@ -66,6 +66,7 @@ def build_image(name: str, *, arch: Arch, suite: str | None = None, mirror: str 
     if found is not None:
         image = found if found.name == name else store.alias_name(name, found, cache)
         return Built(image, False, time.monotonic() - started, disk, state)
+    check_packages(disk.bootstrap, cache or cachelib.cache_dir())
     _say_what_changed(name, disk, cache, notice)
     notice(f"building {name}: {disk.bootstrap.suite} {disk.bootstrap.arch} "
            f"({', '.join(disk.firmware) or 'no boot loader: --boot fast only'}) with "

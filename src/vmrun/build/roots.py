@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmrun import cache as cachelib
-from vmrun.build.debootstrap import Bootstrap, check_suite, describe, finish, stop
+from vmrun.build.debootstrap import (
+    Bootstrap,
+    check_packages,
+    check_suite,
+    describe,
+    finish,
+    stop,
+)
 from vmrun.build.debootstrap import run as run_mmdebstrap
 from vmrun.debian import archive, mirror_from_env
 from vmrun.errors import FetchError, ImageError
@@ -78,6 +85,7 @@ def ensure_packages_root(packages: Sequence[str], *, arch: Arch, suite: str | No
             if seen and seen.state != state.packages_sha256:
                 notice(f"{bootstrap.suite} changed on {bootstrap.mirror} ({state.date}) since "
                        f"the root with {describe(packages)} was built: building a new one")
+            check_packages(bootstrap, cache or cachelib.cache_dir())
             image = _build(bootstrap, state, root, key, arch.name, notice)
         with cachelib.staged(pointer) as tmp:
             tmp.write_text(json.dumps({"key": key, "state": state.packages_sha256,
