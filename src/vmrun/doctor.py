@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shutil
@@ -213,9 +214,18 @@ def run_checks(arches: Sequence[Arch] | None = None) -> list[Check]:
         lambda: check_tool("tar2sqfs", "OCI images (--image docker://...) cannot be run",
                            "squashfs-tools-ng"),
         lambda: check_tool("ssh", "--boot full cannot reach its guest", "openssh-client"),
+        lambda: check_tool("mmdebstrap", "--packages and vmrun image build cannot build "
+                           "from packages", "mmdebstrap"),
+        *(functools.partial(check_tool, tool, "vmrun image build cannot make a disk",
+                            package) for tool, package in BUILD_TOOLS),
         lambda: check_cache(cache),
     ]
     return checks + [check() for check in tools]
+
+
+# What `vmrun image build` runs on the host besides mmdebstrap, and the package of each.
+BUILD_TOOLS = (("mke2fs", "e2fsprogs"), ("sfdisk", "fdisk"), ("mkfs.vfat", "dosfstools"),
+               ("mcopy", "mtools"), ("grub-mkimage", "grub-common"))
 
 
 def healthy(checks: Sequence[Check]) -> bool:
