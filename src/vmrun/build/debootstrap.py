@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from vmrun.debian.archive import KEYRING_ENV
 from vmrun.errors import FetchError, ImageError, UsageError
 from vmrun.qemu.arch import host_arch, lookup_arch
 
@@ -64,6 +65,9 @@ class Bootstrap:
             argv.append("--include=" + ",".join(self.packages))
         if self.slim:
             argv += [f"--dpkgopt={option}" for option in SLIM_DPKG_OPTIONS]
+        keyring = os.environ.get(KEYRING_ENV)
+        if keyring:  # the archive's keys, as vmrun checks its InRelease (another distribution's)
+            argv.append(f"--keyring={keyring}")
         for hook in (*self.customize, CLEAN_APT, *self.finish):
             argv += ["--customize-hook", hook]
         return [*argv, self.suite, target, self.mirror]
