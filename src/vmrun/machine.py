@@ -22,8 +22,6 @@ from typing import TYPE_CHECKING
 from vmrun import share, warm
 from vmrun.channel import (
     ROOT_FAILURES,
-    SQUASHFS_ROOT,
-    Mount,
     Request,
     StatusReader,
     StdinMode,
@@ -40,7 +38,7 @@ from vmrun.errors import (
     UsageError,
 )
 from vmrun.guest.build import Guest, ensure_guest
-from vmrun.oci.reference import is_image_reference
+from vmrun.guestroot import prepare_root
 from vmrun.progress import reporter
 from vmrun.qemu import accel as accellib
 from vmrun.qemu import process
@@ -49,14 +47,11 @@ from vmrun.qemu.argv import (
     PORTS,
     BootPlan,
     RamFile,
-    ShareDevice,
-    ShareKind,
     build_argv,
     kernel_cmdline,
-    volume_tag,
 )
 from vmrun.rundir import run_directory
-from vmrun.spec import Boot, Command, MachineSpec, Net, Share, boot_timeout_for, no_command
+from vmrun.spec import Boot, Command, MachineSpec, Net, boot_timeout_for, no_command
 
 if TYPE_CHECKING:
     from vmrun.images.attach import Base
@@ -195,8 +190,7 @@ class Machine(Lifecycle):
         # What the commands run in: the image's partition (FAST), or SQUASHFS_ROOT.
         self.root: int | str | None = None
         self.oci = oci
-        self.share_device: ShareDevice | None = None
-        self.volume_devices: tuple[ShareDevice, ...] = ()  # -v, in the spec's order
+        self.shares: share.Shares | None = None  # the working directory's and -v's
         self.arch: Arch = lookup_arch(self.spec.arch or host_arch())
         self.share_path = (self.spec.share_dir or Path.cwd()).resolve()
         self.custom_guest = guest is not None
@@ -221,25 +215,9 @@ class Machine(Lifecycle):
         qemu_binary = process.find_qemu(self.arch)
         quiet = self.notice is silent  # -q: no progress either
         progress = self.stack.enter_context(reporter(quiet=quiet))
-        if spec.image is not None and is_image_reference(spec.image) and self.oci is None:
-            from vmrun.oci.run import prepare as prepare_oci
-
-            # None: the reference is a VM disk, attached below like any disk image.
-            self.oci = prepare_oci(spec, arch=self.arch.name, notice=self.notice,
-                                   progress=progress)
-        if spec.packages and self.oci is None:
-            self.oci = packages_run(spec, self.arch, self.notice)
-        if self.oci is not None:
-            self.root = SQUASHFS_ROOT
-        elif spec.image is not None:
-            from vmrun.images.attach import prepare, root_for_boot
-
-            self.base = prepare(spec.image, guest_arch=self.arch.name,
-                                debian_arch=self.arch.debian_arch, notice=self.notice,
-                                progress=progress, image_format=spec.image_format,
-                                insecure_registries=spec.insecure_registries)
-            # AUTO: the image's root partition when it has one, else a plain disk.
-            self.root = root_for_boot(self.base, spec.boot, spec.image)
+        prepared = prepare_root(spec, self.arch, notice=self.notice, progress=progress,
+                                oci=self.oci)
+        self.oci, self.base, self.root = prepared.oci, prepared.base, prepared.root
         # KVM is probed with vmrun's own guest: a kernel of the user's that cannot reach
         # the agent must not have KVM remembered as unusable.
         probe = self.guest
@@ -272,8 +250,11 @@ class Machine(Lifecycle):
         why_cold = warm.why_cold(spec, arch=self.arch.name, custom_guest=self.custom_guest,
                                  share_via=self.share_via)
         self.warm_capable = why_cold == "" and not spec.cold
-        self.share_device = self._share_device()
-        self.volume_devices = self._volume_devices()
+        assert self.rundir is not None
+        # Warm: 9p, which blocks saving a template only while mounted (virtiofs always).
+        self.shares = share.make_shares(spec, self.arch, self.share_path, rundir=self.rundir,
+                                        via="9p" if self.warm_capable else self.share_via,
+                                        stack=self.stack)
         self.overlay = self._attach_image()
         start_plan = self._start_plan(qemu_binary, why_cold)
         self.serial = Serial(self.rundir / "serial.log", show=spec.console)
@@ -300,10 +281,11 @@ class Machine(Lifecycle):
                 tsc_khz=accellib.tcg_tsc_khz(self.arch, self.accel.accel),
                 warm=self.warm_capable,
             ),
-            fds=fds, share=self.share_device, net=spec.net == Net.USER, disk=self.overlay,
+            fds=fds, share=self.shares.workdir if self.shares else None,
+            net=spec.net == Net.USER, disk=self.overlay,
             root_image=self.oci.image.path if self.oci is not None else None,
             sandbox=process.sandbox_supported(qemu_binary, self.notice),
-            volumes=self.volume_devices, forwards=spec.publish,
+            volumes=self.shares.volumes if self.shares else (), forwards=spec.publish,
         )
 
     def _cmdline_extra(self) -> str:
@@ -407,48 +389,6 @@ class Machine(Lifecycle):
         assert self.rundir is not None
         return attach(self.base, self.rundir).overlay
 
-    def _share_device(self) -> ShareDevice | None:
-        if self.spec.share == Share.NONE:
-            return None
-        if not self.share_path.is_dir():
-            raise UsageError(f"cannot share {self.share_path}: not a directory")
-        # Warm: 9p, which blocks saving a template only while mounted (virtiofs always).
-        via = "9p" if self.warm_capable else self.share_via
-        kind = share.choose_share_kind(self.spec.share, via, self.arch)
-        readonly = self.spec.share == Share.RO
-        if kind == ShareKind.VIRTIOFS:
-            assert self.rundir is not None
-            sock = self.stack.enter_context(share.virtiofsd(self.share_path, self.rundir))
-            return ShareDevice(kind, self.share_path, readonly, sock)
-        return ShareDevice(kind, self.share_path, readonly)
-
-    def _volume_devices(self) -> tuple[ShareDevice, ...]:
-        """A share device per volume (-v): 9p when warm, like the working directory."""
-        if self.share_device is not None:
-            share.check_clash(self.spec.volumes, self.share_path)
-        via = "9p" if self.warm_capable else self.share_via
-        devices = []
-        for index, volume in enumerate(self.spec.volumes, 1):
-            host = share.volume_source(volume)
-            mode = Share.RO if volume.readonly else Share.RW
-            kind = share.choose_share_kind(mode, via, self.arch)
-            tag = volume_tag(index)
-            sock = None
-            if kind == ShareKind.VIRTIOFS:
-                assert self.rundir is not None
-                sock = self.stack.enter_context(
-                    share.virtiofsd(host, self.rundir, name=f"virtiofs{index}"))
-            devices.append(ShareDevice(kind, host, volume.readonly, sock, tag))
-        return tuple(devices)
-
-    def _mounts(self) -> tuple[Mount, ...]:
-        """The first request's mounts: parents before what is mounted inside them."""
-        places = [] if self.share_device is None else [(self.share_device, str(self.share_path))]
-        places += zip(self.volume_devices, (v.target for v in self.spec.volumes), strict=True)
-        places.sort(key=lambda place: place[1].rstrip("/").count("/"))
-        return tuple(Mount(str(device.kind), device.tag, device.readonly, path)
-                     for device, path in places)
-
     def _make_sockets(self) -> dict[str, int]:
         extra = ("tty",) if self.spec.tty else ()
         child_fds = self._socketpairs((*PORTS, *extra, "serial", "qmp"))
@@ -487,7 +427,8 @@ class Machine(Lifecycle):
         if self.oci is not None:
             from vmrun.oci.run import apply
 
-            command = apply(self.oci, command, shared=self.share_device is not None)
+            command = apply(self.oci, command,
+                            shared=self.shares is not None and self.shares.workdir is not None)
         elif not command.argv:
             raise no_command()
         t = time.monotonic()
@@ -497,7 +438,7 @@ class Machine(Lifecycle):
             stdin_mode = StdinMode.FILE
         elif command.stdin_stream and not command.tty:
             stdin_mode = StdinMode.PORT
-        mounts = self._mounts() if self.first_request else ()
+        mounts = self.shares.mounts() if self.first_request and self.shares else ()
         size: tuple[int, int] | None = None
         if command.tty:
             columns, lines = shutil.get_terminal_size()
@@ -745,16 +686,3 @@ def run(argv: Sequence[str], *, spec: MachineSpec | None = None, capture: bool =
         result = machine.run(command, capture=capture, capture_limit=capture_limit)
     result.timings = dict(machine.timings)
     return result
-
-
-def packages_run(spec: MachineSpec, arch: Arch, notice: Notice) -> OciRun:
-    """SPEC's --packages root, built unless cached, made ready to run as an OCI image is."""
-    from vmrun.build.roots import ensure_packages_root
-    from vmrun.oci.run import Identity, OciRun
-
-    if spec.image is not None:
-        raise UsageError("--packages and --image cannot be used together",
-                         hint="--packages builds the root the command runs in")
-    image = ensure_packages_root(spec.packages, arch=arch, suite=spec.suite,
-                                 mirror=spec.mirror, notice=notice)
-    return OciRun(image=image, entrypoint=(), identity=Identity())

@@ -23,13 +23,15 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from vmrun.channel import Mount
 from vmrun.errors import UsageError
 from vmrun.qemu import process
 from vmrun.qemu.arch import Arch
-from vmrun.qemu.argv import ShareKind
-from vmrun.spec import Share, Volume
+from vmrun.qemu.argv import SHARE_TAG, ShareDevice, ShareKind, volume_tag
+from vmrun.spec import MachineSpec, Share, Volume
 
 
 def find_virtiofsd() -> str | None:
@@ -130,3 +132,51 @@ def virtiofsd(path: Path, rundir: Path, name: str = "virtiofs") -> Iterator[Path
             daemon_proc.process.kill()
             daemon_proc.process.wait()
         os.close(daemon_proc.pidfd)
+
+
+@dataclass(frozen=True)
+class Shares:
+    """The directories a run shares with its guest: the working directory (None when not
+    shared) and the volumes (-v), each a device, and where each is mounted."""
+
+    workdir: ShareDevice | None
+    workdir_path: Path
+    volumes: tuple[ShareDevice, ...] = ()
+    targets: tuple[str, ...] = ()  # each volume's guest path
+
+    def mounts(self) -> tuple[Mount, ...]:
+        """The first request's mounts: parents before what is mounted inside them."""
+        places = [] if self.workdir is None else [(self.workdir, str(self.workdir_path))]
+        places += zip(self.volumes, self.targets, strict=True)
+        places.sort(key=lambda place: place[1].rstrip("/").count("/"))
+        return tuple(Mount(str(device.kind), device.tag, device.readonly, path)
+                     for device, path in places)
+
+
+def make_shares(spec: MachineSpec, arch: Arch, workdir_path: Path, *, via: str, rundir: Path,
+                stack: contextlib.ExitStack) -> Shares:
+    """SPEC's shares over VIA (auto, 9p or virtiofs; a warm-capable run passes 9p, which
+    blocks saving a template only while mounted), virtiofsd started into STACK."""
+    workdir = None
+    if spec.share != Share.NONE:
+        if not workdir_path.is_dir():
+            raise UsageError(f"cannot share {workdir_path}: not a directory")
+        workdir = _device(spec.share, via, arch, workdir_path, spec.share == Share.RO,
+                          rundir, stack, name="virtiofs", tag=SHARE_TAG)
+        check_clash(spec.volumes, workdir_path)
+    volumes = []
+    for index, volume in enumerate(spec.volumes, 1):
+        mode = Share.RO if volume.readonly else Share.RW
+        volumes.append(_device(mode, via, arch, volume_source(volume), volume.readonly,
+                               rundir, stack, name=f"virtiofs{index}", tag=volume_tag(index)))
+    return Shares(workdir, workdir_path, tuple(volumes),
+                  tuple(volume.target for volume in spec.volumes))
+
+
+def _device(mode: Share, via: str, arch: Arch, host: Path, readonly: bool, rundir: Path,
+            stack: contextlib.ExitStack, *, name: str, tag: str) -> ShareDevice:
+    kind = choose_share_kind(mode, via, arch)
+    sock = None
+    if kind == ShareKind.VIRTIOFS:
+        sock = stack.enter_context(virtiofsd(host, rundir, name=name))
+    return ShareDevice(kind, host, readonly, sock, tag)
