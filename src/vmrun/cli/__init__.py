@@ -19,7 +19,8 @@ from vmrun.errors import (
     VmrunError,
 )
 
-SUBCOMMANDS = ("run", "info", "seed", "image", "disk", "template", "doctor", "completion")
+SUBCOMMANDS = ("run", "info", "seed", "image", "disk", "template", "doctor", "completion",
+               "test", "config")
 
 
 class Terminated(Exception):
@@ -93,6 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from vmrun.cli.completion import cmd_completion
 
             return cmd_completion(args[1:])
+        if args[:1] == ["test"]:
+            from vmrun.cli.test import cmd_test
+
+            return cmd_test(args[1:])
+        if args[:1] == ["config"]:
+            from vmrun.cli.config import cmd_config
+
+            return cmd_config(args[1:])
         if args[:1] == ["run"]:
             args = args[1:]
         from vmrun.cli.run import cmd_run

@@ -191,6 +191,9 @@ class LocalEngine:
                 if leg.exit_code != 0}
 
 
+ENGINES: dict[str, Callable[[], Engine]] = {"local": LocalEngine}
+
+
 def result_of(unit: RunUnit, exit_code: int, seconds: float, stdout: bytes,
               stderr: bytes) -> RunResult:
     """UNIT's result from its process's exit code and output, and the record it left."""
