@@ -28,9 +28,9 @@ COMMANDS = {
     "disk": "create, inspect and transform disk images (qemu-img)",
     "template": "list and remove the memory templates warm starts restore from",
     "doctor": "check what runs need on this host, each problem with its fix",
+    "completion": "print the shell completion script for bash, zsh or fish",
     "test": "run the project's profiles (vmrun.toml) on their architectures and shards",
     "config": "check the project file (vmrun.toml) and print its resolved profiles",
-    "completion": "print the shell completion script for bash, zsh or fish",
 }
 
 

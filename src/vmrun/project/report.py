@@ -183,10 +183,13 @@ def _run_case(unit: RunUnit, result: RunResult) -> tuple[ET.Element, str, float]
     kind = outcome(result)
     if kind != "passed":
         what = "vmrun failed" if kind == "error" else "the command failed"
-        _sub(case, kind, result.stderr_tail[-4000:], message=f"{what}: exit code "
-             f"{result.exit_code} on {unit.arch}", type=f"exit {result.exit_code}")
-    _sub(case, "system-out", result.stdout_tail)
-    _sub(case, "system-err", result.stderr_tail)
+        _sub(case, kind, (result.stderr_tail or result.stdout_tail)[-4000:],
+             message=f"{what}: exit code {result.exit_code} on {unit.arch}",
+             type=f"exit {result.exit_code}")
+    if result.stdout_tail:
+        _sub(case, "system-out", result.stdout_tail)
+    if result.stderr_tail:
+        _sub(case, "system-err", result.stderr_tail)
     return case, kind, result.seconds
 
 
