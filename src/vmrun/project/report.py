@@ -10,7 +10,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
+from xml.parsers import expat
 
 from vmrun.matrix import table, timing_cells
 from vmrun.project.plan import RunUnit
@@ -53,51 +54,51 @@ def clean(text: str, limit: int = MAX_TEXT) -> str:
 
 # ---- reading guest JUnit files defensively ------------------------------------------------
 
-def _check_bytes(data: bytes) -> None:
+def _vet(data: bytes) -> None:
+    """Refuse DATA before ElementTree reads it: too big, a DTD or entity declaration (as
+    defusedxml's forbid_dtd: expansion bombs and external entities live there, in any
+    encoding), nesting too deep (checked while expat streams, so it stops early)."""
     if len(data) > MAX_GUEST_XML:
         raise GuestJUnitError(f"larger than {MAX_GUEST_XML >> 20} MiB")
-    # No DTD at all (as defusedxml's forbid_dtd): entity expansion bombs live there.
-    if re.search(rb"<!DOCTYPE|<!ENTITY", data, re.IGNORECASE) or \
-            re.search(rb"<\x00!\x00(D\x00|E\x00)", data):
+    parser = expat.ParserCreate()
+    depth = 0
+
+    def start(name: str, attributes: dict[str, str]) -> None:
+        nonlocal depth
+        depth += 1
+        if depth > MAX_DEPTH:
+            raise GuestJUnitError(f"nested deeper than {MAX_DEPTH} elements")
+
+    def end(name: str) -> None:
+        nonlocal depth
+        depth -= 1
+
+    def refuse(*_: object) -> None:
         raise GuestJUnitError("has a DTD or entity declaration, which is refused")
+
+    parser.StartDoctypeDeclHandler = refuse
+    parser.EntityDeclHandler = refuse
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    try:
+        parser.Parse(data, True)
+    except expat.ExpatError as exc:
+        raise GuestJUnitError(f"not valid XML: {exc}") from None
 
 
 def parse_guest_junit(data: bytes) -> list[Case]:
     """The test cases of a JUnit XML document DATA; GuestJUnitError when it is too big,
-    too deep, holds a DTD, or is not XML with <testsuites>, <testsuite> or <testcase>s."""
-    _check_bytes(data)
-    parser: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(events=("start", "end"))
+    too deep, holds a DTD, or is not XML with <testsuites> or <testsuite> at its root."""
+    _vet(data)
+    root = ET.fromstring(data)
+    if root.tag not in ("testsuites", "testsuite"):
+        raise GuestJUnitError(f"the root element is <{clean(str(root.tag), 40)}>, not "
+                              "<testsuites> or <testsuite>")
     cases: list[Case] = []
-    depth = 0
-    root_tag = ""
-    # fed in pieces, so that a file too deep or too long stops early
-    for at in range(0, len(data) + 1, 1 << 16):
-        try:
-            if at < len(data):
-                parser.feed(data[at:at + (1 << 16)])
-            else:
-                parser.close()
-        except ET.ParseError as exc:
-            raise GuestJUnitError(f"not valid XML: {exc}") from None
-        for item in parser.read_events():
-            event, element = cast(tuple[str, object], item)
-            if not isinstance(element, ET.Element):
-                continue
-            if event == "start":
-                depth += 1
-                root_tag = root_tag or str(element.tag)
-                if depth > MAX_DEPTH:
-                    raise GuestJUnitError(f"nested deeper than {MAX_DEPTH} elements")
-                continue
-            depth -= 1
-            if element.tag == "testcase":
-                if len(cases) >= MAX_CASES:
-                    raise GuestJUnitError(f"more than {MAX_CASES} test cases")
-                cases.append(_case(element))
-                element.clear()
-    if root_tag not in ("testsuites", "testsuite"):
-        raise GuestJUnitError(f"the root element is <{root_tag[:40]}>, not <testsuites> "
-                              "or <testsuite>")
+    for element in root.iter("testcase"):
+        if len(cases) >= MAX_CASES:
+            raise GuestJUnitError(f"more than {MAX_CASES} test cases")
+        cases.append(_case(element))
     return cases
 
 
