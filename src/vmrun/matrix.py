@@ -95,8 +95,19 @@ def _start_leg(leg: Leg, selector: selectors.BaseSelector) -> None:
 def run_legs(legs: Sequence[Leg], jobs: int, write: Writer) -> None:
     """Run every leg's argv (at most JOBS at a time), handing each line of its stdout (1)
     and stderr (2) to WRITE as it comes; sets each leg's exit_code and times."""
-    waiting = list(legs)
     running: list[Leg] = []
+    try:
+        _merge(list(legs), running, jobs, write)
+    finally:
+        # interrupted (SIGINT, SIGTERM as an exception): no leg outlives the run
+        for leg in running:
+            assert leg.process is not None
+            if leg.process.poll() is None:
+                leg.process.terminate()
+            leg.process.wait()
+
+
+def _merge(waiting: list[Leg], running: list[Leg], jobs: int, write: Writer) -> None:
     selector = selectors.DefaultSelector()
     while waiting or running:
         while waiting and len(running) < jobs:
