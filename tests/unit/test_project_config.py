@@ -161,6 +161,7 @@ BAD = [
      "profile.b.extends: extends itself: a -> b -> a"),
     ('[profile.a]\nextends = "a"\n', 2, "extends itself"),
     ('[profile.a]\ncommand = ["true"]\n\n[other]\nx = 1\n', 4, "other: unknown key"),
+    ('[profile.a]\ncommand = ["true"]\ncopy = "some"\n', 3, "must be one of auto, all"),
     ('profile = 3\n', 1, "profile: must be a table"),
     ('[profile."bad name"]\ncommand = ["true"]\n', 1, "a profile name is"),
 ]

@@ -205,3 +205,30 @@ def test_private_copy_leaves_the_project_alone_and_goes_away(tmp_path: Path) -> 
         (work / "new").write_text("n")
     assert (tmp_path / "src" / "x").read_text() == "x" and not (tmp_path / "new").exists()
     assert not work.exists() and os.listdir(tmp_path / ".vmrun" / "work") == []
+
+
+def test_private_copy_of_a_git_work_tree_holds_what_git_shows(tmp_path: Path) -> None:
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text(".venv/\n*.o\n")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "tracked.c").write_text("t")
+    (tmp_path / "src" / "tracked.o").write_text("o")
+    (tmp_path / ".venv" / "lib").mkdir(parents=True)
+    (tmp_path / ".venv" / "lib" / "big").write_text("v")
+    (tmp_path / "gone").write_text("g")
+    (tmp_path / "link").symlink_to("src/tracked.c")
+    git("add", "src/tracked.c", ".gitignore", "gone", "link")
+    (tmp_path / "gone").unlink()
+    (tmp_path / "new.txt").write_text("n")  # untracked, not ignored
+    with private_copy(tmp_path) as work:
+        files = sorted(p.relative_to(work).as_posix() for p in work.rglob("*")
+                       if not p.is_dir() or p.is_symlink())
+        assert files == [".gitignore", "link", "new.txt", "src/tracked.c"]
+        assert (work / "link").is_symlink()
+    with private_copy(tmp_path, "all") as work:
+        assert (work / ".venv" / "lib" / "big").exists() and (work / "src/tracked.o").exists()

@@ -62,6 +62,7 @@ class Profile:
     shards: int = 1
     description: str = ""
     extends: str | None = None
+    copy: str = "auto"  # auto: git's files where there is a work tree, else all; all
 
     @property
     def arches(self) -> tuple[str, ...]:
@@ -188,6 +189,15 @@ def _choice(kind: type[Boot] | type[Net]) -> Check:
     return run
 
 
+def _one_of(*choices: str) -> Check:
+    def run(value: Any, src: Source, key: tuple[str, ...], root: Path) -> str:
+        text = _string(value, src, key, root)
+        if text not in choices:
+            raise src.error(key, f"must be one of {', '.join(choices)}, not {text!r}")
+        return text
+    return run
+
+
 def _arches(value: Any, src: Source, key: tuple[str, ...], root: Path) -> tuple[str, ...]:
     names = _strings([value] if isinstance(value, str) else value, src, key, root)
     if not names:
@@ -294,6 +304,7 @@ CHECKS: dict[str, tuple[str, Check]] = {  # key: (Profile field, check)
     "timeout": ("timeout", _wrapped(check_seconds, (int, float))),
     "boot_timeout": ("boot_timeout", _wrapped(check_seconds, (int, float))),
     "net": ("net", _choice(Net)),
+    "copy": ("copy", _one_of("auto", "all")),
     "shards": ("shards", _wrapped(lambda v, k: check_count(v, k, MAX_SHARDS), (int,))),
 }
 

@@ -36,6 +36,7 @@ class RunUnit:
     bake: tuple[str, ...] = ()
     collect: tuple[str, ...] = ()  # globs, relative to the project's copy
     junit: tuple[str, ...] = ()  # collected JUnit XML files, relative to RESULTS
+    copy: str = "auto"  # what of the project the run's private copy holds (runner)
 
     def as_json(self) -> dict[str, Any]:
         return {key: list(value) if isinstance(value, tuple) else value
@@ -108,7 +109,8 @@ def _unit(project: Project, profile: Profile, arch: str, shard: int,
         argv=(sys.executable, "-m", "vmrun", "test", "--project", str(project.path),
               "--unit", ident, *(("--", *extra) if extra else ())),
         run_argv=("run", *run_options(project, profile, arch), *env, "--", *command.argv),
-        bake=bake_argv(project, profile, arch), collect=profile.collect, junit=profile.junit)
+        bake=bake_argv(project, profile, arch), collect=profile.collect, junit=profile.junit,
+        copy=profile.copy)
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -57,18 +57,53 @@ class Engine(Protocol):
 # ---- one unit, in its own process: `vmrun test --unit ID` ---------------------------------
 
 @contextmanager
-def private_copy(root: Path) -> Iterator[Path]:
-    """A copy of the project at ROOT (less its .vmrun directory) that one run may change:
-    parallel runs of one profile each write their own files; removed afterwards."""
+def private_copy(root: Path, mode: str = "auto") -> Iterator[Path]:
+    """A copy of the project at ROOT that one run may change: parallel runs of one profile
+    each write their own files; removed afterwards. MODE "auto": in a git work tree, the
+    files git shows (tracked, and untracked but not ignored: no .venv, no build outputs),
+    else everything; "all": everything. The .vmrun directory never."""
     parent = root / WORK_DIR
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=parent))
     try:
-        shutil.copytree(root, work, symlinks=True, dirs_exist_ok=True,
-                        ignore=lambda d, names: [".vmrun"] if Path(d) == root else [])
+        listed = git_files(root) if mode == "auto" else None
+        if listed is None:
+            shutil.copytree(root, work, symlinks=True, dirs_exist_ok=True,
+                            ignore=lambda d, names: [".vmrun"] if Path(d) == root else [])
+        else:
+            _copy_listed(root, work, listed)
         yield work
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def git_files(root: Path) -> list[str] | None:
+    """The paths (relative to ROOT) git shows in ROOT: tracked, or untracked and not
+    ignored; None when ROOT is not in a git work tree (or git is missing)."""
+    if shutil.which("git") is None:
+        return None
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(root), "ls-files", "-z", "--cached", "--others",
+             "--exclude-standard"], capture_output=True, check=False, timeout=120)
+    except subprocess.TimeoutExpired:
+        return None
+    if done.returncode != 0:
+        return None
+    return [name for name in done.stdout.decode(errors="surrogateescape").split("\0")
+            if name and name.split("/")[0] != ".vmrun"]
+
+
+def _copy_listed(root: Path, work: Path, names: Sequence[str]) -> None:
+    for name in dict.fromkeys(names):
+        source, target = root / name, work / name
+        if not os.path.lexists(source):
+            continue  # deleted in the work tree, still in the index
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir() and not source.is_symlink():  # a submodule
+            shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, target, follow_symlinks=False)
 
 
 def collect(work: Path, results: Path, globs: Sequence[str]) -> list[Path]:
@@ -121,7 +156,7 @@ def execute(unit: RunUnit) -> int:
     timings_file = results / ".vmrun-timings.json"
     collected: list[Path] = []
     if code == 0:
-        with private_copy(root) as work:
+        with private_copy(root, unit.copy) as work:
             os.chdir(work)
             try:
                 code = main([unit.run_argv[0], "--timings-file", str(timings_file),
