@@ -97,3 +97,13 @@ def test_unknown_unit_is_a_usage_error(project_file: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["test", "--project", str(project_file), "--unit", "py/vax"]) == 125
     assert "no run 'py/vax'" in capsys.readouterr().err
+
+
+def test_list_json_to_a_file_and_report_files_checked_before_running(
+        project_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = project_file.parent / "matrix.jsonl"
+    assert main(["test", "--project", str(project_file), "--list", "--json", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 5
+    missing = project_file.parent / "no" / "such" / "r.xml"
+    assert main(["test", "--project", str(project_file), "--junit", str(missing)]) == 125
+    assert "is not a directory" in capsys.readouterr().err

@@ -58,10 +58,17 @@ def cmd_test(argv: Sequence[str]) -> int:
     if args.unit is not None:
         return execute(_one_unit(plan(project, extra=extra), args.unit))
     units = plan(project, args.profiles, shard=args.shard, extra=extra)
+    for report_file in (args.junit, None if args.json in (None, "-") else Path(args.json)):
+        if report_file is not None and not report_file.parent.is_dir():
+            raise UsageError(f"cannot write {report_file}: {report_file.parent} is not a "
+                             "directory")
     if args.list:
-        for unit in units:
-            print(json.dumps(unit.as_json()) if args.json else
-                  f"{unit.id}  {' '.join(unit.run_argv)}")
+        lines = "".join(json.dumps(unit.as_json()) + "\n" if args.json else
+                        f"{unit.id}  {' '.join(unit.run_argv)}\n" for unit in units)
+        if args.json in (None, "-"):
+            sys.stdout.write(lines)
+        else:
+            Path(args.json).write_text(lines)
         return 0
     if not units:
         print("vmrun test: no runs in this slice", file=sys.stderr)
