@@ -107,3 +107,21 @@ def test_list_json_to_a_file_and_report_files_checked_before_running(
     missing = project_file.parent / "no" / "such" / "r.xml"
     assert main(["test", "--project", str(project_file), "--junit", str(missing)]) == 125
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_an_empty_slice_still_writes_its_reports(tmp_path: Path) -> None:
+    (tmp_path / "vmrun.toml").write_text('[profile.a]\ncommand = ["true"]\n')
+    report = tmp_path / "r.xml"
+    argv = ["test", "--project", str(tmp_path / "vmrun.toml"), "--shard", "2/3"]
+    assert main([*argv, "--junit", str(report), "--json", str(tmp_path / "r.json")]) == 0
+    assert b'tests="0"' in report.read_bytes()
+    assert json.loads((tmp_path / "r.json").read_text()) == {"exit_code": 0, "runs": []}
+
+
+def test_a_relative_project_path_becomes_absolute_in_the_argv(
+        project_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(project_file.parent)
+    from vmrun.project import load
+
+    unit = plan(load(file=Path("vmrun.toml")))[0]
+    assert unit.argv[unit.argv.index("--project") + 1] == str(project_file.resolve())

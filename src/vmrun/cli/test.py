@@ -70,12 +70,13 @@ def cmd_test(argv: Sequence[str]) -> int:
         else:
             Path(args.json).write_text(lines)
         return 0
-    if not units:
+    if units:
+        results = ENGINES[args.engine]().run(units, args.jobs, writer(units))
+    else:
+        results = []
         print("vmrun test: no runs in this slice", file=sys.stderr)
-        return 0
-    results = ENGINES[args.engine]().run(units, args.jobs, writer(units))
     code = first_failure([result.exit_code for result in results])
-    if not args.quiet:
+    if not args.quiet and results:
         print(summary(units, results), file=sys.stderr)
     if args.junit is not None:
         args.junit.write_bytes(junit_xml(units, results))

@@ -106,7 +106,7 @@ def _unit(project: Project, profile: Profile, arch: str, shard: int,
     return RunUnit(
         id=ident, profile=profile.name, arch=arch, shard=shard, shards=profile.shards,
         root=str(project.root), results=str(results),
-        argv=(sys.executable, "-m", "vmrun", "test", "--project", str(project.path),
+        argv=(sys.executable, "-m", "vmrun", "test", "--project", str(project.path.resolve()),
               "--unit", ident, *(("--", *extra) if extra else ())),
         run_argv=("run", *run_options(project, profile, arch), *env, "--", *command.argv),
         bake=bake_argv(project, profile, arch), collect=profile.collect, junit=profile.junit,
