@@ -187,11 +187,27 @@ def test_collect_copies_matches_and_never_follows_links(tmp_path: Path) -> None:
     (tmp_path / "host-secret").write_text("secret")
     (work / "out" / "leak.xml").symlink_to(tmp_path / "host-secret")
     (work / "linked").symlink_to(tmp_path)
-    copied = collect(work, results, ["out/*.xml", "out/deep", "linked/host-secret",
-                                     "missing.xml"])
-    assert sorted(p.relative_to(results).as_posix() for p in copied) == [
+    os.mkfifo(work / "out" / "fifo.xml")
+    done = collect(work, results, ["out/*.xml", "out/deep", "linked/host-secret",
+                                   "missing.xml"])
+    assert sorted(p.relative_to(results).as_posix() for p in done.files) == [
         "out/a.xml", "out/deep/b.txt"]
     assert not (results / "out" / "leak.xml").exists()
+    assert done.skipped == ["out/leak.xml: a symbolic link",
+                            "linked/host-secret: a symbolic link"]
+
+
+def test_collect_stops_at_its_limits(tmp_path: Path) -> None:
+    work, results = tmp_path / "work", tmp_path / "results"
+    work.mkdir()
+    with (work / "sparse.bin").open("wb") as file:
+        file.truncate(1 << 40)  # a terabyte of nothing: refused by its apparent size
+    for i in range(5):
+        (work / f"f{i}.txt").write_text("x")
+    done = collect(work, results, ["*.bin", "*.txt"], most_files=3, most_bytes=1 << 20)
+    assert [p.name for p in done.files] == ["f0.txt", "f1.txt", "f2.txt"]
+    assert len(done.skipped) == 3 and "sparse.bin: over the limit" in done.skipped[0]
+    assert not (results / "sparse.bin").exists()
 
 
 def test_private_copy_leaves_the_project_alone_and_goes_away(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,7 +22,8 @@ from vmrun.project.plan import RunUnit
 RECORD = ".vmrun-run.json"  # in a unit's results directory: exit code, timings, files
 WORK_DIR = Path(".vmrun") / "work"
 TAIL_BYTES = 64 * 1024
-MAX_COLLECT_FILES = 10_000
+MAX_COLLECT_FILES = 10_000  # per run
+MAX_COLLECT_BYTES = 1 << 30  # per run
 
 OnOutput = Callable[[str, int, bytes], None]  # (unit id, 1 or 2, one line without "\n")
 
@@ -106,23 +108,43 @@ def _copy_listed(root: Path, work: Path, names: Sequence[str]) -> None:
             shutil.copy2(source, target, follow_symlinks=False)
 
 
-def collect(work: Path, results: Path, globs: Sequence[str]) -> list[Path]:
+@dataclass
+class Collected:
+    """What collect copied, and what it left out and why."""
+
+    files: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "PATH: why"
+    size: int = 0
+
+
+def collect(work: Path, results: Path, globs: Sequence[str], *,
+            most_files: int = MAX_COLLECT_FILES, most_bytes: int = MAX_COLLECT_BYTES
+            ) -> Collected:
     """Copy the regular files matching GLOBS in WORK to the same relative paths under
-    RESULTS. Symbolic links are never followed: a guest could point one at a host file."""
-    copied: list[Path] = []
+    RESULTS, at most MOST_FILES files and MOST_BYTES bytes (apparent size: a sparse file
+    counts whole). Symbolic links are never followed (a guest could point one at a host
+    file); FIFOs, sockets and devices are passed over."""
+    done = Collected()
     for glob in globs:
         for path in sorted(work.glob(glob)):
             relative = path.relative_to(work)
             if any(part.is_symlink() for part in _ancestors(work, relative)):
+                done.skipped.append(f"{relative}: a symbolic link")
                 continue
             for source in _regular_files(path):
                 target = results / source.relative_to(work)
-                if target in copied or len(copied) >= MAX_COLLECT_FILES:
+                if target in done.files:
+                    continue
+                size = source.lstat().st_size
+                if len(done.files) >= most_files or done.size + size > most_bytes:
+                    done.skipped.append(f"{source.relative_to(work)}: over the limit of "
+                                        f"{most_files} files or {most_bytes >> 20} MiB")
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target, follow_symlinks=False)
-                copied.append(target)
-    return copied
+                done.files.append(target)
+                done.size += size
+    return done
 
 
 def _ancestors(work: Path, relative: Path) -> Iterator[Path]:
@@ -154,7 +176,7 @@ def execute(unit: RunUnit) -> int:
     results.mkdir(parents=True)
     code = subprocess.run(unit.bake, stdin=subprocess.DEVNULL).returncode if unit.bake else 0
     timings_file = results / ".vmrun-timings.json"
-    collected: list[Path] = []
+    collected = Collected()
     if code == 0:
         with private_copy(root, unit.copy) as work:
             os.chdir(work)
@@ -164,8 +186,11 @@ def execute(unit: RunUnit) -> int:
             finally:
                 os.chdir(root)
             collected = collect(work, results, unit.collect)
+    for line in collected.skipped[:20]:
+        print(f"vmrun test: not collected: {line}", file=sys.stderr)
     record = {"exit_code": code, "timings": _json_file(timings_file),
-              "collected": [str(path) for path in collected], "node": socket.gethostname()}
+              "collected": [str(path) for path in collected.files],
+              "skipped": collected.skipped, "node": socket.gethostname()}
     timings_file.unlink(missing_ok=True)
     (results / RECORD).write_text(json.dumps(record))
     return code
