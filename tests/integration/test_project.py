@@ -1,17 +1,23 @@
 """`vmrun test` on a small real project: two profiles, x86_64 and aarch64, two shards, a
-failing command, and a JUnit file written in the guest merged into the report (4 boots)."""
+failing command, a JUnit file written in the guest merged into the report (4 boots); and
+SIGTERM in the middle of a run (1 boot)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import select
+import signal
+import subprocess
 import textwrap
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-from tests.integration.vmtools import run_cli
+from tests.integration.vmtools import run_cli, vmrun_argv, vmrun_env
 
 pytestmark = pytest.mark.vm
 
@@ -104,3 +110,33 @@ def test_vmrun_test_runs_profiles_arches_and_shards(tmp_path: Path) -> None:
     assert [run["outcome"] for run in report["runs"]] == ["passed", "failure", "passed",
                                                           "passed"]
     assert report["runs"][0]["timings"]  # the guest's phases came back
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if entry.name.isdigit() and text in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_sigterm_ends_every_run_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    (tmp_path / "vmrun.toml").write_text(
+        '[profile.slow]\ncommand = ["sh", "-c", "echo started; sleep 600"]\n')
+    process = subprocess.Popen(vmrun_argv("test"), cwd=tmp_path, env=vmrun_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None
+    seen, deadline = b"", time.monotonic() + 300
+    while b"started" not in seen and time.monotonic() < deadline:
+        if select.select([process.stdout], [], [], 5)[0]:
+            seen += os.read(process.stdout.fileno(), 4096)
+    assert b"[slow/" in seen and b"started" in seen
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=180)
+    assert process.returncode == 143, err.decode()
+    assert processes_mentioning(str(tmp_path)) == []
+    assert list((tmp_path / ".vmrun" / "work").iterdir()) == []
