@@ -8,10 +8,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vmrun.cli import main
 from vmrun.errors import UsageError
 from vmrun.project import load, read_project
+from vmrun.project.config import CHECKS
 from vmrun.project.locate import locate
 from vmrun.spec import Boot, Net, Volume
 
@@ -234,3 +237,25 @@ def test_config_check_of_a_bad_file_exits_125_with_file_and_line(
     assert main(["config", "check", "--project", str(path)]) == 125
     err = capsys.readouterr().err
     assert f"{path}:3: profile.a.cpu: unknown key" in err
+
+
+@given(st.lists(st.tuples(st.from_regex(r"[a-z][a-z0-9_-]{0,8}", fullmatch=True),
+                          st.lists(st.sampled_from(sorted(CHECKS)), min_size=1, max_size=5,
+                                   unique=True),
+                          st.sampled_from(["", " ", "  "]), st.booleans()),
+                min_size=1, max_size=4, unique_by=lambda t: t[0]))
+def test_locator_finds_every_key_wherever_it_is_written(
+        tables: list[tuple[str, list[str], str, bool]]) -> None:
+    lines: list[str] = ["# project", ""]
+    expected: dict[tuple[str, ...], int] = {}
+    for name, keys, space, quoted in tables:
+        lines.append(f"[{space}profile{space}.{space}{name!r}{space}]" if quoted
+                     else f"[profile.{name}]")
+        expected[("profile", name)] = len(lines)
+        for key in keys:
+            lines.append(f'{space}"{key}"{space}= 1' if quoted else f"{key} = 1")
+            expected[("profile", name, key)] = len(lines)
+        lines.append("")
+    text = "\n".join(lines)
+    for path, line in expected.items():
+        assert locate(text, path) == line
