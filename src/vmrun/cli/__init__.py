@@ -63,6 +63,8 @@ HANDLERS = {
     "template": ("vmrun.cli.template", "cmd_template"),
     "doctor": ("vmrun.cli.doctor", "cmd_doctor"),
     "completion": ("vmrun.cli.completion", "cmd_completion"),
+    "test": ("vmrun.cli.test", "cmd_test"),
+    "config": ("vmrun.cli.config", "cmd_config"),
 }
 
 SUBCOMMANDS = ("run", *HANDLERS)
