@@ -234,17 +234,22 @@ class Machines:
         excinfo = call.excinfo
         failed = excinfo is not None and not excinfo.errisinstance(
             (pytest.skip.Exception, pytest.xfail.Exception))
+        error = excinfo.value if failed and excinfo is not None else None
+        # A vmrun error replaces the traceback by its line and the console of the machine
+        # that failed; the other machines' consoles go in sections, as with any failure.
+        broken = None
+        if isinstance(error, VmrunError):
+            broken = next((m for m in machines if m.failed), machines[0] if machines else None)
         if failed:
             for index, machine in enumerate(machines):
                 tail = console_tail(machine)
-                if tail:
+                if tail and machine is not broken:
                     label = f"vmrun console {machine.arch.name}"
                     item.add_report_section(call.when, label if index == 0
                                             else f"{label} #{index + 1}", tail)
         report = yield
-        if failed and excinfo is not None and isinstance(excinfo.value, VmrunError):
-            broken = [m for m in machines if m.failed] or machines[:1]
-            report.longrepr = short_report(excinfo.value, broken[0] if broken else None)
+        if isinstance(error, VmrunError):
+            report.longrepr = short_report(error, broken)
         return report
 
 

@@ -51,6 +51,9 @@ def guest_run(config: pytest.Config, name: str, arch: str | None) -> GuestRun:
     if profile is None:
         known = ", ".join(project.profiles) or "none"
         raise UsageError(f"no profile {name!r} in the project", hint=f"profiles: {known}")
+    if getattr(profile, "bake", None) is not None:
+        raise UsageError(f"profile {name!r} bakes its image: run it with `vmrun test` "
+                         "once, then name the baked image in a profile without bake")
     arches = tuple(profile.arch) or (lookup_arch(host_arch()).name,)
     chosen = lookup_arch(arch).name if arch else arches[0]
     spec = profile.machine_spec(chosen)
