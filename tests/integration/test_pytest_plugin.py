@@ -111,6 +111,9 @@ PROJECT = """
 packages = ["python3", "python3-pytest"]
 command = ["python3", "-m", "pytest"]
 timeout = 600
+
+[profile.bare]
+command = ["sh", "-c", "true"]
 """
 
 GUEST_SUITE = """
@@ -135,6 +138,7 @@ GUEST_SUITE = """
 def test_vmrun_profile_runs_tests_in_the_guest(pytester: pytest.Pytester) -> None:
     """--vmrun-profile: the selected tests run in the profile's VM (Debian's python3 and
     pytest, from packages) and the host's session reports each under its own name."""
+    pytest.importorskip("vmrun.project")  # the project files' reader (issue 15)
     (pytester.path / "vmrun.toml").write_text(PROJECT)
     pytester.makepyfile(test_inside=GUEST_SUITE)
     result = run_subprocess(pytester, *plugin_args(), "--vmrun-profile", "inguest", "-rA",
@@ -148,3 +152,20 @@ def test_vmrun_profile_runs_tests_in_the_guest(pytester: pytest.Pytester) -> Non
     result.stdout.fnmatch_lines(["*running 3 tests in profile inguest (x86_64)*"])
     assert result.ret == 1
     assert "test_not_selected" not in result.stdout.str()
+
+
+def test_vmrun_profile_without_pytest_in_the_guest(pytester: pytest.Pytester) -> None:
+    """A guest without python3 fails each selected test with why, and a hint."""
+    pytest.importorskip("vmrun.project")
+    (pytester.path / "vmrun.toml").write_text(PROJECT)
+    pytester.makepyfile(test_inside=GUEST_SUITE)
+    result = run_subprocess(pytester, *plugin_args(), "--vmrun-profile", "bare",
+                            "-k", "pass or fail", "-p", "no:cacheprovider")
+    result.assert_outcomes(errors=2, deselected=2)
+    result.stdout.fnmatch_lines([
+        "*ERROR at setup of test_pass*",
+        "vmrun: the test did not report from the guest (pytest exited with status 127)",
+        "guest pytest output (last lines):",
+        "*python3: not found",
+        "hint: the guest needs python3 and pytest*",
+    ])

@@ -223,3 +223,13 @@ def test_guest_reporter_runs_the_selected_tests_in_order(tmp_path: Path) -> None
         ("test_a.py::test_pass", "teardown", "passed"),
     ]
     assert "boom" in lines[3]["text"]
+
+
+def test_unknown_profile_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("vmrun.project")
+    (pytester.path / "vmrun.toml").write_text('[profile.unit]\ncommand = ["true"]\n')
+    pytester.makepyfile("def test_a(): pass")
+    result = run_subprocess(pytester, *plugin_args(), "--vmrun-profile", "nope")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["ERROR: --vmrun-profile: no profile 'nope' in the project (profiles: unit)"])

@@ -46,7 +46,11 @@ class GuestRun:
 def guest_run(config: pytest.Config, name: str, arch: str | None) -> GuestRun:
     """Profile NAME of the project pytest runs in (found from its rootdir upwards)."""
     # vmrun.project (the project file's reader) is imported by name until it is merged.
-    project = importlib.import_module("vmrun.project").load(config.rootpath)
+    try:
+        projects = importlib.import_module("vmrun.project")
+    except ImportError:
+        raise UsageError("this vmrun has no project files (vmrun.project)") from None
+    project = projects.load(config.rootpath)
     profile = project.profiles.get(name)
     if profile is None:
         known = ", ".join(project.profiles) or "none"
@@ -143,6 +147,9 @@ class Relay:
                 sections=[tuple(s) for s in data.get("sections", [])],
                 duration=float(data.get("duration", 0.0)))
         assert isinstance(report, pytest.TestReport)
+        if isinstance(report.longrepr, list):  # a skip's (path, line, reason), via JSON
+            path, line_number, reason = report.longrepr
+            report.longrepr = (path, line_number, reason)
         item = self.items.get(report.nodeid)
         if item is not None:
             report.location = item.location
@@ -184,6 +191,9 @@ def missing_reason(result: Result | None, error: VmrunError | None,
     tail = output.decode(errors="replace").strip().splitlines()[-OUTPUT_LINES:]
     if tail:
         lines += ["guest pytest output (last lines):", *tail]
+    if result.exit_code in (126, 127) or "No module named pytest" in "\n".join(tail):
+        lines.append('hint: the guest needs python3 and pytest: an image with them, or '
+                     'packages = ["python3", "python3-pytest"] in the profile')
     return "\n".join(lines)
 
 
