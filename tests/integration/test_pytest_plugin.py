@@ -4,6 +4,7 @@ a VM that misbehaves, and --vmrun-profile running tests inside the guest."""
 from __future__ import annotations
 
 import os
+from xml.etree import ElementTree
 
 import pytest
 
@@ -142,7 +143,8 @@ def test_vmrun_profile_runs_tests_in_the_guest(pytester: pytest.Pytester) -> Non
     (pytester.path / "vmrun.toml").write_text(PROJECT)
     pytester.makepyfile(test_inside=GUEST_SUITE)
     result = run_subprocess(pytester, *plugin_args(), "--vmrun-profile", "inguest", "-rA",
-                            "-k", "not not_selected", "-p", "no:cacheprovider")
+                            "-k", "not not_selected", "-p", "no:cacheprovider",
+                            "--junitxml=report.xml")
     result.assert_outcomes(passed=1, failed=1, skipped=1, deselected=1)
     result.stdout.fnmatch_lines_random([
         "PASSED test_inside.py::test_pass",
@@ -152,6 +154,9 @@ def test_vmrun_profile_runs_tests_in_the_guest(pytester: pytest.Pytester) -> Non
     result.stdout.fnmatch_lines(["*running 3 tests in profile inguest (x86_64)*"])
     assert result.ret == 1
     assert "test_not_selected" not in result.stdout.str()
+    cases = {case.get("name"): [child.tag for child in case] for case in
+             ElementTree.parse(pytester.path / "report.xml").getroot().iter("testcase")}
+    assert cases == {"test_pass": [], "test_fail": ["failure"], "test_skip": ["skipped"]}
 
 
 def test_vmrun_profile_without_pytest_in_the_guest(pytester: pytest.Pytester) -> None:
