@@ -233,3 +233,32 @@ def test_unknown_profile_is_a_usage_error(pytester: pytest.Pytester) -> None:
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
         ["ERROR: --vmrun-profile: no profile 'nope' in the project (profiles: unit)"])
+
+
+def test_scopes_end_with_their_nodes(pytester: pytest.Pytester) -> None:
+    """A shared machine's owner, whose teardown powers it off: the test, its class, its
+    module, its package, the session; the next wider node where there is no such one."""
+    pytester.makeconftest("""
+        import pytest
+        from vmrun.testing.pytest_plugin import SCOPES, scope_owner
+
+        @pytest.fixture
+        def owners(request):
+            return [scope_owner(request.node, scope).nodeid for scope in SCOPES]
+    """)
+    pytester.mkpydir("pkg")
+    pytester.path.joinpath("pkg", "test_scopes.py").write_text(textwrap.dedent("""
+        class TestC:
+            def test_in_class(self, owners):
+                assert owners == ["pkg/test_scopes.py::TestC::test_in_class",
+                                  "pkg/test_scopes.py::TestC", "pkg/test_scopes.py",
+                                  "pkg", ""]
+
+        def test_plain(owners):
+            assert owners[1:3] == ["pkg/test_scopes.py", "pkg/test_scopes.py"]
+    """))
+    pytester.path.joinpath("test_top.py").write_text(textwrap.dedent("""
+        def test_top(owners):
+            assert owners[2:] == ["test_top.py", "", ""]
+    """))
+    pytester.runpytest_inprocess(*plugin_args()).assert_outcomes(passed=3)
