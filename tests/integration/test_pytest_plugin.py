@@ -157,6 +157,11 @@ def test_vmrun_profile_runs_tests_in_the_guest(pytester: pytest.Pytester) -> Non
     cases = {case.get("name"): [child.tag for child in case] for case in
              ElementTree.parse(pytester.path / "report.xml").getroot().iter("testcase")}
     assert cases == {"test_pass": [], "test_fail": ["failure"], "test_skip": ["skipped"]}
+    # -x: the guest stops at the first failure, and the host says so, as pytest does.
+    stopped = run_subprocess(pytester, *plugin_args(), "--vmrun-profile", "inguest", "-x",
+                             "-p", "no:cacheprovider")
+    stopped.assert_outcomes(passed=1, failed=1)
+    stopped.stdout.fnmatch_lines(["*stopping after 1 failures*"])
 
 
 def test_vmrun_profile_without_pytest_in_the_guest(pytester: pytest.Pytester) -> None:

@@ -168,9 +168,12 @@ class Relay:
             hook.pytest_runtest_logfinish(nodeid=report.nodeid, location=location)
 
     def fail_missing(self, why: str) -> None:
-        """An error for each selected test the guest did not finish, saying WHY."""
+        """An error for each selected test the guest did not finish, saying WHY; after
+        --maxfail stopped the run, only for the test it stopped in."""
         for nodeid, item in self.items.items():
             if nodeid in self.finished:
+                continue
+            if self.session.shouldfail and nodeid not in self.started:
                 continue
             when: Literal["setup", "teardown"] = \
                 "teardown" if nodeid in self.started else "setup"
@@ -283,4 +286,6 @@ class RemoteRun:
         except VmrunError as exc:
             error = exc
         relay.fail_missing(missing_reason(result, error, guest.machine, relay))
+        if session.shouldfail:
+            raise session.Failed(session.shouldfail)
         return True
