@@ -1,0 +1,1 @@
+"""Running matrices and test shards on clusters: Dask and Slurm engines."""

@@ -1,0 +1,484 @@
+"""The Slurm engine: runs as job arrays (sbatch --array --wait), results in a shared dir."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from vmrun.errors import ChannelLost, QemuError, UsageError, VmrunError
+
+# vmrun's own failures that another attempt (elsewhere) may not meet: the guest vanished,
+# QEMU died. A lost node shows as a missing result. A command's own exit is never retried.
+RETRY_EXIT_CODES = frozenset({ChannelLost.exit_code, QemuError.exit_code})
+LOST_EXIT_CODE = ChannelLost.exit_code
+MAX_ATTEMPTS = 3
+# QEMU's own memory and vmrun's, beside the guest's: what a run asks Slurm for on top.
+MEMORY_OVERHEAD_MIB = 512
+TAIL_BYTES = 4096
+POLL_SECONDS = 1.0
+PR_SET_PDEATHSIG = 1
+CLUSTER_DIR_ENV = "VMRUN_CLUSTER_DIR"
+PYTHON_ENV = "VMRUN_SLURM_PYTHON"
+
+OnOutput = Callable[[str, int, bytes], None]
+
+
+class SlurmError(VmrunError):
+    """Slurm refused or lost the work: sbatch failed, or no node can take a run."""
+
+    exit_code = UsageError.exit_code
+
+
+class Unit(Protocol):
+    """What the engine needs of a run unit (vmrun.project's RunUnit is one): its id and the
+    vmrun argv that performs it. A unit may also have ROOT, the directory ARGV runs in (the
+    caller's working directory otherwise), and RUN_ARGV, the `vmrun run` part of ARGV that
+    says what the run needs of a node (ARGV itself otherwise)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def argv(self) -> Sequence[str]: ...
+
+
+def unit_cwd(unit: Unit) -> str:
+    return str(getattr(unit, "root", "") or Path.cwd())
+
+
+def unit_run_argv(unit: Unit) -> Sequence[str]:
+    run_argv: Sequence[str] = getattr(unit, "run_argv", ()) or unit.argv
+    return run_argv
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """One run's outcome as its array task wrote it (and the engine completed it)."""
+
+    id: str
+    exit_code: int
+    seconds: float
+    stdout_tail: str
+    stderr_tail: str
+    node: str
+    attempts: int
+    log: str = ""  # the Slurm log of the attempt reported
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TaskResult:
+        data = json.loads(text)
+        return cls(id=str(data["id"]), exit_code=int(data["exit_code"]),
+                   seconds=float(data["seconds"]), stdout_tail=str(data["stdout_tail"]),
+                   stderr_tail=str(data["stderr_tail"]), node=str(data["node"]),
+                   attempts=int(data["attempts"]), log=str(data.get("log", "")))
+
+
+# ---- placement: what a run asks of a node, and which nodes have it -------------------------
+
+@dataclass(frozen=True)
+class Needs:
+    """What a run asks of a node: Slurm features (arch-ARCH, kvm), memory and CPUs."""
+
+    features: tuple[str, ...]
+    mem_mib: int
+    cpus: int
+
+    def sbatch_options(self) -> list[str]:
+        options = [f"--mem={self.mem_mib}M", f"--cpus-per-task={self.cpus}"]
+        if self.features:
+            options.append("--constraint=" + "&".join(self.features))
+        return options
+
+    def describe(self) -> str:
+        return ", ".join([*self.features, f"{self.mem_mib} MiB", f"{self.cpus} CPU"])
+
+
+def vmrun_options(argv: Sequence[str]) -> list[str]:
+    """The vmrun options of a unit's argv: what follows `-m vmrun` (or argv[0]) up to `--`."""
+    args = list(argv)
+    if "vmrun" in args[:3]:
+        args = args[args.index("vmrun") + 1:]
+    if args[:1] == ["run"]:
+        args = args[1:]
+    return args[:args.index("--")] if "--" in args else args
+
+
+def vmrun_args(argv: Sequence[str]) -> list[str]:
+    """A unit's argv without the interpreter: what goes after `python -m vmrun` on a node."""
+    args = list(argv)
+    if "vmrun" in args[:3]:
+        return args[args.index("vmrun") + 1:]
+    return args[1:]
+
+
+def needs_of(argv: Sequence[str]) -> Needs:
+    """What the run ARGV performs needs of a node, from vmrun's own option parser."""
+    from vmrun.cli.run import run_parser
+    from vmrun.qemu.arch import host_arch, lookup_arch
+    from vmrun.spec import parse_memory
+
+    args, _ = run_parser().parse_known_args(vmrun_options(argv))
+    features = [f"arch-{lookup_arch(args.arch or host_arch()).name}"]
+    if args.accel == "kvm":
+        features.append("kvm")
+    return Needs(features=tuple(features),
+                 mem_mib=parse_memory(args.memory) + MEMORY_OVERHEAD_MIB, cpus=args.cpus)
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    features: frozenset[str]
+    mem_mib: int
+    cpus: int
+
+    def takes(self, needs: Needs) -> bool:
+        return (set(needs.features) <= self.features and needs.mem_mib <= self.mem_mib
+                and needs.cpus <= self.cpus)
+
+
+SINFO_FORMAT = "%N|%P|%f|%m|%c"
+
+
+def parse_sinfo(text: str, partition: str | None) -> list[Node]:
+    """Nodes of PARTITION (None: the default one, starred by sinfo) from `sinfo -N -h -o
+    SINFO_FORMAT`."""
+    nodes: dict[str, Node] = {}
+    for line in text.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 5:
+            continue
+        name, part, features, mem, cpus = fields
+        wanted = part.endswith("*") if partition is None else part.rstrip("*") == partition
+        if not wanted:
+            continue
+        nodes[name] = Node(name=name,
+                           features=frozenset(f for f in features.split(",") if f != "(null)"),
+                           mem_mib=int(mem.rstrip("+")), cpus=int(cpus.rstrip("+")))
+    return list(nodes.values())
+
+
+def check_placement(needs: Sequence[Needs], nodes: Sequence[Node], partition: str | None) -> None:
+    """Raise SlurmError, naming the run's needs and the nodes' offers, when no node of the
+    partition can take one of NEEDS: Slurm would leave it pending for ever."""
+    where = f"partition {partition}" if partition else "the default partition"
+    if not nodes:
+        raise SlurmError(f"Slurm has no nodes in {where}",
+                         hint="name a partition: --cluster slurm://PARTITION")
+    for need in needs:
+        if not any(node.takes(need) for node in nodes):
+            offers = "; ".join(f"{n.name}: {','.join(sorted(n.features)) or '-'}, "
+                               f"{n.mem_mib} MiB, {n.cpus} CPU" for n in nodes)
+            raise SlurmError(f"no Slurm node in {where} can take a run needing "
+                             f"{need.describe()} (nodes: {offers})",
+                             hint="give nodes the feature in slurm.conf (Features=), or ask "
+                                  "for less memory or fewer CPUs")
+
+
+def query_nodes(partition: str | None) -> list[Node]:
+    out = _slurm(["sinfo", "-N", "-h", "-o", SINFO_FORMAT])
+    return parse_sinfo(out, partition)
+
+
+def _slurm(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    except FileNotFoundError:
+        raise SlurmError(f"{argv[0]} is not on PATH",
+                         hint="run vmrun on a Slurm login node (slurm-client)") from None
+    if done.returncode != 0:
+        raise SlurmError(f"{argv[0]} failed: {done.stderr.strip() or done.returncode}")
+    return done.stdout
+
+
+def array_spec(indices: Sequence[int]) -> str:
+    """INDICES as Slurm's --array list, consecutive runs folded: 0-3,7,9-10."""
+    parts: list[str] = []
+    ordered = sorted(indices)
+    start = prev = ordered[0]
+    for index in [*ordered[1:], None]:
+        if index is not None and index == prev + 1:
+            prev = index
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if index is not None:
+            start = prev = index
+    return ",".join(parts)
+
+
+# ---- the job directory, shared between the submitting host and the nodes -------------------
+
+@dataclass(frozen=True)
+class JobDir:
+    root: Path
+
+    @property
+    def units(self) -> Path:
+        return self.root / "units.json"
+
+    @property
+    def script(self) -> Path:
+        return self.root / "task.py"
+
+    def log(self, index: int, attempt: int) -> Path:
+        return self.root / "logs" / f"{index}-a{attempt}.log"
+
+    def log_pattern(self, attempt: int) -> str:
+        return str(self.root / "logs" / f"%a-a{attempt}.log")
+
+    def output(self, index: int, attempt: int, fd: int) -> Path:
+        return self.root / "out" / f"{index}-a{attempt}.{'stdout' if fd == 1 else 'stderr'}"
+
+    def result(self, index: int, attempt: int) -> Path:
+        return self.root / "results" / f"{index}-a{attempt}.json"
+
+    def read_result(self, index: int, attempt: int) -> TaskResult | None:
+        try:
+            return TaskResult.from_json(self.result(index, attempt).read_text())
+        except FileNotFoundError:
+            return None
+
+
+def write_job_dir(root: Path, units: Sequence[Unit], python: str) -> JobDir:
+    job = JobDir(root)
+    for sub in ("logs", "out", "results"):
+        (root / sub).mkdir()
+    job.units.write_text(json.dumps(
+        [{"id": u.id, "args": vmrun_args(u.argv), "cwd": unit_cwd(u)} for u in units]))
+    # The batch script is Python itself (sbatch wants a #! line): no shell command line
+    # is ever built; the job directory and the attempt come as its arguments.
+    job.script.write_text(f"#!{python}\nimport sys\nfrom vmrun.cluster.slurm import task_main\n"
+                          "sys.exit(task_main(sys.argv[1:]))\n")
+    return job
+
+
+def default_cluster_dir() -> Path:
+    return Path(os.environ.get(CLUSTER_DIR_ENV) or Path.home() / ".cache" / "vmrun" / "cluster")
+
+
+# ---- the array task, on a node ---------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    # In the child between fork and exec: vmrun (and through its own death signal, QEMU)
+    # dies with this task even where proctrack/linuxproc loses track of it.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _tail(path: Path) -> str:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - TAIL_BYTES))
+        return f.read().decode(errors="replace")
+
+
+def run_task(job: JobDir, index: int, attempt: int, node: str) -> TaskResult:
+    """Run unit INDEX of JOB (this is attempt ATTEMPT) and write its result file."""
+    unit = json.loads(job.units.read_text())[index]
+    cwd = Path(unit["cwd"])
+    if not cwd.is_dir():
+        raise SlurmError(f"{unit['id']}: {cwd} is not on node {node}",
+                         hint="run from a directory every node mounts")
+    print(f"vmrun: {unit['id']} attempt {attempt} on {node}: vmrun {' '.join(unit['args'])}",
+          flush=True)
+    started = time.monotonic()
+    with open(job.output(index, attempt, 1), "wb") as out, \
+            open(job.output(index, attempt, 2), "wb") as err:
+        code = subprocess.call([sys.executable, "-m", "vmrun", *unit["args"]], cwd=cwd,
+                               stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                               preexec_fn=_die_with_parent)
+    code = 128 - code if code < 0 else code
+    result = TaskResult(id=unit["id"], exit_code=code, seconds=time.monotonic() - started,
+                        stdout_tail=_tail(job.output(index, attempt, 1)),
+                        stderr_tail=_tail(job.output(index, attempt, 2)),
+                        node=node, attempts=attempt, log=str(job.log(index, attempt)))
+    temp = job.result(index, attempt).with_suffix(".tmp")
+    temp.write_text(result.to_json())
+    temp.rename(job.result(index, attempt))
+    print(f"vmrun: {unit['id']} exit {code} after {result.seconds:.1f}s", flush=True)
+    return result
+
+
+def task_main(argv: Sequence[str]) -> int:
+    """Entry of the batch script: ARGV is JOB_DIR ATTEMPT; the unit is SLURM_ARRAY_TASK_ID."""
+    root, attempt = argv
+    index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    run_task(JobDir(Path(root)), index, int(attempt), node)
+    return 0
+
+
+# ---- the engine, on the submitting host -----------------------------------------------------
+
+@dataclass(frozen=True)
+class Submission:
+    job_id: str
+    indices: tuple[int, ...]
+    process: subprocess.Popen[str]
+
+
+def sbatch_argv(job: JobDir, indices: Sequence[int], jobs: int, attempt: int, needs: Needs,
+                partition: str | None) -> list[str]:
+    return [
+        "sbatch", "--parsable", "--wait", "--no-requeue", "--job-name=vmrun",
+        f"--array={array_spec(indices)}%{jobs}", f"--output={job.log_pattern(attempt)}",
+        *([f"--partition={partition}"] if partition else []),
+        *needs.sbatch_options(), str(job.script), str(job.root), str(attempt),
+    ]
+
+
+@contextmanager
+def submitted(argv: list[str], indices: Sequence[int]) -> Iterator[Submission]:
+    """An array job submitted with --wait; cancelled if the caller leaves before it ends."""
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stderr is not None
+    job_id = process.stdout.readline().strip().split(";")[0]
+    if not job_id:
+        error = process.stderr.read().strip()
+        process.wait()
+        raise SlurmError(f"sbatch failed: {error or process.returncode}")
+    try:
+        yield Submission(job_id=job_id, indices=tuple(indices), process=process)
+    finally:
+        if process.poll() is None:
+            subprocess.run(["scancel", job_id], capture_output=True, check=False)
+        process.communicate()
+
+
+def task_states(job_id: str) -> dict[int, tuple[str, str]]:
+    """State and node of each array task of JOB_ID that slurmctld still remembers."""
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
+                             text=True, check=False, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    states: dict[int, tuple[str, str]] = {}
+    for line in out.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if fields.get("ArrayTaskId", "").isdigit():
+            states[int(fields["ArrayTaskId"])] = (fields.get("JobState", "?"),
+                                                  fields.get("NodeList", "?"))
+    return states
+
+
+def print_output(unit_id: str, fd: int, line: bytes) -> None:
+    os.write(fd, f"[{unit_id}] ".encode() + line + b"\n")
+
+
+@dataclass(frozen=True)
+class SlurmEngine:
+    """Runs units as Slurm array tasks in PARTITION (None: the default partition); unit
+    and result files live in a fresh directory under DIRECTORY, which every node must see."""
+
+    partition: str | None = None
+    directory: Path | None = None
+    max_attempts: int = MAX_ATTEMPTS
+    python: str = ""
+
+    def run(self, units: Sequence[Unit], jobs: int,
+            on_output: OnOutput = print_output) -> list[TaskResult]:
+        needs = [needs_of(unit_run_argv(u)) for u in units]
+        check_placement(sorted(set(needs), key=str), query_nodes(self.partition), self.partition)
+        base = self.directory or default_cluster_dir()
+        base.mkdir(parents=True, exist_ok=True)
+        job = write_job_dir(Path(tempfile.mkdtemp(prefix="vmrun-slurm-", dir=base)), units,
+                            self.python or os.environ.get(PYTHON_ENV) or sys.executable)
+        final: dict[int, TaskResult] = {}
+        pending = list(range(len(units)))
+        for attempt in range(1, self.max_attempts + 1):
+            if not pending:
+                break
+            last = attempt == self.max_attempts
+            pending = self._round(job, units, needs, pending, jobs, attempt, last, final,
+                                  on_output)
+        return [final[i] for i in range(len(units))]
+
+    def _round(self, job: JobDir, units: Sequence[Unit], needs: Sequence[Needs],
+               pending: Sequence[int], jobs: int, attempt: int, last: bool,
+               final: dict[int, TaskResult], on_output: OnOutput) -> list[int]:
+        """One attempt at PENDING: an array job per distinct set of needs, all at once;
+        returns the indices to try again."""
+        groups: dict[Needs, list[int]] = {}
+        for index in pending:
+            groups.setdefault(needs[index], []).append(index)
+        share = max(1, jobs // len(groups))
+        seen: set[int] = set()
+        with ExitStack() as stack:
+            subs = [stack.enter_context(submitted(
+                sbatch_argv(job, group, share, attempt, need, self.partition), group))
+                for need, group in groups.items()]
+            while any(s.process.poll() is None for s in subs):
+                self._report_ready(job, pending, attempt, last, seen, final, on_output)
+                time.sleep(POLL_SECONDS)
+            states = {i: s for sub in subs for i, s in task_states(sub.job_id).items()}
+        self._report_ready(job, pending, attempt, last, seen, final, on_output)
+        retry = []
+        for index in pending:
+            if index in final:
+                continue
+            result = job.read_result(index, attempt)
+            state, node = states.get(index, ("LOST", "?"))
+            why = (f"exit {result.exit_code} on {result.node}" if result
+                   else f"{state.lower()} on {node}")
+            if last:
+                final[index] = result or self._lost(units[index], attempt, why, job)
+                self._emit(job, index, final[index], on_output)
+            else:
+                os.write(2, f"vmrun: {units[index].id}: attempt {attempt} failed ({why}); "
+                            "trying again\n".encode())
+                retry.append(index)
+        return retry
+
+    def _report_ready(self, job: JobDir, pending: Sequence[int], attempt: int, last: bool,
+                      seen: set[int], final: dict[int, TaskResult],
+                      on_output: OnOutput) -> None:
+        """Report the runs of this attempt that finished for good, as their files appear."""
+        for index in pending:
+            if index in seen:
+                continue
+            result = job.read_result(index, attempt)
+            if result is None:
+                continue
+            seen.add(index)
+            if last or result.exit_code not in RETRY_EXIT_CODES:
+                final[index] = result
+                self._emit(job, index, result, on_output)
+
+    @staticmethod
+    def _lost(unit: Unit, attempt: int, why: str, job: JobDir) -> TaskResult:
+        return TaskResult(id=unit.id, exit_code=LOST_EXIT_CODE, seconds=0.0, stdout_tail="",
+                          stderr_tail=f"vmrun: run lost after {attempt} attempts ({why})\n",
+                          node="", attempts=attempt, log=str(job.root / "logs"))
+
+    @staticmethod
+    def _emit(job: JobDir, index: int, result: TaskResult, on_output: OnOutput) -> None:
+        for fd in (1, 2):
+            try:
+                data = job.output(index, result.attempts, fd).read_bytes()
+            except FileNotFoundError:
+                data = (result.stdout_tail if fd == 1 else result.stderr_tail).encode()
+            for line in data.splitlines():
+                on_output(result.id, fd, line)
+
+
+def engine_from_url(rest: str, directory: Path | None = None) -> SlurmEngine:
+    """The engine for `--cluster slurm://[PARTITION]` (REST is what follows slurm://)."""
+    partition = rest.strip("/") or None
+    if partition is not None and not all(c.isalnum() or c in "-_." for c in partition):
+        raise UsageError(f"bad Slurm partition {partition!r} in --cluster slurm://{rest}")
+    return SlurmEngine(partition=partition, directory=directory)
