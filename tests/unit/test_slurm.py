@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vmrun.cluster.slurm import (
+    SINFO_FORMAT,
+    JobDir,
+    Needs,
+    Node,
+    SlurmError,
+    TaskResult,
+    array_spec,
+    check_placement,
+    engine_from_url,
+    needs_of,
+    parse_sinfo,
+    run_task,
+    sbatch_argv,
+    vmrun_args,
+    write_job_dir,
+)
+from vmrun.errors import UsageError
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+
+@dataclass(frozen=True)
+class Unit:
+    id: str
+    argv: tuple[str, ...]
+    root: str = ""
+    run_argv: tuple[str, ...] = ()
+
+
+SINFO = """\
+n1|vmrun*|arch-x86_64,arch-s390x|4096|2
+n1|other|arch-x86_64,arch-s390x|4096|2
+n2|vmrun*|arch-x86_64,kvm|8000+|4
+n3|other|(null)|1000|1
+"""
+
+
+def test_array_spec_folds_consecutive_indices() -> None:
+    assert array_spec([0, 1, 2, 3]) == "0-3"
+    assert array_spec([9, 0, 1, 7, 10, 3]) == "0-1,3,7,9-10"
+    assert array_spec([5]) == "5"
+
+
+def test_sinfo_nodes_of_the_default_or_a_named_partition() -> None:
+    assert [n.name for n in parse_sinfo(SINFO, None)] == ["n1", "n2"]
+    default = {n.name: n for n in parse_sinfo(SINFO, None)}
+    assert default["n2"].features == {"arch-x86_64", "kvm"}
+    assert default["n2"].mem_mib == 8000 and default["n2"].cpus == 4
+    other = parse_sinfo(SINFO, "other")
+    assert [(n.name, n.features) for n in other] == [
+        ("n1", frozenset({"arch-x86_64", "arch-s390x"})), ("n3", frozenset())]
+    assert SINFO_FORMAT.count("|") == 4
+
+
+def test_needs_come_from_vmruns_own_options() -> None:
+    assert needs_of(["run", "--arch", "s390x", "--memory", "2G", "--cpus", "2", "--",
+                     "true"]) == Needs(("arch-s390x",), 2048 + 512, 2)
+    # an alias names the same feature, and -m counts as --memory
+    assert needs_of([sys.executable, "-m", "vmrun", "--arch", "arm64", "-m", "512M",
+                     "--accel", "kvm", "--", "x"]).features == ("arch-aarch64", "kvm")
+    # what follows "--" is the command's, never vmrun's
+    assert needs_of(["--arch", "i386", "--", "--arch", "s390x"]).features == ("arch-i386",)
+
+
+def test_placement_refuses_a_run_no_node_can_take() -> None:
+    nodes = parse_sinfo(SINFO, None)
+    check_placement([Needs(("arch-s390x",), 1024, 1), Needs(("kvm",), 8000, 4)], nodes, None)
+    with pytest.raises(SlurmError, match=r"needing arch-s390x, kvm.*n1: arch-s390x,arch-x86_64"):
+        check_placement([Needs(("arch-s390x", "kvm"), 1024, 1)], nodes, None)
+    with pytest.raises(SlurmError, match="needing arch-x86_64, 9000 MiB"):
+        check_placement([Needs(("arch-x86_64",), 9000, 1)], nodes, None)
+    with pytest.raises(SlurmError, match="no nodes in partition gone"):
+        check_placement([Needs((), 1, 1)], [], "gone")
+
+
+def test_node_takes_only_what_it_has() -> None:
+    node = Node("n1", frozenset({"arch-x86_64"}), 2048, 2)
+    assert node.takes(Needs(("arch-x86_64",), 2048, 2))
+    assert not node.takes(Needs(("arch-x86_64",), 2049, 2))
+    assert not node.takes(Needs(("arch-x86_64",), 1024, 3))
+    assert not node.takes(Needs(("arch-i386",), 1024, 1))
+
+
+def test_sbatch_argv(tmp_path: Path) -> None:
+    job = JobDir(tmp_path)
+    argv = sbatch_argv(job, [0, 1, 2, 5], 3, 2, Needs(("arch-s390x", "kvm"), 1536, 1), "vmrun")
+    assert argv == [
+        "sbatch", "--parsable", "--wait", "--no-requeue", "--job-name=vmrun",
+        "--array=0-2,5%3", f"--output={tmp_path}/logs/%a-a2.log", "--partition=vmrun",
+        "--mem=1536M", "--cpus-per-task=1", "--constraint=arch-s390x&kvm",
+        str(tmp_path / "task.py"), str(tmp_path), "2",
+    ]
+    assert "--partition" not in " ".join(sbatch_argv(job, [0], 1, 1, Needs((), 1, 1), None))
+
+
+def test_engine_url() -> None:
+    assert engine_from_url("").partition is None
+    assert engine_from_url("gpu-long/").partition == "gpu-long"
+    with pytest.raises(UsageError, match="bad Slurm partition"):
+        engine_from_url("a b")
+
+
+def test_vmrun_args_drop_the_interpreter() -> None:
+    assert vmrun_args(["/usr/bin/python3", "-m", "vmrun", "test", "--unit", "a/x86_64"]) == [
+        "test", "--unit", "a/x86_64"]
+    assert vmrun_args(["vmrun", "--arch", "i386", "--", "true"]) == [
+        "--arch", "i386", "--", "true"]
+
+
+def test_result_json_round_trip() -> None:
+    result = TaskResult(id="p/x86_64/2", exit_code=42, seconds=1.5, stdout_tail="o\n",
+                        stderr_tail="é\n", node="n2", attempts=2, log="/l")
+    assert TaskResult.from_json(result.to_json()) == result
+
+
+def test_a_task_runs_its_unit_and_writes_its_result(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The array task's side, without Slurm: the unit chosen by its index runs as `python
+    -m vmrun` in the unit's directory; exit code, output and node land in its files."""
+    monkeypatch.setenv("PYTHONPATH", SRC)
+    work = tmp_path / "work"
+    work.mkdir()
+    units = [Unit("a", ("python", "-m", "vmrun", "--version"), root=str(work)),
+             Unit("b", ("python", "-m", "vmrun", "--no-such-option"), root=str(work))]
+    job = write_job_dir(tmp_path / "job", units, sys.executable)
+    assert job.script.read_text().startswith(f"#!{sys.executable}\n")
+    first = run_task(job, 0, 1, "n7")
+    second = run_task(job, 1, 3, "n8")
+    assert (first.exit_code, first.node, first.attempts) == (0, "n7", 1)
+    assert first.stdout_tail.startswith("vmrun ")
+    assert (second.exit_code, second.node, second.attempts) == (125, "n8", 3)
+    assert "--no-such-option" in second.stderr_tail
+    assert job.read_result(1, 3) == second and job.read_result(1, 1) is None
+    assert job.output(0, 1, 1).read_text() == first.stdout_tail
+    assert not [p for p in (job.root / "results").iterdir() if p.suffix == ".tmp"]
+
+
+def test_a_task_refuses_a_directory_the_node_lacks(tmp_path: Path) -> None:
+    job = write_job_dir(tmp_path / "job", [Unit("a", ("vmrun", "--version"),
+                                                root=str(tmp_path / "absent"))], sys.executable)
+    with pytest.raises(SlurmError, match="absent is not on node n1"):
+        run_task(job, 0, 1, "n1")
+    assert os.listdir(job.root / "results") == []
