@@ -145,6 +145,10 @@ class Cluster:
                 os.kill(init, signal.SIGKILL)
             process.wait(timeout=30)
 
+    def stop_all(self) -> None:
+        for name in list(self.nodes):
+            self.stop_node(name)
+
     def wait_idle(self, count: int = len(NODES)) -> None:
         _wait_until(f"{count} idle", f"{count} idle nodes", self.env,
                     "sinfo", "-h", "-t", "idle", "-o", "%D idle")
@@ -177,7 +181,7 @@ def slurm_cluster() -> Iterator[Cluster]:
         stack.enter_context(daemon(["slurmctld", "-D", "-i"], root / "log" / "ctld.out", env))
         _wait_until("is UP", "slurmctld", env, "scontrol", "ping")
         cluster = Cluster(root=root, env=env)
-        stack.callback(lambda: [cluster.stop_node(n) for n in list(cluster.nodes)])
+        stack.callback(cluster.stop_all)
         for name in NODES:
             cluster.start_node(name)
         cluster.wait_idle()

@@ -143,7 +143,7 @@ def test_a_run_on_a_lost_node_is_retried_elsewhere_once(engine: SlurmEngine, slu
     runner = threading.Thread(target=lambda: results.extend(engine.run([u], 1, output)))
     runner.start()
     deadline = time.monotonic() + 120
-    lost, qemu = "", []
+    lost, qemu = "", list[int]()
     while not qemu and time.monotonic() < deadline:
         time.sleep(0.5)
         lost, qemu = next(((n, q) for n in list(slurm.nodes) if (q := qemu_of(slurm, n))),

@@ -17,6 +17,7 @@ from vmrun.cluster.slurm import (
     array_spec,
     check_placement,
     engine_from_url,
+    is_final,
     needs_of,
     parse_sinfo,
     run_task,
@@ -151,3 +152,17 @@ def test_a_task_refuses_a_directory_the_node_lacks(tmp_path: Path) -> None:
     with pytest.raises(SlurmError, match="absent is not on node n1"):
         run_task(job, 0, 1, "n1")
     assert os.listdir(job.root / "results") == []
+
+
+def test_only_infrastructure_failures_are_tried_again() -> None:
+    def result(code: int) -> TaskResult:
+        return TaskResult(id="u", exit_code=code, seconds=1.0, stdout_tail="",
+                          stderr_tail="", node="n1", attempts=1)
+
+    # the command's own exits, and vmrun's usage and image errors, are the outcome
+    for code in (0, 1, 3, 42, 118, 121, 125, 137):
+        assert is_final(result(code), last=False)
+    # the guest vanished, QEMU died, the node was lost (no result): another attempt
+    for lost in (result(119), result(123), None):
+        assert not is_final(lost, last=False)
+        assert is_final(lost, last=True)

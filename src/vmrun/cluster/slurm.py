@@ -257,7 +257,7 @@ class JobDir:
 def write_job_dir(root: Path, units: Sequence[Unit], python: str) -> JobDir:
     job = JobDir(root)
     for sub in ("logs", "out", "results"):
-        (root / sub).mkdir()
+        (root / sub).mkdir(parents=True)
     job.units.write_text(json.dumps(
         [{"id": u.id, "args": vmrun_args(u.argv), "cwd": unit_cwd(u)} for u in units]))
     # The batch script is Python itself (sbatch wants a #! line): no shell command line
@@ -323,6 +323,13 @@ def task_main(argv: Sequence[str]) -> int:
 
 
 # ---- the engine, on the submitting host -----------------------------------------------------
+
+def is_final(result: TaskResult | None, last: bool) -> bool:
+    """Whether an attempt's RESULT (None: the task left none, its node was lost) is the
+    run's outcome: anything but vmrun's infrastructure failures is, and the LAST attempt
+    always is."""
+    return last or (result is not None and result.exit_code not in RETRY_EXIT_CODES)
+
 
 @dataclass(frozen=True)
 class Submission:
@@ -435,7 +442,7 @@ class SlurmEngine:
             state, node = states.get(index, ("LOST", "?"))
             why = (f"exit {result.exit_code} on {result.node}" if result
                    else f"{state.lower()} on {node}")
-            if last:
+            if is_final(result, last):
                 final[index] = result or self._lost(units[index], attempt, why, job)
                 self._emit(job, index, final[index], on_output)
             else:
@@ -455,7 +462,7 @@ class SlurmEngine:
             if result is None:
                 continue
             seen.add(index)
-            if last or result.exit_code not in RETRY_EXIT_CODES:
+            if is_final(result, last):
                 final[index] = result
                 self._emit(job, index, result, on_output)
 
