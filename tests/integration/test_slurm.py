@@ -4,41 +4,28 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.integration.vmtools import SRC, alive, vmrun_env
+from tests.integration.vmtools import SRC, alive
 from tests.slurmtools import NODES, Cluster, missing_tools, slurm_cluster
-from vmrun.cluster.slurm import (
-    SlurmEngine,
-    SlurmError,
-    TaskResult,
-    check_placement,
-    needs_of,
-    query_nodes,
-)
+from vmrun.cluster import ClusterSpec, Kind, RunResult, RunUnit
+from vmrun.cluster.local import LocalEngine
+from vmrun.cluster.slurm import SlurmEngine, SlurmError, check_placement, needs_of, query_nodes
 
 pytestmark = pytest.mark.vm
 
 OPTIONS = ("--net", "none", "-q")
 
 
-@dataclass(frozen=True)
-class Unit:
-    id: str
-    argv: tuple[str, ...]
-    root: str
-
-
-def unit(ident: str, arch: str, script: str, root: Path) -> Unit:
-    return Unit(ident, (sys.executable, "-m", "vmrun", "--arch", arch, *OPTIONS, "--",
-                        "sh", "-c", script), str(root))
+def unit(ident: str, arch: str, script: str, *options: str, memory_mib: int = 1024,
+         kvm: bool = False) -> RunUnit:
+    return RunUnit(id=ident, argv=("--arch", arch, *OPTIONS, *options, "--", "sh", "-c", script),
+                   arch=arch, memory_mib=memory_mib, kvm=kvm)
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +45,8 @@ def engine(slurm: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> S
     # The array tasks inherit this environment (sbatch --export=ALL): vmrun from this
     # checkout, the tests' cache.
     monkeypatch.setenv("PYTHONPATH", SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return SlurmEngine(partition="vmrun", directory=tmp_path / "shared")
+    return SlurmEngine(ClusterSpec(Kind.SLURM, partition="vmrun"),
+                       directory=tmp_path / "shared")
 
 
 class Lines:
@@ -78,48 +66,52 @@ def squeue() -> str:
     return subprocess.run(["squeue", "-h"], capture_output=True, text=True, check=True).stdout
 
 
-def test_a_matrix_gives_what_the_local_run_gives(engine: SlurmEngine, tmp_path: Path) -> None:
+def test_a_matrix_gives_what_the_local_engine_gives(engine: SlurmEngine, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     work = tmp_path / "work"
     work.mkdir()
+    monkeypatch.chdir(work)  # the directory shared with the guests, on every node
     units = [
-        unit("x86_64/ok", "x86_64", "echo hello from $(uname -m); echo x > from-x86_64", work),
-        unit("i386/fail", "i386", "uname -m; echo oops >&2; exit 3", work),
-        unit("x86_64/42", "x86_64", "echo forty-two >&2; exit 42", work),
+        unit("x86_64/ok", "x86_64", "echo hello from $(uname -m); echo x > from-x86_64"),
+        unit("i386/fail", "i386", "uname -m; echo oops >&2; exit 3"),
+        unit("x86_64/42", "x86_64", "echo forty-two >&2; exit 42"),
     ]
-    output = Lines()
-    results = engine.run(units, 3, output)
+    on_slurm, here = Lines(), Lines()
+    results = engine.run(units, 3, on_slurm)
+    local = LocalEngine().run(units, 1, here)
     assert [r.id for r in results] == [u.id for u in units]
-    for u, result in zip(units, results, strict=True):
-        local = subprocess.run(u.argv, cwd=work, env=vmrun_env(), capture_output=True,
-                               timeout=300, check=False)
-        assert result.exit_code == local.returncode, (result, local.stderr)
-        assert output.of(u.id, 1) == local.stdout.splitlines(), result
-        assert output.of(u.id, 2) == local.stderr.splitlines(), result
-        assert result.stdout_tail.encode() == local.stdout
+    assert [r.exit_code for r in results] == [r.exit_code for r in local] == [0, 3, 42]
+    job = engine.last_job
+    assert job is not None
+    for index, (u, result, mine) in enumerate(zip(units, results, local, strict=True)):
+        assert (result.stdout_tail, result.stderr_tail) == (mine.stdout_tail, mine.stderr_tail)
+        assert on_slurm.of(u.id, 1) == here.of(u.id, 1) and on_slurm.of(u.id, 2) == here.of(
+            u.id, 2)
         assert result.node in NODES and result.attempts == 1
+        assert "boot" in result.timings or "restore" in result.timings, result.timings
         # each task has its own Slurm log, naming the node and attempt
-        assert f"{u.id} attempt 1 on {result.node}" in Path(result.log).read_text()
-    assert [r.exit_code for r in results] == [0, 3, 42]
-    assert output.of("x86_64/ok", 1) == [b"hello from x86_64"]
-    assert (work / "from-x86_64").read_text() == "x\n"  # ran in the unit's directory
+        assert f"{u.id} attempt 1 on {result.node}" in job.log(index, 1).read_text()
+    assert on_slurm.of("x86_64/ok", 1) == [b"hello from x86_64"]
+    assert on_slurm.of("i386/fail", 1) == [b"i686"]
+    assert (work / "from-x86_64").read_text() == "x\n"  # ran in the caller's directory
     assert squeue() == ""
 
 
 def test_a_run_no_node_can_take_fails_fast(engine: SlurmEngine, tmp_path: Path) -> None:
     nodes = query_nodes("vmrun")
     assert sorted(n.name for n in nodes) == sorted(NODES)
-    check_placement([needs_of(unit("s", "s390x", "true", tmp_path).argv)], nodes, "vmrun")
+    check_placement([needs_of(unit("s", "s390x", "true"))], nodes, "vmrun")
     started = time.monotonic()
-    kvm = unit("x86_64/kvm", "x86_64", "true", tmp_path)
-    kvm = Unit(kvm.id, (*kvm.argv[:3], "--accel", "kvm", *kvm.argv[3:]), kvm.root)
     with pytest.raises(SlurmError, match=r"no Slurm node in partition vmrun can take a run "
                                          r"needing arch-x86_64, kvm"):
-        engine.run([unit("x86_64/ok", "x86_64", "true", tmp_path), kvm], 2)
-    big = Unit("big", (*kvm.argv[:3], "--memory", "16G", "--", "true"), str(tmp_path))
+        engine.run([unit("x86_64/ok", "x86_64", "true"),
+                    unit("x86_64/kvm", "x86_64", "true", "--accel", "kvm", kvm=True)], 2)
+    big = unit("big", "x86_64", "true", "--memory", "16G", memory_mib=16384)
     with pytest.raises(SlurmError, match="16896 MiB"):
         engine.run([big], 1)
     with pytest.raises(SlurmError, match="no nodes in partition nowhere"):
-        SlurmEngine(partition="nowhere", directory=tmp_path).run([big], 1)
+        SlurmEngine(ClusterSpec(Kind.SLURM, partition="nowhere"), directory=tmp_path).run(
+            [big], 1)
     assert time.monotonic() - started < 30
     assert squeue() == ""  # nothing was submitted
 
@@ -135,11 +127,13 @@ def qemu_of(slurm: Cluster, name: str) -> list[int]:
     return found
 
 
-def test_a_run_on_a_lost_node_is_retried_elsewhere_once(engine: SlurmEngine, slurm: Cluster,
-                                                         tmp_path: Path) -> None:
+def test_a_run_on_a_lost_node_is_retried_elsewhere_once(
+        engine: SlurmEngine, slurm: Cluster, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     output = Lines()
-    results: list[TaskResult] = []
-    u = unit("x86_64/slow", "x86_64", "echo started; sleep 8; echo survived", tmp_path)
+    results: list[RunResult] = []
+    u = unit("x86_64/slow", "x86_64", "echo started; sleep 8; echo survived")
     runner = threading.Thread(target=lambda: results.extend(engine.run([u], 1, output)))
     runner.start()
     deadline = time.monotonic() + 120
@@ -160,5 +154,7 @@ def test_a_run_on_a_lost_node_is_retried_elsewhere_once(engine: SlurmEngine, slu
     assert result.exit_code == 0, result
     assert result.attempts == 2 and result.node != lost and result.node in NODES
     assert output.of(u.id, 1) == [b"started", b"survived"]  # reported once: the retry's
-    assert "attempt 2" in Path(result.log).read_text()
+    assert engine.last_job is not None
+    assert f"attempt 2 on {result.node}" in engine.last_job.log(0, 2).read_text()
+    assert engine.last_job.read_result(0, 1) is None  # the lost attempt left no result
     slurm.wait_idle()

@@ -2,40 +2,29 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from vmrun.cluster import ClusterSpec, Kind, RunResult, RunUnit, engine_for, parse_cluster
 from vmrun.cluster.slurm import (
     SINFO_FORMAT,
     JobDir,
     Needs,
     Node,
+    SlurmEngine,
     SlurmError,
-    TaskResult,
     array_spec,
     check_placement,
-    engine_from_url,
     is_final,
     needs_of,
     parse_sinfo,
     run_task,
     sbatch_argv,
-    vmrun_args,
     write_job_dir,
 )
-from vmrun.errors import UsageError
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
-
-
-@dataclass(frozen=True)
-class Unit:
-    id: str
-    argv: tuple[str, ...]
-    root: str = ""
-    run_argv: tuple[str, ...] = ()
 
 
 SINFO = """\
@@ -63,14 +52,15 @@ def test_sinfo_nodes_of_the_default_or_a_named_partition() -> None:
     assert SINFO_FORMAT.count("|") == 4
 
 
-def test_needs_come_from_vmruns_own_options() -> None:
-    assert needs_of(["run", "--arch", "s390x", "--memory", "2G", "--cpus", "2", "--",
-                     "true"]) == Needs(("arch-s390x",), 2048 + 512, 2)
-    # an alias names the same feature, and -m counts as --memory
-    assert needs_of([sys.executable, "-m", "vmrun", "--arch", "arm64", "-m", "512M",
-                     "--accel", "kvm", "--", "x"]).features == ("arch-aarch64", "kvm")
+def test_needs_come_from_the_unit_and_vmruns_own_options() -> None:
+    unit = RunUnit(id="u", argv=("--arch", "s390x", "--cpus", "2", "--", "true"),
+                   arch="s390x", memory_mib=2048)
+    assert needs_of(unit) == Needs(("arch-s390x",), 2048 + 512, 2)
+    # an alias names the same feature; kvm is asked for by name
+    assert needs_of(RunUnit(id="u", argv=("--", "x"), arch="arm64", kvm=True)) == Needs(
+        ("arch-aarch64", "kvm"), 1024 + 512, 1)
     # what follows "--" is the command's, never vmrun's
-    assert needs_of(["--arch", "i386", "--", "--arch", "s390x"]).features == ("arch-i386",)
+    assert needs_of(RunUnit(id="u", argv=("--", "--cpus", "8"), arch="i386")).cpus == 1
 
 
 def test_placement_refuses_a_run_no_node_can_take() -> None:
@@ -104,24 +94,12 @@ def test_sbatch_argv(tmp_path: Path) -> None:
     assert "--partition" not in " ".join(sbatch_argv(job, [0], 1, 1, Needs((), 1, 1), None))
 
 
-def test_engine_url() -> None:
-    assert engine_from_url("").partition is None
-    assert engine_from_url("gpu-long/").partition == "gpu-long"
-    with pytest.raises(UsageError, match="bad Slurm partition"):
-        engine_from_url("a b")
-
-
-def test_vmrun_args_drop_the_interpreter() -> None:
-    assert vmrun_args(["/usr/bin/python3", "-m", "vmrun", "test", "--unit", "a/x86_64"]) == [
-        "test", "--unit", "a/x86_64"]
-    assert vmrun_args(["vmrun", "--arch", "i386", "--", "true"]) == [
-        "--arch", "i386", "--", "true"]
-
-
-def test_result_json_round_trip() -> None:
-    result = TaskResult(id="p/x86_64/2", exit_code=42, seconds=1.5, stdout_tail="o\n",
-                        stderr_tail="é\n", node="n2", attempts=2, log="/l")
-    assert TaskResult.from_json(result.to_json()) == result
+def test_the_engine_for_a_slurm_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMRUN_CLUSTER_DIR", str(tmp_path))
+    engine = engine_for(parse_cluster("slurm://gpu-long"))
+    assert isinstance(engine, SlurmEngine)
+    assert engine.partition == "gpu-long" and engine.directory == tmp_path
+    assert SlurmEngine(ClusterSpec(Kind.SLURM)).partition is None
 
 
 def test_a_task_runs_its_unit_and_writes_its_result(tmp_path: Path,
@@ -131,9 +109,9 @@ def test_a_task_runs_its_unit_and_writes_its_result(tmp_path: Path,
     monkeypatch.setenv("PYTHONPATH", SRC)
     work = tmp_path / "work"
     work.mkdir()
-    units = [Unit("a", ("python", "-m", "vmrun", "--version"), root=str(work)),
-             Unit("b", ("python", "-m", "vmrun", "--no-such-option"), root=str(work))]
-    job = write_job_dir(tmp_path / "job", units, sys.executable)
+    units = [RunUnit(id="a", argv=("--version",), arch="x86_64"),
+             RunUnit(id="b", argv=("--no-such-option",), arch="x86_64")]
+    job = write_job_dir(tmp_path / "job", units, work, sys.executable)
     assert job.script.read_text().startswith(f"#!{sys.executable}\n")
     first = run_task(job, 0, 1, "n7")
     second = run_task(job, 1, 3, "n8")
@@ -142,22 +120,21 @@ def test_a_task_runs_its_unit_and_writes_its_result(tmp_path: Path,
     assert (second.exit_code, second.node, second.attempts) == (125, "n8", 3)
     assert "--no-such-option" in second.stderr_tail
     assert job.read_result(1, 3) == second and job.read_result(1, 1) is None
-    assert job.output(0, 1, 1).read_text() == first.stdout_tail
+    assert job.output(0, 1, 1).read_text() == first.stdout_tail + "\n"
     assert not [p for p in (job.root / "results").iterdir() if p.suffix == ".tmp"]
 
 
 def test_a_task_refuses_a_directory_the_node_lacks(tmp_path: Path) -> None:
-    job = write_job_dir(tmp_path / "job", [Unit("a", ("vmrun", "--version"),
-                                                root=str(tmp_path / "absent"))], sys.executable)
+    job = write_job_dir(tmp_path / "job", [RunUnit(id="a", argv=("--version",), arch="i386")],
+                        tmp_path / "absent", sys.executable)
     with pytest.raises(SlurmError, match="absent is not on node n1"):
         run_task(job, 0, 1, "n1")
     assert os.listdir(job.root / "results") == []
 
 
 def test_only_infrastructure_failures_are_tried_again() -> None:
-    def result(code: int) -> TaskResult:
-        return TaskResult(id="u", exit_code=code, seconds=1.0, stdout_tail="",
-                          stderr_tail="", node="n1", attempts=1)
+    def result(code: int) -> RunResult:
+        return RunResult(id="u", exit_code=code, seconds=1.0, node="n1")
 
     # the command's own exits, and vmrun's usage and image errors, are the outcome
     for code in (0, 1, 3, 42, 118, 121, 125, 137):

@@ -11,81 +11,36 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
-from vmrun.errors import ChannelLost, QemuError, UsageError, VmrunError
+from vmrun.cluster.units import INFRASTRUCTURE_CODES, OnOutput, RunResult, RunUnit
+from vmrun.errors import ChannelLost, UsageError, VmrunError
 
-# vmrun's own failures that another attempt (elsewhere) may not meet: the guest vanished,
-# QEMU died. A lost node shows as a missing result. A command's own exit is never retried.
-RETRY_EXIT_CODES = frozenset({ChannelLost.exit_code, QemuError.exit_code})
+if TYPE_CHECKING:
+    from vmrun.cluster import ClusterSpec
+
+# A lost node shows as an attempt without a result; a run lost on every attempt reports
+# the code of a vanished guest.
 LOST_EXIT_CODE = ChannelLost.exit_code
 MAX_ATTEMPTS = 3
 # QEMU's own memory and vmrun's, beside the guest's: what a run asks Slurm for on top.
 MEMORY_OVERHEAD_MIB = 512
-TAIL_BYTES = 4096
+TAIL_LINES = 50  # as the local engine keeps
 POLL_SECONDS = 1.0
 PR_SET_PDEATHSIG = 1
 CLUSTER_DIR_ENV = "VMRUN_CLUSTER_DIR"
 PYTHON_ENV = "VMRUN_SLURM_PYTHON"
-
-OnOutput = Callable[[str, int, bytes], None]
 
 
 class SlurmError(VmrunError):
     """Slurm refused or lost the work: sbatch failed, or no node can take a run."""
 
     exit_code = UsageError.exit_code
-
-
-class Unit(Protocol):
-    """What the engine needs of a run unit (vmrun.project's RunUnit is one): its id and the
-    vmrun argv that performs it. A unit may also have ROOT, the directory ARGV runs in (the
-    caller's working directory otherwise), and RUN_ARGV, the `vmrun run` part of ARGV that
-    says what the run needs of a node (ARGV itself otherwise)."""
-
-    @property
-    def id(self) -> str: ...
-
-    @property
-    def argv(self) -> Sequence[str]: ...
-
-
-def unit_cwd(unit: Unit) -> str:
-    return str(getattr(unit, "root", "") or Path.cwd())
-
-
-def unit_run_argv(unit: Unit) -> Sequence[str]:
-    run_argv: Sequence[str] = getattr(unit, "run_argv", ()) or unit.argv
-    return run_argv
-
-
-@dataclass(frozen=True)
-class TaskResult:
-    """One run's outcome as its array task wrote it (and the engine completed it)."""
-
-    id: str
-    exit_code: int
-    seconds: float
-    stdout_tail: str
-    stderr_tail: str
-    node: str
-    attempts: int
-    log: str = ""  # the Slurm log of the attempt reported
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> TaskResult:
-        data = json.loads(text)
-        return cls(id=str(data["id"]), exit_code=int(data["exit_code"]),
-                   seconds=float(data["seconds"]), stdout_tail=str(data["stdout_tail"]),
-                   stderr_tail=str(data["stderr_tail"]), node=str(data["node"]),
-                   attempts=int(data["attempts"]), log=str(data.get("log", "")))
 
 
 # ---- placement: what a run asks of a node, and which nodes have it -------------------------
@@ -109,35 +64,20 @@ class Needs:
 
 
 def vmrun_options(argv: Sequence[str]) -> list[str]:
-    """The vmrun options of a unit's argv: what follows `-m vmrun` (or argv[0]) up to `--`."""
-    args = list(argv)
-    if "vmrun" in args[:3]:
-        args = args[args.index("vmrun") + 1:]
-    if args[:1] == ["run"]:
-        args = args[1:]
-    return args[:args.index("--")] if "--" in args else args
+    """The vmrun options of a unit's argv: what comes before its "--"."""
+    return list(argv[:list(argv).index("--")]) if "--" in argv else list(argv)
 
 
-def vmrun_args(argv: Sequence[str]) -> list[str]:
-    """A unit's argv without the interpreter: what goes after `python -m vmrun` on a node."""
-    args = list(argv)
-    if "vmrun" in args[:3]:
-        return args[args.index("vmrun") + 1:]
-    return args[1:]
-
-
-def needs_of(argv: Sequence[str]) -> Needs:
-    """What the run ARGV performs needs of a node, from vmrun's own option parser."""
+def needs_of(unit: RunUnit) -> Needs:
+    """What UNIT needs of a node: its architecture's feature (and kvm), its guest's memory
+    with QEMU's beside it, and its guest's CPUs (from vmrun's own option parser)."""
     from vmrun.cli.run import run_parser
-    from vmrun.qemu.arch import host_arch, lookup_arch
-    from vmrun.spec import parse_memory
+    from vmrun.qemu.arch import lookup_arch
 
-    args, _ = run_parser().parse_known_args(vmrun_options(argv))
-    features = [f"arch-{lookup_arch(args.arch or host_arch()).name}"]
-    if args.accel == "kvm":
-        features.append("kvm")
-    return Needs(features=tuple(features),
-                 mem_mib=parse_memory(args.memory) + MEMORY_OVERHEAD_MIB, cpus=args.cpus)
+    args, _ = run_parser().parse_known_args(vmrun_options(unit.argv))
+    features = [f"arch-{lookup_arch(unit.arch).name}", *(["kvm"] if unit.kvm else [])]
+    return Needs(features=tuple(features), mem_mib=unit.memory_mib + MEMORY_OVERHEAD_MIB,
+                 cpus=args.cpus)
 
 
 @dataclass(frozen=True)
@@ -247,19 +187,22 @@ class JobDir:
     def result(self, index: int, attempt: int) -> Path:
         return self.root / "results" / f"{index}-a{attempt}.json"
 
-    def read_result(self, index: int, attempt: int) -> TaskResult | None:
+    def timings(self, index: int, attempt: int) -> Path:
+        return self.root / "out" / f"{index}-a{attempt}.timings.json"
+
+    def read_result(self, index: int, attempt: int) -> RunResult | None:
         try:
-            return TaskResult.from_json(self.result(index, attempt).read_text())
+            return RunResult.from_json(self.result(index, attempt).read_text())
         except FileNotFoundError:
             return None
 
 
-def write_job_dir(root: Path, units: Sequence[Unit], python: str) -> JobDir:
+def write_job_dir(root: Path, units: Sequence[RunUnit], cwd: Path, python: str) -> JobDir:
     job = JobDir(root)
     for sub in ("logs", "out", "results"):
         (root / sub).mkdir(parents=True)
-    job.units.write_text(json.dumps(
-        [{"id": u.id, "args": vmrun_args(u.argv), "cwd": unit_cwd(u)} for u in units]))
+    job.units.write_text(json.dumps({"cwd": str(cwd),
+                                     "units": [json.loads(u.to_json()) for u in units]}))
     # The batch script is Python itself (sbatch wants a #! line): no shell command line
     # is ever built; the job directory and the attempt come as its arguments.
     job.script.write_text(f"#!{python}\nimport sys\nfrom vmrun.cluster.slurm import task_main\n"
@@ -281,35 +224,52 @@ def _die_with_parent() -> None:
 
 def _tail(path: Path) -> str:
     with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - TAIL_BYTES))
-        return f.read().decode(errors="replace")
+        lines = deque(f.read().splitlines(), maxlen=TAIL_LINES)
+    return b"\n".join(lines).decode(errors="replace")
 
 
-def run_task(job: JobDir, index: int, attempt: int, node: str) -> TaskResult:
+def _timings(path: Path) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
+
+
+def run_task(job: JobDir, index: int, attempt: int, node: str) -> RunResult:
     """Run unit INDEX of JOB (this is attempt ATTEMPT) and write its result file."""
-    unit = json.loads(job.units.read_text())[index]
-    cwd = Path(unit["cwd"])
+    plan = json.loads(job.units.read_text())
+    unit = RunUnit.from_json(json.dumps(plan["units"][index]))
+    cwd = Path(plan["cwd"])
     if not cwd.is_dir():
-        raise SlurmError(f"{unit['id']}: {cwd} is not on node {node}",
+        raise SlurmError(f"{unit.id}: {cwd} is not on node {node}",
                          hint="run from a directory every node mounts")
-    print(f"vmrun: {unit['id']} attempt {attempt} on {node}: vmrun {' '.join(unit['args'])}",
+    print(f"vmrun: {unit.id} attempt {attempt} on {node}: vmrun {' '.join(unit.argv)}",
           flush=True)
+    if unit.blobs:
+        from vmrun.cluster.blobs import BlobStore
+        argv = BlobStore.for_worker().substitute(unit)
+    else:
+        argv = unit.argv
     started = time.monotonic()
     with open(job.output(index, attempt, 1), "wb") as out, \
             open(job.output(index, attempt, 2), "wb") as err:
-        code = subprocess.call([sys.executable, "-m", "vmrun", *unit["args"]], cwd=cwd,
-                               stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                               preexec_fn=_die_with_parent)
-    code = 128 - code if code < 0 else code
-    result = TaskResult(id=unit["id"], exit_code=code, seconds=time.monotonic() - started,
-                        stdout_tail=_tail(job.output(index, attempt, 1)),
-                        stderr_tail=_tail(job.output(index, attempt, 2)),
-                        node=node, attempts=attempt, log=str(job.log(index, attempt)))
+        code = subprocess.call(
+            [sys.executable, "-m", "vmrun", "--timings-file", str(job.timings(index, attempt)),
+             *argv], cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            preexec_fn=_die_with_parent)
+    result = RunResult(id=unit.id, exit_code=128 - code if code < 0 else code,
+                       seconds=time.monotonic() - started,
+                       stdout_tail=_tail(job.output(index, attempt, 1)),
+                       stderr_tail=_tail(job.output(index, attempt, 2)),
+                       node=node, attempts=attempt,
+                       timings=_timings(job.timings(index, attempt)))
     temp = job.result(index, attempt).with_suffix(".tmp")
     temp.write_text(result.to_json())
     temp.rename(job.result(index, attempt))
-    print(f"vmrun: {unit['id']} exit {code} after {result.seconds:.1f}s", flush=True)
+    print(f"vmrun: {unit.id} exit {result.exit_code} after {result.seconds:.1f}s", flush=True)
     return result
 
 
@@ -324,11 +284,11 @@ def task_main(argv: Sequence[str]) -> int:
 
 # ---- the engine, on the submitting host -----------------------------------------------------
 
-def is_final(result: TaskResult | None, last: bool) -> bool:
+def is_final(result: RunResult | None, last: bool) -> bool:
     """Whether an attempt's RESULT (None: the task left none, its node was lost) is the
     run's outcome: anything but vmrun's infrastructure failures is, and the LAST attempt
     always is."""
-    return last or (result is not None and result.exit_code not in RETRY_EXIT_CODES)
+    return last or (result is not None and result.exit_code not in INFRASTRUCTURE_CODES)
 
 
 @dataclass(frozen=True)
@@ -387,25 +347,29 @@ def print_output(unit_id: str, fd: int, line: bytes) -> None:
     os.write(fd, f"[{unit_id}] ".encode() + line + b"\n")
 
 
-@dataclass(frozen=True)
 class SlurmEngine:
-    """Runs units as Slurm array tasks in PARTITION (None: the default partition); unit
-    and result files live in a fresh directory under DIRECTORY, which every node must see."""
+    """Runs units as Slurm array tasks in the partition SPEC names (the cluster's default
+    one when it names none). Unit, output and result files, and each task's Slurm log,
+    live in a fresh job directory under DIRECTORY ($VMRUN_CLUSTER_DIR by default), which
+    every node must see at the same path; it is kept for inspection."""
 
-    partition: str | None = None
-    directory: Path | None = None
-    max_attempts: int = MAX_ATTEMPTS
-    python: str = ""
+    def __init__(self, spec: ClusterSpec | None = None, *, directory: Path | None = None,
+                 max_attempts: int = MAX_ATTEMPTS, python: str = "") -> None:
+        self.partition = (spec.partition if spec is not None else "") or None
+        self.directory = directory or default_cluster_dir()
+        self.max_attempts = max_attempts
+        self.python = python or os.environ.get(PYTHON_ENV) or sys.executable
+        self.last_job: JobDir | None = None  # the job directory of the latest run()
 
-    def run(self, units: Sequence[Unit], jobs: int,
-            on_output: OnOutput = print_output) -> list[TaskResult]:
-        needs = [needs_of(unit_run_argv(u)) for u in units]
+    def run(self, units: Sequence[RunUnit], jobs: int,
+            on_output: OnOutput = print_output) -> list[RunResult]:
+        needs = [needs_of(u) for u in units]
         check_placement(sorted(set(needs), key=str), query_nodes(self.partition), self.partition)
-        base = self.directory or default_cluster_dir()
-        base.mkdir(parents=True, exist_ok=True)
-        job = write_job_dir(Path(tempfile.mkdtemp(prefix="vmrun-slurm-", dir=base)), units,
-                            self.python or os.environ.get(PYTHON_ENV) or sys.executable)
-        final: dict[int, TaskResult] = {}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        job = write_job_dir(Path(tempfile.mkdtemp(prefix="vmrun-slurm-", dir=self.directory)),
+                            units, Path.cwd(), self.python)
+        self.last_job = job
+        final: dict[int, RunResult] = {}
         pending = list(range(len(units)))
         for attempt in range(1, self.max_attempts + 1):
             if not pending:
@@ -415,9 +379,9 @@ class SlurmEngine:
                                   on_output)
         return [final[i] for i in range(len(units))]
 
-    def _round(self, job: JobDir, units: Sequence[Unit], needs: Sequence[Needs],
+    def _round(self, job: JobDir, units: Sequence[RunUnit], needs: Sequence[Needs],
                pending: Sequence[int], jobs: int, attempt: int, last: bool,
-               final: dict[int, TaskResult], on_output: OnOutput) -> list[int]:
+               final: dict[int, RunResult], on_output: OnOutput) -> list[int]:
         """One attempt at PENDING: an array job per distinct set of needs, all at once;
         returns the indices to try again."""
         groups: dict[Needs, list[int]] = {}
@@ -444,7 +408,7 @@ class SlurmEngine:
                    else f"{state.lower()} on {node}")
             if is_final(result, last):
                 final[index] = result or self._lost(units[index], attempt, why, job)
-                self._emit(job, index, final[index], on_output)
+                self._emit(job, index, final[index], on_output, files=result is not None)
             else:
                 os.write(2, f"vmrun: {units[index].id}: attempt {attempt} failed ({why}); "
                             "trying again\n".encode())
@@ -452,7 +416,7 @@ class SlurmEngine:
         return retry
 
     def _report_ready(self, job: JobDir, pending: Sequence[int], attempt: int, last: bool,
-                      seen: set[int], final: dict[int, TaskResult],
+                      seen: set[int], final: dict[int, RunResult],
                       on_output: OnOutput) -> None:
         """Report the runs of this attempt that finished for good, as their files appear."""
         for index in pending:
@@ -467,25 +431,21 @@ class SlurmEngine:
                 self._emit(job, index, result, on_output)
 
     @staticmethod
-    def _lost(unit: Unit, attempt: int, why: str, job: JobDir) -> TaskResult:
-        return TaskResult(id=unit.id, exit_code=LOST_EXIT_CODE, seconds=0.0, stdout_tail="",
-                          stderr_tail=f"vmrun: run lost after {attempt} attempts ({why})\n",
-                          node="", attempts=attempt, log=str(job.root / "logs"))
+    def _lost(unit: RunUnit, attempt: int, why: str, job: JobDir) -> RunResult:
+        return RunResult(id=unit.id, exit_code=LOST_EXIT_CODE, seconds=0.0,
+                         stderr_tail=f"vmrun: run lost after {attempt} attempts ({why}); "
+                                     f"logs in {job.root / 'logs'}",
+                         attempts=attempt)
 
     @staticmethod
-    def _emit(job: JobDir, index: int, result: TaskResult, on_output: OnOutput) -> None:
+    def _emit(job: JobDir, index: int, result: RunResult, on_output: OnOutput,
+              files: bool = True) -> None:
+        """Pass RESULT's output on: the whole of it, from its attempt's files (FILES), or
+        the tails the result holds."""
         for fd in (1, 2):
-            try:
+            if files:
                 data = job.output(index, result.attempts, fd).read_bytes()
-            except FileNotFoundError:
+            else:
                 data = (result.stdout_tail if fd == 1 else result.stderr_tail).encode()
             for line in data.splitlines():
                 on_output(result.id, fd, line)
-
-
-def engine_from_url(rest: str, directory: Path | None = None) -> SlurmEngine:
-    """The engine for `--cluster slurm://[PARTITION]` (REST is what follows slurm://)."""
-    partition = rest.strip("/") or None
-    if partition is not None and not all(c.isalnum() or c in "-_." for c in partition):
-        raise UsageError(f"bad Slurm partition {partition!r} in --cluster slurm://{rest}")
-    return SlurmEngine(partition=partition, directory=directory)
