@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.vmtools import SRC, alive
+from tests.integration.vmtools import SRC, alive, run_cli
 from tests.slurmtools import NODES, Cluster, missing_tools, slurm_cluster
 from vmrun.cluster import ClusterSpec, Kind, RunResult, RunUnit
-from vmrun.cluster.local import LocalEngine
 from vmrun.cluster.slurm import SlurmEngine, SlurmError, check_placement, needs_of, query_nodes
 
 pytestmark = pytest.mark.vm
@@ -66,8 +65,8 @@ def squeue() -> str:
     return subprocess.run(["squeue", "-h"], capture_output=True, text=True, check=True).stdout
 
 
-def test_a_matrix_gives_what_the_local_engine_gives(engine: SlurmEngine, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_matrix_of_runs_through_slurm(engine: SlurmEngine, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)  # the directory shared with the guests, on every node
@@ -76,25 +75,47 @@ def test_a_matrix_gives_what_the_local_engine_gives(engine: SlurmEngine, tmp_pat
         unit("i386/fail", "i386", "uname -m; echo oops >&2; exit 3"),
         unit("x86_64/42", "x86_64", "echo forty-two >&2; exit 42"),
     ]
-    on_slurm, here = Lines(), Lines()
+    on_slurm = Lines()
     results = engine.run(units, 3, on_slurm)
-    local = LocalEngine().run(units, 1, here)
     assert [r.id for r in results] == [u.id for u in units]
-    assert [r.exit_code for r in results] == [r.exit_code for r in local] == [0, 3, 42]
+    assert [r.exit_code for r in results] == [0, 3, 42]
     job = engine.last_job
     assert job is not None
-    for index, (u, result, mine) in enumerate(zip(units, results, local, strict=True)):
-        assert (result.stdout_tail, result.stderr_tail) == (mine.stdout_tail, mine.stderr_tail)
-        assert on_slurm.of(u.id, 1) == here.of(u.id, 1) and on_slurm.of(u.id, 2) == here.of(
-            u.id, 2)
+    for index, (u, result) in enumerate(zip(units, results, strict=True)):
+        for fd, tail in ((1, result.stdout_tail), (2, result.stderr_tail)):
+            assert on_slurm.of(u.id, fd) == tail.encode().splitlines()
         assert result.node in NODES and result.attempts == 1
         assert "boot" in result.timings or "restore" in result.timings, result.timings
         # each task has its own Slurm log, naming the node and attempt
         assert f"{u.id} attempt 1 on {result.node}" in job.log(index, 1).read_text()
     assert on_slurm.of("x86_64/ok", 1) == [b"hello from x86_64"]
     assert on_slurm.of("i386/fail", 1) == [b"i686"]
+    assert on_slurm.of("i386/fail", 2) == [b"oops"]
     assert (work / "from-x86_64").read_text() == "x\n"  # ran in the caller's directory
     assert squeue() == ""
+
+
+def test_the_same_invocation_gives_the_same_output_and_status(slurm: Cluster,
+                                                             tmp_path: Path) -> None:
+    """`vmrun --arch A,B --cluster slurm://vmrun` against `--cluster local`: the same lines,
+    the same exit status; the summary names each run's node and attempts."""
+    script = "uname -m; echo to-stderr >&2; [ $(uname -m) = i686 ] && exit 7; exit 0"
+    env = {"VMRUN_CLUSTER_DIR": str(tmp_path / "shared")}
+    done = {where: run_cli("--arch", "x86_64,i386", "--cluster", where, "--net", "none",
+                           "--jobs", "2", "--", "sh", "-c", script, cwd=tmp_path,
+                           timeout=600, env_extra=env)
+            for where in ("slurm://vmrun", "local")}
+    slurm_run, local_run = done["slurm://vmrun"], done["local"]
+    assert slurm_run.returncode == local_run.returncode == 7, slurm_run.stderr
+    assert sorted(slurm_run.stdout.splitlines()) == sorted(local_run.stdout.splitlines())
+    assert b"[i386  ] i686" in slurm_run.stdout.splitlines()
+    lines = [line.split() for line in slurm_run.stderr.decode().splitlines()]
+    assert ["arch", "exit", "start", "command", "node", "attempts"] in lines
+    rows = {row[0]: row for row in lines if row and row[0] in ("x86_64", "i386")}
+    assert rows["x86_64"][1] == "0" and rows["i386"][1] == "7"
+    assert {rows[a][4] for a in rows} <= set(NODES) and {rows[a][5] for a in rows} == {"1"}
+    assert [b"[i386  ] to-stderr"] == [
+        line for line in slurm_run.stderr.splitlines() if line.startswith(b"[i386")]
 
 
 def test_a_run_no_node_can_take_fails_fast(engine: SlurmEngine, tmp_path: Path) -> None:
