@@ -14,6 +14,7 @@ from vmrun.cluster.slurm import (
     Node,
     SlurmEngine,
     SlurmError,
+    Verdict,
     array_spec,
     check_placement,
     is_final,
@@ -21,6 +22,7 @@ from vmrun.cluster.slurm import (
     parse_sinfo,
     run_task,
     sbatch_argv,
+    verdict,
     write_job_dir,
 )
 
@@ -143,3 +145,23 @@ def test_only_infrastructure_failures_are_tried_again() -> None:
     for lost in (result(119), result(123), None):
         assert not is_final(lost, last=False)
         assert is_final(lost, last=True)
+
+
+def test_an_attempt_without_a_result_is_decided_by_its_tasks_state() -> None:
+    done = RunResult(id="u", exit_code=1, seconds=1.0)
+    infra = RunResult(id="u", exit_code=119, seconds=1.0)
+    assert verdict(done, "RUNNING", 0, last=False) is Verdict.DONE  # the file decides
+    assert verdict(infra, "COMPLETED", 0, last=False) is Verdict.RETRY
+    assert verdict(infra, "COMPLETED", 0, last=True) is Verdict.DONE
+    for state in (None, "PENDING", "RUNNING", "COMPLETING", "CONFIGURING"):
+        assert verdict(None, state, 100, last=False) is Verdict.WAIT
+    # a lost node: at once
+    assert verdict(None, "NODE_FAIL", 0, last=False) is Verdict.RETRY
+    assert verdict(None, "NODE_FAIL", 0, last=True) is Verdict.LOST
+    # the runner ended without a result: a shared filesystem may be slow to show it
+    assert verdict(None, "COMPLETED", 1, last=False) is Verdict.WAIT
+    assert verdict(None, "COMPLETED", 60, last=False) is Verdict.RETRY
+    assert verdict(None, "GONE", 60, last=False) is Verdict.RETRY
+    # cancelled, out of time or memory: not the infrastructure's failure
+    for state in ("CANCELLED", "TIMEOUT", "OUT_OF_MEMORY"):
+        assert verdict(None, state, 0, last=False) is Verdict.LOST

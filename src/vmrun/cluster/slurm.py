@@ -14,7 +14,8 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -284,6 +285,25 @@ def task_main(argv: Sequence[str]) -> int:
 
 # ---- the engine, on the submitting host -----------------------------------------------------
 
+# Array task states in which a task runs no more (squeue(1) spells them out). In EXITED the
+# task's own runner ended: its result file is due, and a shared filesystem may take a
+# moment to show it; GONE: slurmctld no longer remembers a task whose job has ended.
+TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
+                      "BOOT_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "DEADLINE", "GONE"})
+EXITED = frozenset({"COMPLETED", "FAILED", "GONE"})
+# Ends that another attempt may not meet: the node failed or was taken away, or the task
+# left no result. A task cancelled, out of time or out of memory is not tried again.
+RETRIED_STATES = frozenset({"NODE_FAIL", "BOOT_FAIL", "PREEMPTED", *EXITED})
+RESULT_GRACE_SECONDS = 15.0
+
+
+class Verdict(StrEnum):
+    WAIT = "wait"  # still queued or running
+    DONE = "done"  # its result is the run's outcome
+    RETRY = "retry"  # another attempt
+    LOST = "lost"  # no result, and no attempt left
+
+
 def is_final(result: RunResult | None, last: bool) -> bool:
     """Whether an attempt's RESULT (None: the task left none, its node was lost) is the
     run's outcome: anything but vmrun's infrastructure failures is, and the LAST attempt
@@ -291,9 +311,20 @@ def is_final(result: RunResult | None, last: bool) -> bool:
     return last or (result is not None and result.exit_code not in INFRASTRUCTURE_CODES)
 
 
+def verdict(result: RunResult | None, state: str | None, waited: float, last: bool) -> Verdict:
+    """What to do with an attempt: its RESULT file (None: none yet), its task's STATE (None:
+    not known yet), WAITED seconds since it was first seen ended without a result."""
+    if result is not None:
+        return Verdict.DONE if is_final(result, last) else Verdict.RETRY
+    if state not in TERMINAL or (state in EXITED and waited < RESULT_GRACE_SECONDS):
+        return Verdict.WAIT
+    return Verdict.LOST if last or state not in RETRIED_STATES else Verdict.RETRY
+
+
 @dataclass(frozen=True)
 class Submission:
     job_id: str
+    attempt: int
     indices: tuple[int, ...]
     process: subprocess.Popen[str]
 
@@ -309,8 +340,9 @@ def sbatch_argv(job: JobDir, indices: Sequence[int], jobs: int, attempt: int, ne
 
 
 @contextmanager
-def submitted(argv: list[str], indices: Sequence[int]) -> Iterator[Submission]:
-    """An array job submitted with --wait; cancelled if the caller leaves before it ends."""
+def submitted(argv: list[str], attempt: int, indices: Sequence[int]) -> Iterator[Submission]:
+    """An array job submitted with --wait; cancelled if the caller leaves while it runs
+    (scancel of an ended job changes nothing)."""
     process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     assert process.stdout is not None and process.stderr is not None
@@ -320,10 +352,12 @@ def submitted(argv: list[str], indices: Sequence[int]) -> Iterator[Submission]:
         process.wait()
         raise SlurmError(f"sbatch failed: {error or process.returncode}")
     try:
-        yield Submission(job_id=job_id, indices=tuple(indices), process=process)
+        yield Submission(job_id=job_id, attempt=attempt, indices=tuple(indices),
+                         process=process)
     finally:
         if process.poll() is None:
             subprocess.run(["scancel", job_id], capture_output=True, check=False)
+            process.terminate()  # sbatch --wait polls slowly; the job is over or cancelled
         process.communicate()
 
 
@@ -347,6 +381,86 @@ def print_output(unit_id: str, fd: int, line: bytes) -> None:
     os.write(fd, f"[{unit_id}] ".encode() + line + b"\n")
 
 
+@dataclass
+class Tracker:
+    """One engine run: the units' open attempts, their array jobs, and the results so far."""
+
+    job: JobDir
+    units: Sequence[RunUnit]
+    needs: Sequence[Needs]
+    jobs: int
+    partition: str | None
+    max_attempts: int
+    on_output: OnOutput
+    stack: ExitStack
+    final: dict[int, RunResult] = field(default_factory=dict)
+    current: dict[int, Submission] = field(default_factory=dict)  # open index -> its job
+    ended_at: dict[int, float] = field(default_factory=dict)
+
+    def submit(self, indices: Sequence[int], attempt: int) -> None:
+        """An array job per distinct set of needs; JOBS is shared between them."""
+        groups: dict[Needs, list[int]] = {}
+        for index in indices:
+            groups.setdefault(self.needs[index], []).append(index)
+        share = max(1, self.jobs // len(groups))
+        for need, group in groups.items():
+            sub = self.stack.enter_context(submitted(
+                sbatch_argv(self.job, group, share, attempt, need, self.partition),
+                attempt, group))
+            self.current.update(dict.fromkeys(group, sub))
+
+    def check(self) -> None:
+        """Decide what can be decided: results that appeared, tasks that ended without one."""
+        states = {sub.job_id: task_states(sub.job_id) for sub in set(self.current.values())}
+        present = set(os.listdir(self.job.root / "results"))  # after the states: no race
+        retry: dict[int, list[int]] = {}
+        for index, sub in list(self.current.items()):
+            state, node = states[sub.job_id].get(index, (
+                "GONE" if sub.process.poll() is not None else "", "?"))
+            name = self.job.result(index, sub.attempt).name
+            result = self.job.read_result(index, sub.attempt) if name in present else None
+            if result is None and state in EXITED:
+                self.ended_at.setdefault(index, time.monotonic())
+            waited = time.monotonic() - self.ended_at.get(index, time.monotonic())
+            last = sub.attempt >= self.max_attempts
+            what = verdict(result, state or None, waited, last)
+            if what is Verdict.WAIT:
+                continue
+            del self.current[index]
+            self.ended_at.pop(index, None)
+            why = (f"exit {result.exit_code} on {result.node}" if result
+                   else f"{state.lower()} on {node}")
+            if what is Verdict.DONE and result is not None:
+                self.final[index] = result
+                self._emit(index, result, files=True)
+            elif what is Verdict.LOST:
+                self.final[index] = self._lost(index, sub.attempt, why)
+                self._emit(index, self.final[index], files=False)
+            else:
+                os.write(2, f"vmrun: {self.units[index].id}: attempt {sub.attempt} lost "
+                            f"({why}); trying again\n".encode())
+                retry.setdefault(sub.attempt + 1, []).append(index)
+        for attempt, indices in retry.items():
+            self.submit(indices, attempt)
+
+    def _lost(self, index: int, attempt: int, why: str) -> RunResult:
+        return RunResult(id=self.units[index].id, exit_code=LOST_EXIT_CODE, seconds=0.0,
+                         stderr_tail=f"vmrun: run lost after {attempt} attempt(s) ({why}); "
+                                     f"logs in {self.job.root / 'logs'}",
+                         attempts=attempt)
+
+    def _emit(self, index: int, result: RunResult, files: bool) -> None:
+        """Pass RESULT's output on: the whole of it, from its attempt's files (FILES), or
+        the tails the result holds."""
+        for fd in (1, 2):
+            if files:
+                data = self.job.output(index, result.attempts, fd).read_bytes()
+            else:
+                data = (result.stdout_tail if fd == 1 else result.stderr_tail).encode()
+            for line in data.splitlines():
+                self.on_output(result.id, fd, line)
+
+
 class SlurmEngine:
     """Runs units as Slurm array tasks in the partition SPEC names (the cluster's default
     one when it names none). Unit, output and result files, and each task's Slurm log,
@@ -363,89 +477,20 @@ class SlurmEngine:
 
     def run(self, units: Sequence[RunUnit], jobs: int,
             on_output: OnOutput = print_output) -> list[RunResult]:
+        """Run UNITS, each reported once (its output passed to ON_OUTPUT as its final
+        attempt ends); their results in UNITS' order."""
         needs = [needs_of(u) for u in units]
         check_placement(sorted(set(needs), key=str), query_nodes(self.partition), self.partition)
         self.directory.mkdir(parents=True, exist_ok=True)
         job = write_job_dir(Path(tempfile.mkdtemp(prefix="vmrun-slurm-", dir=self.directory)),
                             units, Path.cwd(), self.python)
         self.last_job = job
-        final: dict[int, RunResult] = {}
-        pending = list(range(len(units)))
-        for attempt in range(1, self.max_attempts + 1):
-            if not pending:
-                break
-            last = attempt == self.max_attempts
-            pending = self._round(job, units, needs, pending, jobs, attempt, last, final,
-                                  on_output)
-        return [final[i] for i in range(len(units))]
-
-    def _round(self, job: JobDir, units: Sequence[RunUnit], needs: Sequence[Needs],
-               pending: Sequence[int], jobs: int, attempt: int, last: bool,
-               final: dict[int, RunResult], on_output: OnOutput) -> list[int]:
-        """One attempt at PENDING: an array job per distinct set of needs, all at once;
-        returns the indices to try again."""
-        groups: dict[Needs, list[int]] = {}
-        for index in pending:
-            groups.setdefault(needs[index], []).append(index)
-        share = max(1, jobs // len(groups))
-        seen: set[int] = set()
         with ExitStack() as stack:
-            subs = [stack.enter_context(submitted(
-                sbatch_argv(job, group, share, attempt, need, self.partition), group))
-                for need, group in groups.items()]
-            while any(s.process.poll() is None for s in subs):
-                self._report_ready(job, pending, attempt, last, seen, final, on_output)
+            tracker = Tracker(job=job, units=units, needs=needs, jobs=jobs,
+                              partition=self.partition, max_attempts=self.max_attempts,
+                              on_output=on_output, stack=stack)
+            tracker.submit(range(len(units)), 1)
+            while tracker.current:
                 time.sleep(POLL_SECONDS)
-            states = {i: s for sub in subs for i, s in task_states(sub.job_id).items()}
-        self._report_ready(job, pending, attempt, last, seen, final, on_output)
-        retry = []
-        for index in pending:
-            if index in final:
-                continue
-            result = job.read_result(index, attempt)
-            state, node = states.get(index, ("LOST", "?"))
-            why = (f"exit {result.exit_code} on {result.node}" if result
-                   else f"{state.lower()} on {node}")
-            if is_final(result, last):
-                final[index] = result or self._lost(units[index], attempt, why, job)
-                self._emit(job, index, final[index], on_output, files=result is not None)
-            else:
-                os.write(2, f"vmrun: {units[index].id}: attempt {attempt} failed ({why}); "
-                            "trying again\n".encode())
-                retry.append(index)
-        return retry
-
-    def _report_ready(self, job: JobDir, pending: Sequence[int], attempt: int, last: bool,
-                      seen: set[int], final: dict[int, RunResult],
-                      on_output: OnOutput) -> None:
-        """Report the runs of this attempt that finished for good, as their files appear."""
-        for index in pending:
-            if index in seen:
-                continue
-            result = job.read_result(index, attempt)
-            if result is None:
-                continue
-            seen.add(index)
-            if is_final(result, last):
-                final[index] = result
-                self._emit(job, index, result, on_output)
-
-    @staticmethod
-    def _lost(unit: RunUnit, attempt: int, why: str, job: JobDir) -> RunResult:
-        return RunResult(id=unit.id, exit_code=LOST_EXIT_CODE, seconds=0.0,
-                         stderr_tail=f"vmrun: run lost after {attempt} attempts ({why}); "
-                                     f"logs in {job.root / 'logs'}",
-                         attempts=attempt)
-
-    @staticmethod
-    def _emit(job: JobDir, index: int, result: RunResult, on_output: OnOutput,
-              files: bool = True) -> None:
-        """Pass RESULT's output on: the whole of it, from its attempt's files (FILES), or
-        the tails the result holds."""
-        for fd in (1, 2):
-            if files:
-                data = job.output(index, result.attempts, fd).read_bytes()
-            else:
-                data = (result.stdout_tail if fd == 1 else result.stderr_tail).encode()
-            for line in data.splitlines():
-                on_output(result.id, fd, line)
+                tracker.check()
+        return [tracker.final[i] for i in range(len(units))]
