@@ -148,6 +148,39 @@ def qemu_of(slurm: Cluster, name: str) -> list[int]:
     return found
 
 
+def wait_for_qemu(slurm: Cluster, runner: threading.Thread) -> tuple[str, list[int]]:
+    """The node where a run's QEMU runs, and its PIDs, once it does."""
+    deadline = time.monotonic() + 120
+    while runner.is_alive() and time.monotonic() < deadline:
+        for name in list(slurm.nodes):
+            if qemu := qemu_of(slurm, name):
+                return name, qemu
+        time.sleep(0.5)
+    raise AssertionError("the run's QEMU never started on a node")
+
+
+def test_a_cancelled_task_takes_its_qemu_along_and_is_not_retried(
+        engine: SlurmEngine, slurm: Cluster, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """scancel: slurmstepd kills the task (proctrack/linuxproc); vmrun dies with the task
+    and QEMU with vmrun. A cancel is no infrastructure failure: reported, not retried."""
+    monkeypatch.chdir(tmp_path)
+    results: list[RunResult] = []
+    u = unit("x86_64/cancelled", "x86_64", "sleep 60")
+    runner = threading.Thread(target=lambda: results.extend(engine.run([u], 1, Lines())))
+    runner.start()
+    node, qemu = wait_for_qemu(slurm, runner)
+    subprocess.run(["scancel", "--name=vmrun"], check=True)
+    time.sleep(5)
+    assert not [pid for pid in qemu if alive(pid)]
+    runner.join(timeout=120)
+    assert not runner.is_alive()
+    [result] = results
+    assert (result.exit_code, result.attempts) == (119, 1)
+    assert f"cancelled on {node}" in result.stderr_tail
+    assert squeue() == ""
+
+
 def test_a_run_on_a_lost_node_is_retried_elsewhere_once(
         engine: SlurmEngine, slurm: Cluster, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -157,13 +190,7 @@ def test_a_run_on_a_lost_node_is_retried_elsewhere_once(
     u = unit("x86_64/slow", "x86_64", "echo started; sleep 8; echo survived")
     runner = threading.Thread(target=lambda: results.extend(engine.run([u], 1, output)))
     runner.start()
-    deadline = time.monotonic() + 120
-    lost, qemu = "", list[int]()
-    while not qemu and time.monotonic() < deadline:
-        time.sleep(0.5)
-        lost, qemu = next(((n, q) for n in list(slurm.nodes) if (q := qemu_of(slurm, n))),
-                          ("", []))
-    assert qemu, "the run's QEMU never started on a node"
+    lost, qemu = wait_for_qemu(slurm, runner)
     time.sleep(2)
     slurm.kill_node(lost)  # slurmd, its step, vmrun and QEMU at once
     time.sleep(5)

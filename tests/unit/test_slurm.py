@@ -19,6 +19,7 @@ from vmrun.cluster.slurm import (
     check_placement,
     is_final,
     needs_of,
+    offers,
     parse_sinfo,
     run_task,
     sbatch_argv,
@@ -68,12 +69,20 @@ def test_needs_come_from_the_unit_and_vmruns_own_options() -> None:
 def test_placement_refuses_a_run_no_node_can_take() -> None:
     nodes = parse_sinfo(SINFO, None)
     check_placement([Needs(("arch-s390x",), 1024, 1), Needs(("kvm",), 8000, 4)], nodes, None)
-    with pytest.raises(SlurmError, match=r"needing arch-s390x, kvm.*n1: arch-s390x,arch-x86_64"):
+    with pytest.raises(SlurmError, match=r"needing arch-s390x, kvm.*n1: arch-s390x,arch-x86_64, "
+                                         r"4096 MiB, 2 CPU; n2: arch-x86_64,kvm"):
         check_placement([Needs(("arch-s390x", "kvm"), 1024, 1)], nodes, None)
     with pytest.raises(SlurmError, match="needing arch-x86_64, 9000 MiB"):
         check_placement([Needs(("arch-x86_64",), 9000, 1)], nodes, None)
     with pytest.raises(SlurmError, match="no nodes in partition gone"):
         check_placement([Needs((), 1, 1)], [], "gone")
+
+
+def test_offers_group_alike_nodes() -> None:
+    nodes = [Node(f"n{i}", frozenset({"arch-x86_64"}), 2048, 2) for i in range(5)]
+    nodes.append(Node("big", frozenset(), 9000, 8))
+    assert offers(nodes) == ("n0, n1, n2 and 2 more: arch-x86_64, 2048 MiB, 2 CPU; "
+                             "big: -, 9000 MiB, 8 CPU")
 
 
 def test_node_takes_only_what_it_has() -> None:

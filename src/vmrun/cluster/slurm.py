@@ -114,6 +114,17 @@ def parse_sinfo(text: str, partition: str | None) -> list[Node]:
     return list(nodes.values())
 
 
+def offers(nodes: Sequence[Node]) -> str:
+    """What NODES offer, alike nodes together: "n1, n2: arch-s390x, 4096 MiB, 2 CPU"."""
+    alike: dict[tuple[str, int, int], list[str]] = {}
+    for n in nodes:
+        alike.setdefault((",".join(sorted(n.features)) or "-", n.mem_mib, n.cpus),
+                         []).append(n.name)
+    return "; ".join(
+        f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}: "
+        f"{features}, {mem} MiB, {cpus} CPU" for (features, mem, cpus), names in alike.items())
+
+
 def check_placement(needs: Sequence[Needs], nodes: Sequence[Node], partition: str | None) -> None:
     """Raise SlurmError, naming the run's needs and the nodes' offers, when no node of the
     partition can take one of NEEDS: Slurm would leave it pending for ever."""
@@ -123,10 +134,8 @@ def check_placement(needs: Sequence[Needs], nodes: Sequence[Node], partition: st
                          hint="name a partition: --cluster slurm://PARTITION")
     for need in needs:
         if not any(node.takes(need) for node in nodes):
-            offers = "; ".join(f"{n.name}: {','.join(sorted(n.features)) or '-'}, "
-                               f"{n.mem_mib} MiB, {n.cpus} CPU" for n in nodes)
             raise SlurmError(f"no Slurm node in {where} can take a run needing "
-                             f"{need.describe()} (nodes: {offers})",
+                             f"{need.describe()} (nodes: {offers(nodes)})",
                              hint="give nodes the feature in slurm.conf (Features=), or ask "
                                   "for less memory or fewer CPUs")
 
