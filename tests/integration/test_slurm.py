@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -146,6 +147,29 @@ def qemu_of(slurm: Cluster, name: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_vmruns_infrastructure_failures_are_tried_again(
+        engine: SlurmEngine, slurm: Cluster, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit 123 (QEMU missing: the tasks get a PATH with Slurm's tools and no QEMU) is
+    vmrun's own failure: tried on every attempt, the last one's output reported once (a
+    command's own failures, in the matrix test, are tried once)."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("sbatch", "scontrol", "sinfo", "scancel", "squeue"):
+        found = shutil.which(tool)
+        assert found is not None
+        (tools / tool).symlink_to(found)
+    monkeypatch.setenv("PATH", str(tools))  # sbatch passes it on to the tasks
+    monkeypatch.chdir(tmp_path)
+    output = Lines()
+    [result] = engine.run([unit("x86_64/no-qemu", "x86_64", "true")], 2, output)
+    assert (result.exit_code, result.attempts) == (123, 3)
+    assert [line for line in output.of("x86_64/no-qemu", 2) if b"not installed" in line] == [
+        b"vmrun: error: QEMU for x86_64 is not installed (qemu-system-x86_64 is not on PATH)"]
+    assert engine.last_job is not None
+    assert all(engine.last_job.read_result(0, n) for n in (1, 2, 3))
 
 
 def wait_for_qemu(slurm: Cluster, runner: threading.Thread) -> tuple[str, list[int]]:
