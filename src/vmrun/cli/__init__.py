@@ -19,7 +19,8 @@ from vmrun.errors import (
     VmrunError,
 )
 
-SUBCOMMANDS = ("run", "info", "seed", "image", "disk", "template", "doctor", "completion")
+SUBCOMMANDS = ("run", "info", "seed", "image", "disk", "template", "doctor", "completion",
+               "cluster")
 
 
 class Terminated(Exception):
@@ -89,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from vmrun.cli.doctor import cmd_doctor
 
             return cmd_doctor(args[1:])
+        if args[:1] == ["cluster"]:
+            from vmrun.cli.cluster import cmd_cluster
+
+            return cmd_cluster(args[1:])
         if args[:1] == ["completion"]:
             from vmrun.cli.completion import cmd_completion
 

@@ -156,7 +156,7 @@ class DaskEngine:
                 return future
 
             done: dict[int, Outcome] = {}
-            pending = as_completed([submit(i) for i in range(len(units))])
+            pending = as_completed([submit(i) for i in range(len(units))], loop=client.loop)
             for future in pending:
                 index = futures.pop(future)
                 unit = units[index]
