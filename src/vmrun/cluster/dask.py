@@ -14,14 +14,16 @@ the worker was lost); a command's own exit status, whatever it is, is its result
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import secrets
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from vmrun.cluster.blobs import SOURCES_ENV
 from vmrun.cluster.units import INFRASTRUCTURE_CODES, OnOutput, RunResult, RunUnit
 from vmrun.errors import ChannelLost, UsageError, VmrunError
 
@@ -96,6 +98,10 @@ def execute(unit_json: str, topic: str, sources: tuple[str, ...]) -> dict[str, A
     return {"result": result.to_json(), "output": output}
 
 
+# A unit's JSON, the events topic, blob sources -> {"result": RunResult JSON, "output": lines}
+Task = Callable[[str, str, tuple[str, ...]], dict[str, Any]]
+
+
 def _outcome(payload: dict[str, Any]) -> Outcome:
     return Outcome(RunResult.from_json(payload["result"]),
                    tuple((int(fd), bytes(line)) for fd, line in payload["output"]))
@@ -127,12 +133,17 @@ class DaskEngine:
     """Units as tasks on the Dask scheduler SPEC names. The workers' slots, not JOBS,
     bound how many run at once; output comes per unit when its run ends."""
 
-    def __init__(self, spec: ClusterSpec, *, blob_sources: Sequence[str] = (),
-                 attempts: int = ATTEMPTS) -> None:
+    def __init__(self, spec: ClusterSpec, *, blob_sources: Sequence[str] | None = None,
+                 attempts: int = ATTEMPTS, task: Task = execute) -> None:
+        """BLOB_SOURCES: where workers fetch blobs their caches lack (default: this
+        environment's VMRUN_BLOB_SOURCES). TASK runs one unit on a worker (the scheduling
+        benchmark swaps in its own; vmrun's runs use execute)."""
         require_dask()
         self.spec = spec
-        self.blob_sources = tuple(blob_sources)
+        self.blob_sources = tuple(os.environ.get(SOURCES_ENV, "").split()
+                                  if blob_sources is None else blob_sources)
         self.attempts = attempts
+        self.task = task
 
     def run(self, units: Sequence[RunUnit], jobs: int, on_output: OnOutput
             ) -> list[RunResult]:
@@ -149,7 +160,7 @@ class DaskEngine:
                 tries[index] += 1
                 unit = units[index]
                 key = f"vmrun-{re.sub(r'[^A-Za-z0-9_.-]', '_', unit.id)}-{topic}-{tries[index]}"
-                future = client.submit(execute, unit.to_json(), topic, self.blob_sources,
+                future = client.submit(self.task, unit.to_json(), topic, self.blob_sources,
                                        key=key, resources=needs(unit), pure=False,
                                        retries=0)
                 futures[future] = index
