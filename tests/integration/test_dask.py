@@ -232,7 +232,7 @@ def cluster_run(url: str, *args: str) -> tuple[int, list[str], dict[str, list[st
             {row.split()[0]: row.split() for row in lines[header + 1:]})
 
 
-def test_only_infrastructure_failures_are_retried(cluster: Cluster) -> None:
+def test_retries_placement_and_a_vanished_client(cluster: Cluster) -> None:
     # The guest powering itself off is a vanished guest (119): retried, 3 attempts in all.
     code, out, rows = cluster_run(cluster.url, "--arch", "x86_64", "--", "sh", "-c",
                                   "echo try; sleep 1; echo o > /proc/sysrq-trigger; sleep 30")
@@ -252,3 +252,13 @@ def test_only_infrastructure_failures_are_retried(cluster: Cluster) -> None:
     assert b"no Dask worker at " + cluster.url.encode() + b" can run 'x86_64'" in matrix.stderr
     assert b"memory_mib=20480" in matrix.stderr
     assert time.monotonic() - started < 60
+    # The client dies mid-run: the scheduler drops its run, and the worker's task stops
+    # vmrun, which stops its VM (Dask alone would let the run go on to its end).
+    client = subprocess.Popen(vmrun_argv("--cluster", cluster.url, "--arch", "x86_64", "--",
+                                         "sleep", "120"), env=vmrun_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node, qemus, _ = busy_node(cluster, client)
+    client.kill()
+    client.wait()
+    assert gone_within(qemus, 30), f"QEMU {qemus} outlived the client that wanted it"
+    assert alive(node.worker())  # the worker is fine: only the run was stopped
