@@ -172,8 +172,8 @@ def test_twenty_runs_on_a_node_fetch_a_blob_once(tmp_path: Path,
     # Another store on this node (another worker process) finds it in the cache.
     assert BlobStore(cache=tmp_path / "cache").resolve(digest_of(good)) == paths[0]
     unit = RunUnit(id="u", arch="x86_64", blobs=(digest_of(good),),
-                   argv=("-v", "{" + digest_of(good) + "}:/data/a", "--", "cat", "/data/a"))
-    assert store.substitute(unit) == ("-v", f"{paths[0]}:/data/a", "--", "cat", "/data/a")
+                   argv=("--image", "{" + digest_of(good) + "}", "--", "echo", "{x}"))
+    assert store.substitute(unit) == ("--image", str(paths[0]), "--", "echo", "{x}")
 
 
 def test_a_blob_whose_digest_does_not_match_is_refused(tmp_path: Path,
