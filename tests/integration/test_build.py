@@ -9,13 +9,16 @@ The built cloud image itself (tests/cloudimage.py, made by the same builder) boo
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.cloudimage import NAMES, ensure_cloud_image
 from tests.integration.vmtools import run_cli
+from vmrun.errors import ImageError
 from vmrun.images import store
 from vmrun.images.partitions import find_root_partition, read_head
 from vmrun.qemu.arch import host_arch
@@ -88,15 +91,25 @@ def test_export_writes_bootable_disks_for_other_hypervisors(cloud_image: Path,
         head = read_head(out, fmt)
         assert bootable_by(head) == {Firmware.BIOS, Firmware.UEFI}
         assert find_root_partition(head, "x86_64") == 3
+        if fmt in ("vmdk", "vhdx", "qcow2"):
+            checked = subprocess.run(["qemu-img", "check", "-f", fmt, str(out)],
+                                     capture_output=True, text=True, check=False)
+            assert checked.returncode == 0, checked.stdout + checked.stderr
     refused = run_cli("image", "export", NAMES["amd64"], str(tmp_path / "disk.raw"),
                       "--format", "raw", cwd=tmp_path)
     assert refused.returncode != 0 and "exists" in refused.stderr.decode()
-    # The exported raw disk runs: the root partition found, its userland there.
-    done = run_cli("--image", str(tmp_path / "disk.raw"), "--boot", "fast", "--net", "none",
-                   "--", "sh", "-c", "test -x /usr/bin/cloud-init && cat /etc/debian_version",
-                   cwd=tmp_path, timeout=RUN_TIMEOUT)
-    assert done.returncode == 0, done.stderr.decode()
-    assert done.stdout.decode().startswith("12.")
+    # Converted back, the VMDK and the VHDX run: the root partition found, its userland
+    # there; the raw export runs as it is.
+    for fmt in ("vmdk", "vhdx"):
+        subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "qcow2",
+                        str(tmp_path / f"disk.{fmt}"), str(tmp_path / f"back-{fmt}.qcow2")],
+                       check=True)
+    for disk in ("disk.raw", "back-vmdk.qcow2", "back-vhdx.qcow2"):
+        done = run_cli("--image", str(tmp_path / disk), "--boot", "fast", "--net", "none",
+                       "--", "sh", "-c", "test -x /usr/bin/cloud-init && cat /etc/debian_version",
+                       cwd=tmp_path, timeout=RUN_TIMEOUT)
+        assert done.returncode == 0, f"{disk}: {done.stderr.decode()}"
+        assert done.stdout.decode().startswith("12."), disk
 
 
 def _info(path: Path) -> dict[str, object]:
@@ -104,3 +117,48 @@ def _info(path: Path) -> dict[str, object]:
         ["qemu-img", "info", "--output=json", str(path)], capture_output=True,
         check=True).stdout)
     return info
+
+
+def test_a_package_that_does_not_exist_is_named_and_nothing_stored(tmp_path: Path) -> None:
+    before = sorted((_oci_roots()).glob("*"))
+    done = run_cli("--packages", "python3,vmrun-no-such-package", "--", "true", cwd=tmp_path,
+                   timeout=BUILD_TIMEOUT)
+    assert done.returncode == 118, done.stderr.decode()
+    errors = [line for line in done.stderr.decode().splitlines()
+              if line.startswith("vmrun: error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith("vmrun: error: no package vmrun-no-such-package in bookworm "
+                                "for amd64")
+    assert sorted(_oci_roots().glob("*")) == before
+
+
+def test_an_interrupted_build_leaves_nothing(tmp_path: Path) -> None:
+    from tests.integration.vmtools import vmrun_argv, vmrun_env
+
+    argv = vmrun_argv("image", "build", "--name", "vmrun-test-interrupted",
+                      "--packages", "hello", "--refresh")
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=vmrun_env(), stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    seen = b""
+    while b"building vmrun-test-interrupted" not in seen:  # mmdebstrap starts now
+        line = proc.stderr.readline()
+        assert line, seen
+        seen += line
+    time.sleep(20)  # well into the downloads or the installation
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=300) == 130, rest
+    with pytest.raises(ImageError):
+        store.resolve("vmrun-test-interrupted")
+    work = store.store_root() / "tmp"
+    assert [p.name for p in work.glob("build-*") if not p.name.endswith(".lock")] == []
+    assert [p.name for p in work.glob("vmrun-build-*")] == []
+    mounts = Path("/proc/mounts").read_text()
+    assert str(store.store_root()) not in mounts and "mmdebstrap" not in mounts
+    assert subprocess.run(["pgrep", "-f", "mmdebstrap.*hello"], check=False).returncode == 1
+
+
+def _oci_roots() -> Path:
+    from vmrun.oci.pull import oci_root
+
+    return oci_root() / "roots"

@@ -354,3 +354,36 @@ def test_cloud_test_images_come_from_the_product_builder() -> None:
     assert set(cloudimage.NAMES) == {"amd64", "arm64"}
     with pytest.raises(ValueError, match="no test image recipe for 'ppc64el'"):
         cloudimage.ensure_cloud_image(arch="ppc64el")
+
+
+# -- mmdebstrap's failures and interruptions --
+
+
+def test_a_missing_package_is_named(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    log.write_text("I: running apt-get update...\nE: Unable to locate package nosuchpkg\n"
+                   "E: Package 'ghost' has no installation candidate\n"
+                   "E: mmdebstrap failed to run\n")
+    boot = Bootstrap(suite="bookworm", mirror="http://m", arch="amd64",
+                     packages=("ghost", "nosuchpkg", "python3"))
+    error = debootstrap.failure(boot, 25, log)
+    assert str(error) == "no package nosuchpkg, ghost in bookworm for amd64 on http://m"
+    log.write_text("W: something\nE: setup failed: E: command failed: mke2fs\n"
+                   "E: mmdebstrap failed to run\n")
+    assert str(debootstrap.failure(boot, 25, log)).endswith(
+        "E: setup failed: E: command failed: mke2fs")
+
+
+def test_stop_lets_mmdebstrap_clean_up_then_kills(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    script = f'trap "touch {tmp_path}/cleaned; exit 1" TERM; echo up; while :; do sleep 1; done'
+    polite = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE)
+    assert polite.stdout is not None and polite.stdout.readline() == b"up\n"
+    debootstrap.stop(polite)
+    assert polite.returncode == 1 and (tmp_path / "cleaned").exists()
+    monkeypatch.setattr(debootstrap, "STOP_GRACE_S", 0.5)
+    stubborn = subprocess.Popen(["sh", "-c", "trap '' TERM; echo up; exec sleep 600"],
+                                stdout=subprocess.PIPE)
+    assert stubborn.stdout is not None and stubborn.stdout.readline() == b"up\n"
+    debootstrap.stop(stubborn)
+    assert stubborn.returncode == -9

@@ -1,11 +1,24 @@
 from __future__ import annotations
 
+import hashlib
+import http.server
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
 import pytest
 
+from tests import ocitools as ot
 from vmrun.cluster import ClusterSpec, Kind, RunResult, RunUnit, engine_for, parse_cluster
+from vmrun.cluster.blobs import BlobStore, copy_into
 from vmrun.cluster.dask import check_placement, needs
 from vmrun.cluster.local import LocalEngine
-from vmrun.errors import UsageError, VmrunError
+from vmrun.errors import FetchError, UsageError, VerificationError, VmrunError
 
 # --- --cluster URLs ------------------------------------------------------------------------
 
@@ -92,3 +105,115 @@ def test_the_local_engine_runs_each_unit_once_and_passes_its_output() -> None:
         assert any(unit == f"bad{i}" and fd == 2 and f"nosuch{i}".encode() in line
                    for unit, fd, line in seen), seen
     assert "unknown architecture 'nosuch1'" in results[1].stderr_tail
+
+
+# --- blobs by digest -----------------------------------------------------------------------
+
+
+class BlobServer(http.server.ThreadingHTTPServer):
+    """Serves BLOBS at /sha256:HEX, slowly enough that concurrent fetches would overlap,
+    and counts the requests."""
+
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        self.blobs = blobs
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                server.requests.append(self.path)
+                data = server.blobs.get(self.path.lstrip("/"))
+                if data is None:
+                    self.send_error(404)
+                    return
+                time.sleep(0.3)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+@pytest.fixture
+def blob_server() -> Iterator[BlobServer]:
+    good = b"the artefact\n" * 1000
+    server = BlobServer({digest_of(good): good,
+                         digest_of(b"what was pushed"): b"what arrived instead"})
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_twenty_runs_on_a_node_fetch_a_blob_once(tmp_path: Path,
+                                                 blob_server: BlobServer) -> None:
+    good = b"the artefact\n" * 1000
+    store = BlobStore(cache=tmp_path / "cache", sources=(blob_server.url,))
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        paths = list(pool.map(lambda _: store.resolve(digest_of(good)), range(20)))
+    assert len(set(paths)) == 1 and paths[0].read_bytes() == good
+    assert blob_server.requests == [f"/{digest_of(good)}"]
+    # Another store on this node (another worker process) finds it in the cache.
+    assert BlobStore(cache=tmp_path / "cache").resolve(digest_of(good)) == paths[0]
+    unit = RunUnit(id="u", arch="x86_64", blobs=(digest_of(good),),
+                   argv=("--image", "{" + digest_of(good) + "}", "--", "echo", "{x}"))
+    assert store.substitute(unit) == ("--image", str(paths[0]), "--", "echo", "{x}")
+
+
+def test_a_blob_whose_digest_does_not_match_is_refused(tmp_path: Path,
+                                                       blob_server: BlobServer) -> None:
+    store = BlobStore(cache=tmp_path / "cache", sources=(blob_server.url,))
+    with pytest.raises(VerificationError, match="does not match its digest"):
+        store.resolve(digest_of(b"what was pushed"))
+    assert not list((tmp_path / "cache" / "sha256").iterdir())  # nothing kept
+    with pytest.raises(FetchError, match="is in no cache or source .*Not Found"):
+        store.resolve(digest_of(b"never served"))
+    with pytest.raises(UsageError, match="is not a blob digest"):
+        store.resolve("sha256:../../etc/passwd")
+
+
+def test_a_shared_directory_comes_before_the_network(tmp_path: Path) -> None:
+    blob = tmp_path / "artefact"
+    blob.write_bytes(b"shared\n")
+    copy_into(tmp_path / "shared", blob)
+    store = BlobStore(cache=tmp_path / "cache", shared=tmp_path / "shared",
+                      sources=("http://127.0.0.1:9",))  # nothing listens: never asked
+    assert store.resolve(digest_of(b"shared\n")).read_bytes() == b"shared\n"
+    corrupt = tmp_path / "shared" / "sha256" / digest_of(b"other").removeprefix("sha256:")
+    corrupt.write_bytes(b"not other")
+    with pytest.raises(VerificationError):
+        store.resolve(digest_of(b"other"))
+
+
+@pytest.mark.skipif(ot.REGISTRY is None, reason="needs docker-registry")
+def test_a_blob_comes_from_an_oci_registry(tmp_path: Path) -> None:
+    data = b"pushed to the registry\n" * 100
+    with ot.registry(tmp_path / "registry") as registry:
+        start = urllib.request.Request(f"{registry.base}/v2/test/blobs/blobs/uploads/",
+                                       method="POST")
+        with urllib.request.urlopen(start) as response:
+            location = urllib.parse.urljoin(registry.base, response.headers["Location"])
+        glue = "&" if "?" in location else "?"
+        put = urllib.request.Request(f"{location}{glue}digest={digest_of(data)}", data=data,
+                                     method="PUT",
+                                     headers={"Content-Type": "application/octet-stream"})
+        urllib.request.urlopen(put).close()
+        store = BlobStore(cache=tmp_path / "cache",
+                          sources=(f"oci://{registry.host}/test/blobs",))
+        assert store.resolve(digest_of(data)).read_bytes() == data

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import NoReturn
 
@@ -18,8 +19,6 @@ from vmrun.errors import (
     UsageError,
     VmrunError,
 )
-
-SUBCOMMANDS = ("run", "info", "seed", "image", "disk", "template", "doctor", "completion")
 
 
 class Terminated(Exception):
@@ -55,6 +54,21 @@ def unknown_command(word: str) -> UsageError:
                       f"vmrun [OPTIONS] -- {word} ...")
 
 
+# Each subcommand's module and function, imported when used (a run imports none of them).
+HANDLERS = {
+    "info": ("vmrun.cli.info", "cmd_info"),
+    "seed": ("vmrun.cli.seed", "cmd_seed"),
+    "image": ("vmrun.cli.image", "cmd_image_checked"),
+    "disk": ("vmrun.cli.disk", "cmd_disk"),
+    "template": ("vmrun.cli.template", "cmd_template"),
+    "doctor": ("vmrun.cli.doctor", "cmd_doctor"),
+    "completion": ("vmrun.cli.completion", "cmd_completion"),
+    "cluster": ("vmrun.cli.cluster", "cmd_cluster"),
+}
+
+SUBCOMMANDS = ("run", *HANDLERS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, _terminate)
@@ -65,34 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args and not args[0].startswith("-") and args[0] not in SUBCOMMANDS:
             raise unknown_command(args[0])
-        if args[:1] == ["info"]:
-            from vmrun.cli.info import cmd_info
-
-            return cmd_info(args[1:])
-        if args[:1] == ["seed"]:
-            from vmrun.cli.seed import cmd_seed
-
-            return cmd_seed(args[1:])
-        if args[:1] == ["disk"]:
-            from vmrun.cli.disk import cmd_disk
-
-            return cmd_disk(args[1:])
-        if args[:1] == ["image"]:
-            from vmrun.cli.image import cmd_image_checked
-
-            return cmd_image_checked(args[1:])
-        if args[:1] == ["template"]:
-            from vmrun.cli.template import cmd_template
-
-            return cmd_template(args[1:])
-        if args[:1] == ["doctor"]:
-            from vmrun.cli.doctor import cmd_doctor
-
-            return cmd_doctor(args[1:])
-        if args[:1] == ["completion"]:
-            from vmrun.cli.completion import cmd_completion
-
-            return cmd_completion(args[1:])
+        if args and args[0] in HANDLERS:
+            module, function = HANDLERS[args[0]]
+            handler: Callable[[list[str]], int] = getattr(
+                importlib.import_module(module), function)
+            return handler(args[1:])
         if args[:1] == ["run"]:
             args = args[1:]
         from vmrun.cli.run import cmd_run

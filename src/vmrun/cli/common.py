@@ -29,6 +29,7 @@ COMMANDS = {
     "template": "list and remove the memory templates warm starts restore from",
     "doctor": "check what runs need on this host, each problem with its fix",
     "completion": "print the shell completion script for bash, zsh or fish",
+    "cluster": "serve runs on a cluster: vmrun cluster worker dask://HOST:PORT",
 }
 
 

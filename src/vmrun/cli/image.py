@@ -16,7 +16,7 @@ from vmrun.images.aliases import ALIASES, ARCHES
 from vmrun.images.rawdisk import require_disk
 from vmrun.oci.reference import is_image_reference
 from vmrun.oci.store import OciDisk, OciStored
-from vmrun.progress import reporter
+from vmrun.progress import reporter, size_text
 
 Validate = Callable[[Path], object]
 
@@ -90,15 +90,6 @@ def _describe(image: store.StoredImage) -> dict[str, object]:
             "path": str(image.path)}
 
 
-def _size_text(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def _describe_oci(root: OciStored) -> dict[str, object]:
     return {"name": root.reference, "digest": digest_text(root.digest), "size": root.size,
             "format": "squashfs", "source": root.reference, "created": root.created,
@@ -127,15 +118,15 @@ def _print_table(images: list[store.StoredImage], roots: list[OciStored],
     rows = [("NAME", "DIGEST", "SIZE", "FORMAT", "CREATED", "SOURCE")]
     for image in images:
         rows.append((image.name or "<none>", digest_text(image.digest, short=True),
-                     _size_text(image.size),
+                     size_text(image.size),
                      image.format or "-", image.created or "-", image.source or "-"))
     for root in roots:
         rows.append((root.reference, digest_text(root.digest, short=True),
-                     _size_text(root.size), f"squashfs ({root.arch})", root.created or "-",
+                     size_text(root.size), f"squashfs ({root.arch})", root.created or "-",
                      f"{root.reference}@{root.digest}"))
     for found in disks:
         rows.append((found.reference, digest_text(found.digest, short=True),
-                     _size_text(found.size), f"{found.format} ({found.arch})",
+                     size_text(found.size), f"{found.format} ({found.arch})",
                      found.created or "-", f"{found.reference}@{found.digest}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:

@@ -14,14 +14,17 @@ the worker was lost); a command's own exit status, whatever it is, is its result
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import secrets
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from vmrun.cluster.blobs import SOURCES_ENV, BlobStore
 from vmrun.cluster.units import INFRASTRUCTURE_CODES, OnOutput, RunResult, RunUnit
 from vmrun.errors import ChannelLost, UsageError, VmrunError
 
@@ -84,16 +87,28 @@ def execute(unit_json: str, topic: str, sources: tuple[str, ...]) -> dict[str, A
     """The task a worker runs: UNIT here, in a child process that dies with the worker."""
     from distributed import get_worker
 
-    from vmrun.cluster.blobs import BlobStore
     from vmrun.cluster.local import run_unit
 
     unit = RunUnit.from_json(unit_json)
-    get_worker().log_event(topic, {"start": unit.id})  # attempts are counted from these
+    worker = get_worker()
+    key = worker.get_current_task()
+    worker.log_event(topic, {"start": unit.id})  # attempts are counted from these
     argv = BlobStore.for_worker(sources).substitute(unit) if unit.blobs else unit.argv
+
+    def cancelled() -> bool:
+        # The client went away or released the run: Dask cannot stop a running task's
+        # thread, so the task stops its vmrun (and so its VM) itself.
+        task = worker.state.tasks.get(key)
+        return task is None or task.state in ("cancelled", "released", "forgotten")
+
     output: list[tuple[int, bytes]] = []
     result = run_unit(unit, lambda _id, fd, line: output.append((fd, line)),
-                      node=socket.gethostname(), argv=argv)
+                      node=socket.gethostname(), argv=argv, cancelled=cancelled)
     return {"result": result.to_json(), "output": output}
+
+
+# A unit's JSON, the events topic, blob sources -> {"result": RunResult JSON, "output": lines}
+Task = Callable[[str, str, tuple[str, ...]], dict[str, Any]]
 
 
 def _outcome(payload: dict[str, Any]) -> Outcome:
@@ -127,52 +142,82 @@ class DaskEngine:
     """Units as tasks on the Dask scheduler SPEC names. The workers' slots, not JOBS,
     bound how many run at once; output comes per unit when its run ends."""
 
-    def __init__(self, spec: ClusterSpec, *, blob_sources: Sequence[str] = (),
-                 attempts: int = ATTEMPTS) -> None:
+    def __init__(self, spec: ClusterSpec, *, blob_sources: Sequence[str] | None = None,
+                 attempts: int = ATTEMPTS, task: Task = execute) -> None:
+        """BLOB_SOURCES: where workers fetch blobs their caches lack (default: this
+        environment's VMRUN_BLOB_SOURCES). TASK runs one unit on a worker (the scheduling
+        benchmark swaps in its own; vmrun's runs use execute)."""
         require_dask()
         self.spec = spec
-        self.blob_sources = tuple(blob_sources)
+        self.blob_sources = tuple(os.environ.get(SOURCES_ENV, "").split()
+                                  if blob_sources is None else blob_sources)
         self.attempts = attempts
+        self.task = task
 
     def run(self, units: Sequence[RunUnit], jobs: int, on_output: OnOutput
             ) -> list[RunResult]:
-        from distributed import KilledWorker, as_completed
-
         with connected(self.spec) as client:
             workers = client.scheduler_info(n_workers=-1)["workers"].values()
             check_placement(units, [w.get("resources", {}) for w in workers], str(self.spec))
-            topic = f"vmrun-{secrets.token_hex(6)}"
-            tries = dict.fromkeys(range(len(units)), 0)
-            futures: dict[Future[Any], int] = {}
+            batch = Batch(client, units, self, f"vmrun-{secrets.token_hex(6)}")
+            try:
+                outcomes = batch.collect(on_output)
+            except (OSError, CancelledError) as e:
+                raise VmrunError(f"lost the Dask scheduler at {self.spec} mid-run: "
+                                 f"{str(e) or type(e).__name__}") from None
+        return [outcomes[i].result for i in range(len(units))]
 
-            def submit(index: int) -> Future[Any]:
-                tries[index] += 1
-                unit = units[index]
-                key = f"vmrun-{re.sub(r'[^A-Za-z0-9_.-]', '_', unit.id)}-{topic}-{tries[index]}"
-                future = client.submit(execute, unit.to_json(), topic, self.blob_sources,
-                                       key=key, resources=needs(unit), pure=False,
-                                       retries=0)
-                futures[future] = index
-                return future
 
-            done: dict[int, Outcome] = {}
-            pending = as_completed([submit(i) for i in range(len(units))])
-            for future in pending:
-                index = futures.pop(future)
-                unit = units[index]
-                try:
-                    outcome = _outcome(future.result())
-                except KilledWorker:
-                    outcome = _lost(unit, f"{unit.id}: the Dask workers running it were lost")
-                future.release()
-                starts = sum(1 for _, msg in client.get_events(topic)
-                             if isinstance(msg, dict) and msg.get("start") == unit.id)
-                infrastructure = outcome.result.exit_code in INFRASTRUCTURE_CODES
-                if infrastructure and max(starts, tries[index]) < self.attempts:
-                    pending.add(submit(index))
-                    continue
-                done[index] = replace(outcome, result=replace(
-                    outcome.result, attempts=max(starts, tries[index], 1)))
-                for fd, line in outcome.output:
-                    on_output(unit.id, fd, line)
-        return [done[i].result for i in range(len(units))]
+class Batch:
+    """One engine.run's units on the cluster: their tasks, tries and start events."""
+
+    def __init__(self, client: Client, units: Sequence[RunUnit], engine: DaskEngine,
+                 topic: str) -> None:
+        self.client = client
+        self.units = units
+        self.engine = engine
+        self.topic = topic  # the events topic the tasks' starts go to
+        self.tries = dict.fromkeys(range(len(units)), 0)
+        self.futures: dict[Future[Any], int] = {}
+
+    def submit(self, index: int) -> Future[Any]:
+        self.tries[index] += 1
+        unit = self.units[index]
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", unit.id)
+        future = self.client.submit(
+            self.engine.task, unit.to_json(), self.topic, self.engine.blob_sources,
+            key=f"vmrun-{name}-{self.topic}-{self.tries[index]}", resources=needs(unit),
+            pure=False, retries=0)
+        self.futures[future] = index
+        return future
+
+    def starts(self, unit: RunUnit) -> int:
+        """How many times a worker started UNIT: Dask itself reruns a task whose worker
+        was lost, and only the task knows it ran."""
+        return sum(1 for _, msg in self.client.get_events(self.topic)
+                   if isinstance(msg, dict) and msg.get("start") == unit.id)
+
+    def collect(self, on_output: OnOutput) -> dict[int, Outcome]:
+        """Each unit's final outcome, resubmitting those the infrastructure failed."""
+        from distributed import KilledWorker, as_completed
+
+        done: dict[int, Outcome] = {}
+        pending = as_completed([self.submit(i) for i in range(len(self.units))],
+                               loop=self.client.loop)
+        for future in pending:
+            index = self.futures.pop(future)
+            unit = self.units[index]
+            try:
+                outcome = _outcome(future.result())
+            except KilledWorker:
+                outcome = _lost(unit, f"{unit.id}: the Dask workers running it were lost")
+            future.release()
+            attempts = max(self.starts(unit), self.tries[index], 1)
+            if (outcome.result.exit_code in INFRASTRUCTURE_CODES
+                    and attempts < self.engine.attempts):
+                pending.add(self.submit(index))
+                continue
+            done[index] = replace(outcome, result=replace(outcome.result, attempts=attempts))
+            for fd, line in outcome.output:
+                on_output(unit.id, fd, line)
+        return done

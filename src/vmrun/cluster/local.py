@@ -23,6 +23,8 @@ from vmrun.cluster.units import OnOutput, RunResult, RunUnit
 
 PR_SET_PDEATHSIG = 1
 TAIL_LINES = 50
+CANCEL_POLL_S = 1.0
+STOP_GRACE_S = 15.0
 
 
 def _die_with_parent(parent: int) -> None:
@@ -44,15 +46,29 @@ def _timings(path: Path) -> dict[str, float]:
     return {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
 
 
-def _pump(process: subprocess.Popen[bytes], emit: Callable[[int, bytes], None]) -> None:
-    """Pass PROCESS's stdout and stderr to EMIT line by line until both close."""
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop vmrun as an interrupt would (it shuts its VM down), then for sure."""
+    process.terminate()
+    try:
+        process.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _pump(process: subprocess.Popen[bytes], emit: Callable[[int, bytes], None],
+          cancelled: Callable[[], bool]) -> None:
+    """Pass PROCESS's stdout and stderr to EMIT line by line until both close; stop
+    PROCESS once CANCELLED says so (asked about every second)."""
     assert process.stdout is not None and process.stderr is not None
     partial = {1: b"", 2: b""}
     with selectors.DefaultSelector() as selector:
         selector.register(process.stdout, selectors.EVENT_READ, 1)
         selector.register(process.stderr, selectors.EVENT_READ, 2)
         while selector.get_map():
-            for key, _ in selector.select():
+            ready = selector.select(timeout=CANCEL_POLL_S)
+            if not ready and process.poll() is None and cancelled():
+                _stop(process)
+            for key, _ in ready:
                 fd: int = key.data
                 data = os.read(key.fd, 65536)
                 if not data:
@@ -66,9 +82,15 @@ def _pump(process: subprocess.Popen[bytes], emit: Callable[[int, bytes], None]) 
                     emit(fd, line)
 
 
+def never() -> bool:
+    return False
+
+
 def run_unit(unit: RunUnit, on_output: OnOutput, *, node: str = "", attempts: int = 1,
-             argv: Sequence[str] | None = None) -> RunResult:
-    """Run UNIT here (with ARGV in place of its own, when given) and wait for it."""
+             argv: Sequence[str] | None = None, cancelled: Callable[[], bool] = never
+             ) -> RunResult:
+    """Run UNIT here (with ARGV in place of its own, when given) and wait for it, or
+    until CANCELLED returns True."""
     tails: dict[int, deque[bytes]] = {1: deque(maxlen=TAIL_LINES), 2: deque(maxlen=TAIL_LINES)}
 
     def emit(fd: int, line: bytes) -> None:
@@ -84,7 +106,7 @@ def run_unit(unit: RunUnit, on_output: OnOutput, *, node: str = "", attempts: in
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             preexec_fn=functools.partial(_die_with_parent, os.getpid()))
         try:
-            _pump(process, emit)
+            _pump(process, emit, cancelled)
             code = process.wait()
         finally:
             if process.poll() is None:

@@ -376,6 +376,20 @@ def _release_sha256(release: Mapping[str, str], *, source: str) -> dict[str, tup
     return entries
 
 
+def _packages_entry(release: Mapping[str, str], *, source: str, component: str, arch: str,
+                    suite: str) -> tuple[str, str, int]:
+    """The Packages index RELEASE lists for COMPONENT and ARCH (xz, gz or plain, in that
+    order): its name, SHA256 and size."""
+    hashes = _release_sha256(release, source=source)
+    base = f"{component}/binary-{arch}/Packages"
+    name = next((n for n in (f"{base}.xz", f"{base}.gz", base) if n in hashes), None)
+    if name is None:
+        raise FetchError(f"{source}: lists no {base} index",
+                         hint=f"check the arch name: is {arch} an architecture of {suite}?")
+    sha256, size = hashes[name]
+    return name, sha256, size
+
+
 # -- Packages --
 
 
@@ -518,12 +532,8 @@ def load_index(
             inrelease, source=source, suite=suite, keyring=keyring_path(keyring),
             insecure_unverified=insecure_unverified,
         )
-        hashes = _release_sha256(release, source=source)
-        base = f"{component}/binary-{arch}/Packages"
-        name = next((n for n in (f"{base}.xz", f"{base}.gz", base) if n in hashes), None)
-        if name is None:
-            raise FetchError(f"{source}: lists no {base} index", hint="check the arch name")
-        sha256, size = hashes[name]
+        name, sha256, size = _packages_entry(release, source=source, component=component,
+                                             arch=arch, suite=suite)
         urls = [f"{dists}/{name}"]
         if release.get("Acquire-By-Hash", "").lower() == "yes":
             # By-hash names do not change under us if the mirror updates mid-fetch; but a
@@ -575,13 +585,9 @@ def archive_state(*, mirror: str, suite: str, arch: str, cache: Path, component:
             inrelease, source=source, suite=suite, keyring=keyring_path(keyring),
             insecure_unverified=insecure_unverified,
         )
-    hashes = _release_sha256(release, source=source)
-    base = f"{component}/binary-{arch}/Packages"
-    name = next((n for n in (f"{base}.xz", f"{base}.gz", base) if n in hashes), None)
-    if name is None:
-        raise FetchError(f"{source}: lists no {base} index",
-                         hint=f"is {arch} an architecture of {suite}?")
-    return ArchiveState(mirror=mirror, suite=suite, arch=arch, packages_sha256=hashes[name][0],
+    _, sha256, _ = _packages_entry(release, source=source, component=component, arch=arch,
+                                   suite=suite)
+    return ArchiveState(mirror=mirror, suite=suite, arch=arch, packages_sha256=sha256,
                         date=release.get("Date", ""), signed=signed)
 
 

@@ -1,0 +1,1 @@
+"""Images built from distribution packages: `--packages` roots and `vmrun image build` disks."""
