@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import sys
 import threading
 import time
 import urllib.parse
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import vmrun.cli
 from tests import ocitools as ot
 from vmrun.cluster import ClusterSpec, Kind, RunResult, RunUnit, engine_for, parse_cluster
 from vmrun.cluster.blobs import BlobStore, copy_into
@@ -48,6 +50,16 @@ def test_bad_cluster_urls_say_what_is_wrong_in_one_line(url: str, problem: str) 
         parse_cluster(url)
     assert "\n" not in str(caught.value)
     assert caught.value.hint is not None and "dask://HOST:PORT" in caught.value.hint
+
+
+def test_without_dask_the_engine_says_what_to_install(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if not installed
+    with pytest.raises(UsageError, match="needs Dask, which is not installed") as e:
+        engine_for(parse_cluster("dask://127.0.0.1:1"))
+    assert e.value.hint is not None and "pip install 'vmrun[dask]'" in e.value.hint
+    assert vmrun.cli.main(["--cluster", "dask://127.0.0.1:1", "--", "true"]) == 125
+    assert "pip install 'vmrun[dask]'" in capsys.readouterr().err
 
 
 def test_local_is_the_local_engine() -> None:

@@ -93,7 +93,14 @@ def engine_for(spec: ClusterSpec) -> Engine:
         from vmrun.cluster.dask import DaskEngine
         return DaskEngine(spec)
     if spec.kind is Kind.SLURM:
-        from vmrun.cluster.slurm import SlurmEngine  # type: ignore[import-not-found,unused-ignore]
+        try:
+            from vmrun.cluster.slurm import (  # type: ignore[import-not-found,unused-ignore]
+                SlurmEngine,
+            )
+        except ModuleNotFoundError as e:
+            if e.name != "vmrun.cluster.slurm":
+                raise
+            raise UsageError(f"--cluster {spec}: this vmrun has no Slurm engine") from None
         engine: Engine = SlurmEngine(spec)
         return engine
     from vmrun.cluster.local import LocalEngine

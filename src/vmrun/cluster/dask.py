@@ -13,7 +13,6 @@ the worker was lost); a command's own exit status, whatever it is, is its result
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import secrets
@@ -39,9 +38,11 @@ ATTEMPTS = 3  # runs of one unit at most, counting those lost with their worker
 
 def require_dask() -> None:
     """Raise a one-line UsageError naming what to install when distributed is missing."""
-    if importlib.util.find_spec("distributed") is None:
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
         raise UsageError("--cluster dask:// needs Dask, which is not installed",
-                         hint=INSTALL_HINT)
+                         hint=INSTALL_HINT) from None
 
 
 def needs(unit: RunUnit) -> dict[str, float]:
