@@ -34,8 +34,8 @@ def test_the_report_is_valid_junit(tmp_path: Path) -> None:
     for u in units[:2]:
         guest_file(u, "report.xml", GUEST)
     results = [RunResult("py/x86_64", 1, 12.5, "out\x1b[31m red\x00", "Traceback tail"),
-               RunResult("py/s390x", 0, 30.0),
-               RunResult("sh/x86_64", 122, 99.0, "", "vmrun: error: no boot"),
+               RunResult("py/s390x", 0, 30.0, node="node2", attempts=2),
+               RunResult("sh/x86_64", 122, 99.0, "", "vmrun: error: no boot", node="n1"),
                RunResult("sh/aarch64", 0, 3.0)]
     report = tmp_path / "junit.xml"
     report.write_bytes(junit_xml(units, results))

@@ -62,7 +62,8 @@ def check_junit_structure(root: ET.Element) -> None:
             assert case.get("name") and case.get("classname") is not None
             float(case.get("time", "x"))
             assert set(child.tag for child in case) <= {"failure", "error", "skipped",
-                                                         "system-out", "system-err"}
+                                                         "system-out", "system-err",
+                                                         "properties"}
     assert int(root.get("tests", "-1")) == sum(int(s.get("tests", "0")) for s in root)
 
 
@@ -73,7 +74,7 @@ def test_junit_has_a_case_per_run_and_the_guests_cases_per_arch(tmp_path: Path) 
     for u in units[:2]:
         guest_file(u, "report.xml", GUEST)
     results = [RunResult("py/x86_64", 1, 12.5, "out\x1b[31m red\x00", "Traceback tail"),
-               RunResult("py/s390x", 0, 30.0),
+               RunResult("py/s390x", 0, 30.0, node="node2", attempts=2),
                RunResult("sh/x86_64", 122, 99.0, "", "vmrun: error: no boot")]
     root = ET.fromstring(junit_xml(units, results))
     check_junit_structure(root)
@@ -87,6 +88,8 @@ def test_junit_has_a_case_per_run_and_the_guests_cases_per_arch(tmp_path: Path) 
     assert cases["sh/x86_64"].find("error") is not None  # vmrun's own failure: an error
     assert cases["py/s390x"].find("failure") is None
     assert cases["py/s390x"].get("time") == "30.000"
+    assert {p.get("name"): p.get("value") for p in cases["py/s390x"].iter("property")} == {
+        "vmrun.node": "node2", "vmrun.attempts": "2"}  # where it ran, after how many tries
     s390x = root.find("testsuite[@name='py/s390x']")
     assert s390x is not None
     names = [case.get("name") for case in s390x.findall("testcase")]
@@ -161,11 +164,13 @@ def test_guest_junit_odd_values_are_tamed() -> None:
 def test_json_report_holds_the_same(tmp_path: Path) -> None:
     u = unit(tmp_path, "py", "aarch64", ("report.xml",))
     guest_file(u, "report.xml", GUEST)
-    report = json.loads(json.dumps(json_report([u], [RunResult(u.id, 1, 2.0)], 1)))
+    result = RunResult(u.id, 1, 2.0, node="node3", attempts=2)
+    report = json.loads(json.dumps(json_report([u], [result], 1)))
     assert report["exit_code"] == 1
     run = report["runs"][0]
     assert (run["id"], run["arch"], run["outcome"], run["exit_code"]) == (
         "py/aarch64", "aarch64", "failure", 1)
+    assert (run["node"], run["attempts"]) == ("node3", 2)
     cases = run["junit"][0]["cases"]
     assert [c["outcome"] for c in cases] == ["passed", "failure", "skipped"]
 
@@ -177,6 +182,15 @@ def test_summary_has_a_row_per_run(tmp_path: Path) -> None:
     header, row = table.splitlines()
     assert header.split() == ["run", "exit", "start", "command", "total", "tests"]
     assert row.split() == ["py/aarch64", "1", "1.50s", "0.25s", "2.00s", "2/3", "passed"]
+
+
+def test_a_cluster_summary_names_each_run_s_node_and_attempts(tmp_path: Path) -> None:
+    u = unit(tmp_path, "sh", "s390x")
+    table = summary([u], [RunResult(u.id, 0, 2.0, node="node2", attempts=2)],
+                    placement=True)
+    header, row = table.splitlines()
+    assert header.split()[-2:] == ["node", "attempts"]
+    assert row.split() == ["sh/s390x", "0", "-", "-", "2.00s", "-", "node2", "2"]
 
 
 def test_collect_copies_matches_and_never_follows_links(tmp_path: Path) -> None:

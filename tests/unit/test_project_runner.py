@@ -1,48 +1,93 @@
-"""The local engine with real processes (no VM): merged prefixed lines, tails, exit codes,
-records read back, bakes run once; the bake a profile asks for."""
+"""The project layer over the engines (real processes, no VM): bakes run once first,
+results directories cleared, records read back into the engine's results; the bake a
+profile asks for."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from vmrun import cluster
 from vmrun.cli.run import run_parser, split_command
 from vmrun.cli.test import writer
+from vmrun.cluster import OnOutput, RunResult
 from vmrun.matrix import first_failure
-from vmrun.project import LocalEngine, RunUnit, plan, read_project
-from vmrun.project.runner import RECORD
+from vmrun.project import RunUnit, plan, read_project, run_units
+from vmrun.project.plan import VMRUN
+from vmrun.project.runner import RECORD, cluster_unit
+
+
+class ShellEngine:
+    """Runs each unit's argv as a command here, as node "node1" after 2 attempts: the
+    project layer's tests need no VM (the real engines are tested in test_cluster)."""
+
+    def __init__(self) -> None:
+        self.units: list[cluster.RunUnit] = []
+
+    def run(self, units: Sequence[cluster.RunUnit], jobs: int, on_output: OnOutput
+            ) -> list[RunResult]:
+        results = []
+        for unit in units:
+            self.units.append(unit)
+            done = subprocess.run(unit.argv, capture_output=True, check=False)
+            for fd, data in ((1, done.stdout), (2, done.stderr)):
+                for line in data.splitlines():
+                    on_output(unit.id, fd, line)
+            results.append(RunResult(id=unit.id, exit_code=done.returncode, seconds=0.5,
+                                     stdout_tail=done.stdout.decode(),
+                                     stderr_tail=done.stderr.decode(),
+                                     node="node1", attempts=2))
+        return results
 
 
 def shell_unit(root: Path, ident: str, script: str, bake: tuple[str, ...] = ()) -> RunUnit:
     return RunUnit(id=ident, profile=ident.split("/")[0], arch="x86_64", shard=1, shards=1,
                    root=str(root), results=f".vmrun/results/{ident}",
-                   argv=("sh", "-c", script), run_argv=("run",), bake=bake)
+                   argv=(*VMRUN, "sh", "-c", script), run_argv=("run",),
+                   bake=(*VMRUN, *bake) if bake else (), memory_mib=2048)
 
 
-def test_local_engine_runs_in_parallel_and_keeps_each_runs_output(tmp_path: Path) -> None:
+def test_runs_go_to_the_engine_and_come_back_with_their_records(tmp_path: Path) -> None:
     record = {"exit_code": 0, "timings": {"boot": 1.25, "command": 0.5, "bad": "x"},
               "collected": ["/x/report.xml"], "node": "here"}
+    results_b = tmp_path / ".vmrun/results/b/x86_64"
     units = [
-        shell_unit(tmp_path, "a/x86_64", "echo one; echo err >&2; printf 'no newline'"),
-        shell_unit(tmp_path, "b/x86_64", "mkdir -p .vmrun/results/b/x86_64 && echo '"
-                   + json.dumps(record) + "' > .vmrun/results/b/x86_64/" + RECORD
-                   + "; exit 7"),
+        shell_unit(tmp_path, "a/x86_64", "echo one; echo err >&2"),
+        shell_unit(tmp_path, "b/x86_64", f"mkdir -p {results_b} && echo '"
+                   + json.dumps(record) + f"' > {results_b / RECORD}; exit 7"),
         shell_unit(tmp_path, "c/x86_64", "exit 3"),
     ]
     lines: list[tuple[str, int, bytes]] = []
-    results = LocalEngine().run(units, 2, lambda i, fd, line: lines.append((i, fd, line)))
+    engine = ShellEngine()
+    results = run_units(units, 2, lambda i, fd, line: lines.append((i, fd, line)), engine)
     assert [r.id for r in results] == ["a/x86_64", "b/x86_64", "c/x86_64"]
     assert [r.exit_code for r in results] == [0, 7, 3]
     assert first_failure([r.exit_code for r in results]) == 7
     assert ("a/x86_64", 1, b"one") in lines and ("a/x86_64", 2, b"err") in lines
-    assert ("a/x86_64", 1, b"no newline") in lines
-    assert results[0].stdout_tail == "one\nno newline\n" and results[0].stderr_tail == "err\n"
+    assert results[0].stdout_tail == "one\n" and results[0].stderr_tail == "err\n"
     assert results[1].timings == {"boot": 1.25, "command": 0.5}
-    assert results[1].collected == ("/x/report.xml",) and results[1].node == "here"
-    assert all(r.seconds >= 0 for r in results)
+    assert results[1].collected == ("/x/report.xml",)
+    assert all(r.node == "node1" and r.attempts == 2 for r in results)  # the engine's
+    assert [(u.arch, u.memory_mib) for u in engine.units] == [("x86_64", 2048)] * 3
+
+
+def test_a_unit_runs_as_vmrun_test_unit_on_its_arch_and_memory(tmp_path: Path) -> None:
+    (tmp_path / "vmrun.toml").write_text(textwrap.dedent("""\
+        [profile.py]
+        arch = ["aarch64"]
+        memory = "3G"
+        command = ["true"]
+        """))
+    [unit] = plan(read_project(tmp_path / "vmrun.toml"))
+    assert cluster_unit(unit) == cluster.RunUnit(
+        id="py/aarch64", arch="aarch64", memory_mib=3072,
+        argv=("test", "--project", str((tmp_path / "vmrun.toml").resolve()),
+              "--unit", "py/aarch64"))
 
 
 def test_a_stale_record_is_not_read_as_this_runs(tmp_path: Path) -> None:
@@ -50,7 +95,7 @@ def test_a_stale_record_is_not_read_as_this_runs(tmp_path: Path) -> None:
     stale = tmp_path / unit.results / RECORD
     stale.parent.mkdir(parents=True)
     stale.write_text(json.dumps({"timings": {"boot": 9.0}}))
-    [result] = LocalEngine().run([unit], 1, lambda *_: None)
+    [result] = run_units([unit], 1, lambda *_: None, ShellEngine())
     assert result.timings == {}
 
 
@@ -61,11 +106,13 @@ def test_each_bake_runs_once_and_a_failed_bake_fails_its_runs(tmp_path: Path) ->
     units = [shell_unit(tmp_path, "a/x86_64/1", "exit 0", ok),
              shell_unit(tmp_path, "a/x86_64/2", "exit 0", ok),
              shell_unit(tmp_path, "b/x86_64", "exit 0", bad)]
-    lines: list[tuple[str, int, bytes]] = []
-    results = LocalEngine().run(units, 2, lambda i, fd, line: lines.append((i, fd, line)))
+    engine = ShellEngine()
+    results = run_units(units, 2, lambda *_: None, engine)
     assert sorted(log.read_text().split()) == ["bad", "ok"]
     assert [r.exit_code for r in results] == [0, 0, 117]
     assert results[2].stderr_tail == "the bake failed"
+    assert [u.id for u in engine.units] == ["bake good", "bake bad", "a/x86_64/1",
+                                            "a/x86_64/2"]
 
 
 def test_prefixed_writer_pads_to_the_longest_id(tmp_path: Path,

@@ -65,6 +65,7 @@ HANDLERS = {
     "completion": ("vmrun.cli.completion", "cmd_completion"),
     "test": ("vmrun.cli.test", "cmd_test"),
     "config": ("vmrun.cli.config", "cmd_config"),
+    "cluster": ("vmrun.cli.cluster", "cmd_cluster"),
 }
 
 SUBCOMMANDS = ("run", *HANDLERS)

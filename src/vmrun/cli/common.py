@@ -31,6 +31,7 @@ COMMANDS = {
     "completion": "print the shell completion script for bash, zsh or fish",
     "test": "run the project's profiles (vmrun.toml) on their architectures and shards",
     "config": "check the project file (vmrun.toml) and print its resolved profiles",
+    "cluster": "serve runs on a cluster: vmrun cluster worker dask://HOST:PORT",
 }
 
 

@@ -82,6 +82,7 @@ def node_of(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> Node:
 def command_tree() -> Node:
     """Every command path of vmrun, from the parsers each subcommand parses with."""
     from vmrun.cli.bake import bake_parser
+    from vmrun.cli.cluster import cluster_parser
     from vmrun.cli.config import config_parser
     from vmrun.cli.disk import disk_parser
     from vmrun.cli.doctor import doctor_parser
@@ -96,6 +97,7 @@ def command_tree() -> Node:
         "run": run_parser, "info": info_parser, "seed": seed_parser, "image": image_parser,
         "disk": disk_parser, "template": template_parser, "doctor": doctor_parser,
         "completion": completion_parser, "test": test_parser, "config": config_parser,
+        "cluster": cluster_parser,
     }
     root = node_of(run_parser(), ("vmrun",))
     for name, make in parsers.items():

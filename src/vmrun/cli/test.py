@@ -11,12 +11,13 @@ from pathlib import Path
 from vmrun import config
 from vmrun.cli.common import Parser, count
 from vmrun.cli.run import split_command
+from vmrun.cluster import Kind, engine_for, parse_cluster
 from vmrun.errors import UsageError
 from vmrun.matrix import first_failure
 from vmrun.project import load, parse_shard, plan
 from vmrun.project.plan import RunUnit
 from vmrun.project.report import json_report, junit_xml, summary, write_json
-from vmrun.project.runner import ENGINES, OnOutput, execute
+from vmrun.project.runner import OnOutput, execute, run_units
 
 
 def test_parser() -> Parser:
@@ -43,8 +44,10 @@ def test_parser() -> Parser:
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
                         help="with --list: JSON lines; else write the report as JSON to "
                         "FILE ('-': standard output)")
-    parser.add_argument("--engine", choices=sorted(ENGINES), default="local",
-                        help="where the runs go (default: processes on this host)")
+    parser.add_argument("--cluster", metavar="URL", default="local",
+                        help="where the runs go: local (the default: processes on this "
+                        "host), dask://HOST:PORT (a Dask scheduler) or slurm://[PARTITION]; "
+                        "the project must be on a filesystem every node mounts")
     parser.add_argument("--unit", metavar="ID", help="run just this run, here (what each "
                         "run's argv does; see --list)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no summary table")
@@ -54,6 +57,7 @@ def test_parser() -> Parser:
 def cmd_test(argv: Sequence[str]) -> int:
     options, extra = split_command(argv)
     args = test_parser().parse_args(options)
+    spec = parse_cluster(args.cluster)
     project = load(file=args.project)
     if args.unit is not None:
         return execute(_one_unit(plan(project, extra=extra), args.unit))
@@ -71,13 +75,14 @@ def cmd_test(argv: Sequence[str]) -> int:
             Path(args.json).write_text(lines)
         return 0
     if units:
-        results = ENGINES[args.engine]().run(units, args.jobs, writer(units))
+        results = run_units(units, args.jobs, writer(units), engine_for(spec))
     else:
         results = []
         print("vmrun test: no runs in this slice", file=sys.stderr)
     code = first_failure([result.exit_code for result in results])
     if not args.quiet and results:
-        print(summary(units, results), file=sys.stderr)
+        print(summary(units, results, placement=spec.kind is not Kind.LOCAL),
+              file=sys.stderr)
     if args.junit is not None:
         args.junit.write_bytes(junit_xml(units, results))
     if args.json is not None:

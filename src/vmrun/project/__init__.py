@@ -2,7 +2,7 @@
 
 from vmrun.project.config import Profile, Project, load, read_project
 from vmrun.project.plan import RunUnit, parse_shard, plan
-from vmrun.project.runner import Engine, LocalEngine, RunResult
+from vmrun.project.runner import Engine, RunResult, run_units
 
-__all__ = ["Engine", "LocalEngine", "Profile", "Project", "RunResult", "RunUnit", "load",
-           "parse_shard", "plan", "read_project"]
+__all__ = ["Engine", "Profile", "Project", "RunResult", "RunUnit", "load", "parse_shard",
+           "plan", "read_project", "run_units"]

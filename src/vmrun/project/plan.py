@@ -14,6 +14,7 @@ from vmrun.project.config import Profile, Project
 from vmrun.spec import Boot
 
 RESULTS_DIR = Path(".vmrun") / "results"
+VMRUN = (sys.executable, "-m", "vmrun")  # how every argv of a plan starts
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,12 @@ class RunUnit:
     collect: tuple[str, ...] = ()  # globs, relative to the project's copy
     junit: tuple[str, ...] = ()  # collected JUnit XML files, relative to RESULTS
     copy: str = "auto"  # what of the project the run's private copy holds (runner)
+    memory_mib: int = 1024  # the guest's memory: what a cluster node must have free
+
+    @property
+    def vmrun_args(self) -> tuple[str, ...]:
+        """ARGV without its `python -m vmrun`: what a cluster engine's RunUnit holds."""
+        return vmrun_args(self.argv)
 
     def as_json(self) -> dict[str, Any]:
         return {key: list(value) if isinstance(value, tuple) else value
@@ -47,6 +54,13 @@ class RunUnit:
         fields: dict[str, Any] = {key: tuple(value) if isinstance(value, list) else value
                                   for key, value in data.items()}
         return cls(**fields)
+
+
+def vmrun_args(argv: Sequence[str]) -> tuple[str, ...]:
+    """ARGV (`PYTHON -m vmrun ARGS`, whichever Python planned it) as its ARGS."""
+    if tuple(argv[1:3]) != ("-m", "vmrun"):
+        raise ValueError(f"not a vmrun argv: {argv!r}")
+    return tuple(argv[3:])
 
 
 def unit_id(profile: str, arch: str, shard: int, shards: int) -> str:
@@ -90,7 +104,7 @@ def run_options(project: Project, profile: Profile, arch: str) -> list[str]:
 def bake_argv(project: Project, profile: Profile, arch: str) -> tuple[str, ...]:
     if profile.bake is None or profile.image is None:
         return ()
-    return (sys.executable, "-m", "vmrun", "image", "bake", profile.image,
+    return (*VMRUN, "image", "bake", profile.image,
             "--user-data", str(profile.bake), "--name", baked_name(project, profile, arch),
             "--arch", arch, "--quiet")
 
@@ -106,11 +120,11 @@ def _unit(project: Project, profile: Profile, arch: str, shard: int,
     return RunUnit(
         id=ident, profile=profile.name, arch=arch, shard=shard, shards=profile.shards,
         root=str(project.root), results=str(results),
-        argv=(sys.executable, "-m", "vmrun", "test", "--project", str(project.path.resolve()),
+        argv=(*VMRUN, "test", "--project", str(project.path.resolve()),
               "--unit", ident, *(("--", *extra) if extra else ())),
         run_argv=("run", *run_options(project, profile, arch), *env, "--", *command.argv),
         bake=bake_argv(project, profile, arch), collect=profile.collect, junit=profile.junit,
-        copy=profile.copy)
+        copy=profile.copy, memory_mib=profile.memory_mib)
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 from xml.parsers import expat
 
-from vmrun.matrix import table, timing_cells
+from vmrun.cluster import RunResult
+from vmrun.matrix import placement_cells, table, timing_cells
 from vmrun.project.plan import RunUnit
-from vmrun.project.runner import RunResult
 
 MAX_GUEST_XML = 16 << 20  # bytes of one guest JUnit file
 MAX_DEPTH = 64  # nesting of its elements
@@ -181,6 +181,9 @@ def _suite(parent: ET.Element, name: str, cases: Sequence[tuple[ET.Element, str,
 def _run_case(unit: RunUnit, result: RunResult) -> tuple[ET.Element, str, float]:
     case = ET.Element("testcase", {"classname": f"vmrun.{unit.profile}",
                                    "name": unit.id, "time": f"{result.seconds:.3f}"})
+    properties = _sub(case, "properties")  # where it ran: the node, and after how many tries
+    _sub(properties, "property", name="vmrun.node", value=result.node or "-")
+    _sub(properties, "property", name="vmrun.attempts", value=str(result.attempts))
     kind = outcome(result)
     if kind != "passed":
         what = "vmrun failed" if kind == "error" else "the command failed"
@@ -266,12 +269,16 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def summary(units: Sequence[RunUnit], results: Sequence[RunResult]) -> str:
-    """The table closing a project run: one row per run."""
-    rows = [("run", "exit", "start", "command", "total", "tests")]
+def summary(units: Sequence[RunUnit], results: Sequence[RunResult], *,
+            placement: bool = False) -> str:
+    """The table closing a project run: one row per run; PLACEMENT adds the node that ran
+    each and its attempts (as a matrix run's table on a cluster)."""
+    rows = [("run", "exit", "start", "command", "total", "tests",
+             *(("node", "attempts") if placement else ()))]
     for unit, result in pairs(units, results):
         rows.append((unit.id, str(result.exit_code), *timing_cells(result.timings),
-                     f"{result.seconds:.2f}s", _tests_cell(unit)))
+                     f"{result.seconds:.2f}s", _tests_cell(unit),
+                     *(placement_cells(result) if placement else ())))
     return table(rows)
 
 

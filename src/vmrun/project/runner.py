@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -10,50 +11,23 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from vmrun.matrix import Leg, run_legs
-from vmrun.project.plan import RunUnit
+from vmrun import cluster
+from vmrun.cluster import Engine, OnOutput, RunResult
+from vmrun.cluster.units import TIMINGS_ENV
+from vmrun.project.plan import RunUnit, vmrun_args
+
+__all__ = ["Engine", "OnOutput", "RunResult", "execute", "run_units"]
 
 RECORD = ".vmrun-run.json"  # in a unit's results directory: exit code, timings, files
 WORK_DIR = Path(".vmrun") / "work"
-TAIL_BYTES = 64 * 1024
 MAX_COLLECT_FILES = 10_000  # per run
 MAX_COLLECT_BYTES = 1 << 30  # per run
-
-OnOutput = Callable[[str, int, bytes], None]  # (unit id, 1 or 2, one line without "\n")
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """What one unit's run gave: its exit code, wall time, output tails and files."""
-
-    id: str
-    exit_code: int
-    seconds: float
-    stdout_tail: str = ""
-    stderr_tail: str = ""
-    collected: tuple[str, ...] = ()  # paths of the collected files (absolute)
-    node: str = ""  # the host it ran on
-    attempts: int = 1
-    timings: dict[str, float] = field(default_factory=dict)  # boot, command, ... (vmrun's)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"id": self.id, "exit_code": self.exit_code, "seconds": self.seconds,
-                "stdout_tail": self.stdout_tail, "stderr_tail": self.stderr_tail,
-                "collected": list(self.collected), "node": self.node,
-                "attempts": self.attempts, "timings": self.timings}
-
-
-class Engine(Protocol):
-    """Runs units (each its argv from its root), at most JOBS at a time."""
-
-    def run(self, units: Sequence[RunUnit], jobs: int, on_output: OnOutput
-            ) -> list[RunResult]: ...
 
 
 # ---- one unit, in its own process: `vmrun test --unit ID` ---------------------------------
@@ -188,10 +162,13 @@ def execute(unit: RunUnit) -> int:
             collected = collect(work, results, unit.collect)
     for line in collected.skipped[:20]:
         print(f"vmrun test: not collected: {line}", file=sys.stderr)
-    record = {"exit_code": code, "timings": _json_file(timings_file),
+    timings = _json_file(timings_file)
+    record = {"exit_code": code, "timings": timings,
               "collected": [str(path) for path in collected.files],
               "skipped": collected.skipped, "node": socket.gethostname()}
     timings_file.unlink(missing_ok=True)
+    if os.environ.get(TIMINGS_ENV):  # an engine started us: it reads them from there
+        Path(os.environ[TIMINGS_ENV]).write_text(json.dumps(timings))
     (results / RECORD).write_text(json.dumps(record))
     return code
 
@@ -204,67 +181,57 @@ def _json_file(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-# ---- the local engine: units as processes on this host ------------------------------------
+# ---- all of a project's units, on an engine ------------------------------------------------
 
-class LocalEngine:
-    """Each unit a `python -m vmrun test --unit ID` process here, their lines merged as
-    they come (vmrun.matrix); bakes run first, each once."""
-
-    def run(self, units: Sequence[RunUnit], jobs: int, on_output: OnOutput
-            ) -> list[RunResult]:
-        failed_bakes = self._bake(units, jobs, on_output)
-        tails: dict[tuple[str, int], bytearray] = {}
-
-        def write(leg: Leg, fd: int, line: bytes) -> None:
-            tail = tails.setdefault((leg.arch, fd), bytearray())
-            tail += line + b"\n"
-            del tail[:-TAIL_BYTES]
-            on_output(leg.arch, fd, line)
-
-        runnable = [unit for unit in units if unit.bake not in failed_bakes]
-        legs = {unit.id: Leg(arch=unit.id, argv=list(unit.argv), cwd=Path(unit.root),
-                             timings_file=Path(unit.root) / unit.results / RECORD)
-                for unit in runnable}
-        for unit in runnable:
-            shutil.rmtree(Path(unit.root) / unit.results, ignore_errors=True)
-        run_legs(list(legs.values()), jobs, write)
-        results = []
-        for unit in units:
-            if unit.id not in legs:
-                results.append(RunResult(id=unit.id, exit_code=failed_bakes[unit.bake],
-                                         seconds=0.0, stderr_tail="the bake failed"))
-                continue
-            leg = legs[unit.id]
-            results.append(result_of(unit, leg.exit_code or 0, leg.ended - leg.started,
-                                     bytes(tails.get((unit.id, 1), b"")),
-                                     bytes(tails.get((unit.id, 2), b""))))
-        return results
-
-    def _bake(self, units: Sequence[RunUnit], jobs: int, on_output: OnOutput
-              ) -> dict[tuple[str, ...], int]:
-        """Run each distinct bake once; the failed ones and their codes."""
-        bakes = list(dict.fromkeys(unit.bake for unit in units if unit.bake))
-        legs = [Leg(arch=f"bake {bake[bake.index('--name') + 1]}", argv=list(bake),
-                    timings_file=Path(os.devnull)) for bake in bakes]
-        run_legs(legs, jobs, lambda leg, fd, line: on_output(leg.arch, fd, line))
-        return {bake: leg.exit_code or 1 for bake, leg in zip(bakes, legs, strict=True)
-                if leg.exit_code != 0}
+def run_units(units: Sequence[RunUnit], jobs: int, on_output: OnOutput, engine: Engine
+              ) -> list[RunResult]:
+    """UNITS on ENGINE (vmrun.cluster: this host, Dask or Slurm), one result each in their
+    order: each distinct bake first, once (a failed one fails its runs without starting
+    them); then the runs, their results directories cleared first, each result completed
+    with the files its run collected (the record `vmrun test --unit` left)."""
+    failed_bakes = _bake(units, jobs, on_output, engine)
+    runnable = [unit for unit in units if unit.bake not in failed_bakes]
+    for unit in runnable:
+        shutil.rmtree(Path(unit.root) / unit.results, ignore_errors=True)
+    done = engine.run([cluster_unit(unit) for unit in runnable], jobs, on_output)
+    by_id = {unit.id: with_record(unit, result)
+             for unit, result in zip(runnable, done, strict=True)}
+    return [by_id.get(unit.id) or RunResult(
+                id=unit.id, exit_code=failed_bakes[unit.bake], seconds=0.0,
+                stderr_tail="the bake failed") for unit in units]
 
 
-ENGINES: dict[str, Callable[[], Engine]] = {"local": LocalEngine}
+def cluster_unit(unit: RunUnit) -> cluster.RunUnit:
+    """UNIT as an engine runs it: `vmrun test --project FILE --unit ID` on a node that
+    has UNIT's architecture and memory (the project on a filesystem every node mounts)."""
+    return cluster.RunUnit(id=unit.id, argv=unit.vmrun_args, arch=unit.arch,
+                           memory_mib=unit.memory_mib)
 
 
-def result_of(unit: RunUnit, exit_code: int, seconds: float, stdout: bytes,
-              stderr: bytes) -> RunResult:
-    """UNIT's result from its process's exit code and output, and the record it left."""
+def _bake(units: Sequence[RunUnit], jobs: int, on_output: OnOutput, engine: Engine
+          ) -> dict[tuple[str, ...], int]:
+    """Run each distinct bake once; the failed ones and their codes."""
+    arches: dict[tuple[str, ...], str] = {}
+    for unit in units:
+        if unit.bake:
+            arches.setdefault(unit.bake, unit.arch)
+    if not arches:
+        return {}
+    done = engine.run([cluster.RunUnit(id=f"bake {bake[bake.index('--name') + 1]}",
+                                       argv=vmrun_args(bake), arch=arch)
+                       for bake, arch in arches.items()], jobs, on_output)
+    return {bake: result.exit_code for bake, result in zip(arches, done, strict=True)
+            if result.exit_code != 0}
+
+
+def with_record(unit: RunUnit, result: RunResult) -> RunResult:
+    """RESULT with what UNIT's run recorded: its collected files, and its node and timings
+    where the engine had none."""
     record = _json_file(Path(unit.root) / unit.results / RECORD)
-    timings = record.get("timings", {})
+    timings = result.timings or record.get("timings", {})
     collected = record.get("collected", [])
-    return RunResult(
-        id=unit.id, exit_code=exit_code, seconds=round(seconds, 3),
-        stdout_tail=stdout.decode(errors="replace"),
-        stderr_tail=stderr.decode(errors="replace"),
-        collected=tuple(str(p) for p in collected if isinstance(p, str)),
-        node=str(record.get("node", socket.gethostname())),
+    return dataclasses.replace(
+        result, collected=tuple(str(p) for p in collected if isinstance(p, str)),
+        node=result.node or str(record.get("node", "")),
         timings={k: float(v) for k, v in timings.items()
                  if isinstance(v, int | float) and not isinstance(v, bool)})
