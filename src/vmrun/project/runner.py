@@ -225,13 +225,8 @@ def _bake(units: Sequence[RunUnit], jobs: int, on_output: OnOutput, engine: Engi
 
 
 def with_record(unit: RunUnit, result: RunResult) -> RunResult:
-    """RESULT with what UNIT's run recorded: its collected files, and its node and timings
-    where the engine had none."""
-    record = _json_file(Path(unit.root) / unit.results / RECORD)
-    timings = result.timings or record.get("timings", {})
-    collected = record.get("collected", [])
+    """RESULT (the engine's: exit code, output, node, attempts, timings) with the files
+    UNIT's run collected, from the record it left in its results directory."""
+    collected = _json_file(Path(unit.root) / unit.results / RECORD).get("collected", [])
     return dataclasses.replace(
-        result, collected=tuple(str(p) for p in collected if isinstance(p, str)),
-        node=result.node or str(record.get("node", "")),
-        timings={k: float(v) for k, v in timings.items()
-                 if isinstance(v, int | float) and not isinstance(v, bool)})
+        result, collected=tuple(str(p) for p in collected if isinstance(p, str)))
