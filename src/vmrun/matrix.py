@@ -55,19 +55,21 @@ def summary(results: Sequence[RunResult], *, placement: bool = False) -> str:
 
 
 def matrix_units(arches: Sequence[str], passthrough: Sequence[str], command: Sequence[str],
-                 *, memory_mib: int = 1024, kvm: bool = False) -> list[RunUnit]:
-    return [RunUnit(id=name, arch=name, memory_mib=memory_mib, kvm=kvm,
+                 *, memory_mib: int = 1024, kvm: bool = False, cpus: int = 1
+                 ) -> list[RunUnit]:
+    return [RunUnit(id=name, arch=name, memory_mib=memory_mib, kvm=kvm, cpus=cpus,
                     argv=("--arch", name, *passthrough, "--", *command))
             for name in (lookup_arch(a).name for a in arches)]
 
 
 def run_matrix(arches: Sequence[str], passthrough: Sequence[str], command: Sequence[str],
                jobs: int, *, quiet: bool = False, cluster: str = "local",
-               memory_mib: int = 1024, kvm: bool = False) -> int:
+               memory_mib: int = 1024, kvm: bool = False, cpus: int = 1) -> int:
     """Run COMMAND once per arch (at most JOBS at a time) where CLUSTER says; returns the
     first failure. QUIET (-q, also in PASSTHROUGH) leaves out the summary table."""
     spec = parse_cluster(cluster)
-    units = matrix_units(arches, passthrough, command, memory_mib=memory_mib, kvm=kvm)
+    units = matrix_units(arches, passthrough, command, memory_mib=memory_mib, kvm=kvm,
+                         cpus=cpus)
     width = max(len(unit.id) for unit in units)
 
     def on_output(unit_id: str, fd: int, line: bytes) -> None:

@@ -81,11 +81,12 @@ def test_a_unit_runs_as_vmrun_test_unit_on_its_arch_and_memory(tmp_path: Path) -
         [profile.py]
         arch = ["aarch64"]
         memory = "3G"
+        cpus = 2
         command = ["true"]
         """))
     [unit] = plan(read_project(tmp_path / "vmrun.toml"))
     assert cluster_unit(unit) == cluster.RunUnit(
-        id="py/aarch64", arch="aarch64", memory_mib=3072,
+        id="py/aarch64", arch="aarch64", memory_mib=3072, cpus=2,
         argv=("test", "--project", str((tmp_path / "vmrun.toml").resolve()),
               "--unit", "py/aarch64"))
 

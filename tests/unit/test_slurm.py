@@ -55,15 +55,13 @@ def test_sinfo_nodes_of_the_default_or_a_named_partition() -> None:
     assert SINFO_FORMAT.count("|") == 4
 
 
-def test_needs_come_from_the_unit_and_vmruns_own_options() -> None:
+def test_needs_come_from_the_unit() -> None:
     unit = RunUnit(id="u", argv=("--arch", "s390x", "--cpus", "2", "--", "true"),
-                   arch="s390x", memory_mib=2048)
+                   arch="s390x", memory_mib=2048, cpus=2)
     assert needs_of(unit) == Needs(("arch-s390x",), 2048 + 512, 2)
     # an alias names the same feature; kvm is asked for by name
     assert needs_of(RunUnit(id="u", argv=("--", "x"), arch="arm64", kvm=True)) == Needs(
         ("arch-aarch64", "kvm"), 1024 + 512, 1)
-    # what follows "--" is the command's, never vmrun's
-    assert needs_of(RunUnit(id="u", argv=("--", "--cpus", "8"), arch="i386")).cpus == 1
 
 
 def test_placement_refuses_a_run_no_node_can_take() -> None:

@@ -249,7 +249,7 @@ def cmd_run(argv: Sequence[str]) -> int:
             return run_matrix(arches, passthrough, command_argv, args.jobs, quiet=args.quiet)
         return run_matrix(arches, passthrough, command_argv, args.jobs, quiet=args.quiet,
                           cluster=args.cluster, memory_mib=parse_memory(args.memory),
-                          kvm=args.accel == "kvm")
+                          kvm=args.accel == "kvm", cpus=args.cpus)
     if args.tty and not os.isatty(0):
         raise UsageError("-t needs a terminal on stdin")
     oci_image = args.image is not None and is_image_reference(args.image)

@@ -70,21 +70,14 @@ class Needs:
         return ", ".join([*self.features, f"{self.mem_mib} MiB", f"{self.cpus} CPU"])
 
 
-def vmrun_options(argv: Sequence[str]) -> list[str]:
-    """The vmrun options of a unit's argv: what comes before its "--"."""
-    return list(argv[:list(argv).index("--")]) if "--" in argv else list(argv)
-
-
 def needs_of(unit: RunUnit) -> Needs:
     """What UNIT needs of a node: its architecture's feature (and kvm), its guest's memory
-    with QEMU's beside it, and its guest's CPUs (from vmrun's own option parser)."""
-    from vmrun.cli.run import run_parser
+    with QEMU's beside it, and its guest's CPUs."""
     from vmrun.qemu.arch import lookup_arch
 
-    args, _ = run_parser().parse_known_args(vmrun_options(unit.argv))
     features = [f"arch-{lookup_arch(unit.arch).name}", *(["kvm"] if unit.kvm else [])]
     return Needs(features=tuple(features), mem_mib=unit.memory_mib + MEMORY_OVERHEAD_MIB,
-                 cpus=args.cpus)
+                 cpus=unit.cpus)
 
 
 @dataclass(frozen=True)

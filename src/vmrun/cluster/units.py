@@ -29,13 +29,14 @@ def vmrun_env(timings_file: str) -> dict[str, str]:
 class RunUnit:
     """One run: ``python -m vmrun *argv`` (a plain run's options, "--", the command; or a
     subcommand such as ``test --project FILE --unit ID``), and
-    what a node needs to take it (the architecture's emulator or KVM, memory)."""
+    what a node needs to take it (the architecture's emulator or KVM, memory, CPUs)."""
 
     id: str
     argv: tuple[str, ...]
     arch: str
     memory_mib: int = 1024
     kvm: bool = False
+    cpus: int = 1  # the guest's virtual CPUs
     # Digests ("sha256:HEX") the run needs; a worker resolves each and puts the local
     # path in place of "{sha256:HEX}" wherever it appears in argv.
     blobs: tuple[str, ...] = ()
@@ -48,6 +49,7 @@ class RunUnit:
         data = json.loads(text)
         return cls(id=data["id"], argv=tuple(data["argv"]), arch=data["arch"],
                    memory_mib=int(data["memory_mib"]), kvm=bool(data["kvm"]),
+                   cpus=int(data.get("cpus", 1)),
                    blobs=tuple(data.get("blobs", ())))
 
 

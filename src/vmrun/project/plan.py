@@ -38,7 +38,8 @@ class RunUnit:
     collect: tuple[str, ...] = ()  # globs, relative to the project's copy
     junit: tuple[str, ...] = ()  # collected JUnit XML files, relative to RESULTS
     copy: str = "auto"  # what of the project the run's private copy holds (runner)
-    memory_mib: int = 1024  # the guest's memory: what a cluster node must have free
+    memory_mib: int = 1024  # the guest's memory and CPUs: what a cluster node must offer
+    cpus: int = 1
 
     @property
     def vmrun_args(self) -> tuple[str, ...]:
@@ -124,7 +125,8 @@ def _unit(project: Project, profile: Profile, arch: str, shard: int,
               "--unit", ident, *(("--", *extra) if extra else ())),
         run_argv=("run", *run_options(project, profile, arch), *env, "--", *command.argv),
         bake=bake_argv(project, profile, arch), collect=profile.collect, junit=profile.junit,
-        copy=profile.copy, memory_mib=profile.memory_mib)
+        copy=profile.copy, memory_mib=profile.memory_mib,
+        cpus=profile.cpus)
 
 
 def parse_shard(text: str) -> tuple[int, int]:

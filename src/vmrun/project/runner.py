@@ -203,9 +203,9 @@ def run_units(units: Sequence[RunUnit], jobs: int, on_output: OnOutput, engine: 
 
 def cluster_unit(unit: RunUnit) -> cluster.RunUnit:
     """UNIT as an engine runs it: `vmrun test --project FILE --unit ID` on a node that
-    has UNIT's architecture and memory (the project on a filesystem every node mounts)."""
+    has UNIT's architecture, memory and CPUs (the project on a filesystem every node mounts)."""
     return cluster.RunUnit(id=unit.id, argv=unit.vmrun_args, arch=unit.arch,
-                           memory_mib=unit.memory_mib)
+                           memory_mib=unit.memory_mib, cpus=unit.cpus)
 
 
 def _bake(units: Sequence[RunUnit], jobs: int, on_output: OnOutput, engine: Engine
