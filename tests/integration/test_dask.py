@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.clusterproject import check_project_run, run_project
 from tests.integration.vmtools import alive, vmrun_argv, vmrun_env
 from vmrun.guest.build import Guest
 
@@ -262,3 +263,10 @@ def test_retries_placement_and_a_vanished_client(cluster: Cluster) -> None:
     client.wait()
     assert gone_within(qemus, 30), f"QEMU {qemus} outlived the client that wanted it"
     assert alive(node.worker())  # the worker is fine: only the run was stopped
+
+
+def test_vmrun_test_runs_a_project_on_the_cluster(cluster: Cluster, tmp_path: Path) -> None:
+    """`vmrun test --cluster dask://...`: each run a `vmrun test --unit ID` on a worker; the
+    output, exit status and reports of a local run, with each run's node and attempts."""
+    done, project = run_project(tmp_path, cluster.url)
+    check_project_run(done, project, [node.name for node in cluster.nodes])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.clusterproject import check_project_run, run_project
 from tests.integration.vmtools import SRC, alive, run_cli
 from tests.slurmtools import NODES, Cluster, missing_tools, slurm_cluster
 from vmrun.cluster import ClusterSpec, Kind, RunResult, RunUnit
@@ -230,3 +231,13 @@ def test_a_run_on_a_lost_node_is_retried_elsewhere_once(
     assert f"attempt 2 on {result.node}" in engine.last_job.log(0, 2).read_text()
     assert engine.last_job.read_result(0, 1) is None  # the lost attempt left no result
     slurm.wait_idle()
+
+
+def test_vmrun_test_runs_a_project_on_slurm(slurm: Cluster, tmp_path: Path) -> None:
+    """`vmrun test --cluster slurm://vmrun`: each run a `vmrun test --unit ID` array task in
+    the project's directory; the output, exit status and reports of a local run, with each
+    run's node and attempts."""
+    done, project = run_project(tmp_path, "slurm://vmrun",
+                                {"VMRUN_CLUSTER_DIR": str(tmp_path / "shared")})
+    check_project_run(done, project, NODES)
+    assert squeue() == ""
