@@ -66,7 +66,7 @@ def _pump(process: subprocess.Popen[bytes], emit: Callable[[int, bytes], None],
         selector.register(process.stderr, selectors.EVENT_READ, 2)
         while selector.get_map():
             ready = selector.select(timeout=CANCEL_POLL_S)
-            if not ready and process.poll() is None and cancelled():
+            if process.poll() is None and cancelled():
                 _stop(process)
             for key, _ in ready:
                 fd: int = key.data
@@ -124,15 +124,23 @@ def run_unit(unit: RunUnit, on_output: OnOutput, *, node: str = "", attempts: in
 
 
 class LocalEngine:
-    """Processes on this host, JOBS at a time; output passes through as it comes."""
+    """Processes on this host, JOBS at a time; output passes through as it comes. An
+    exception here (SIGINT, SIGTERM as vmrun raises it) stops every run before it returns:
+    none outlives the engine."""
 
     def run(self, units: Sequence[RunUnit], jobs: int, on_output: OnOutput
             ) -> list[RunResult]:
         lock = threading.Lock()
+        stopping = threading.Event()
 
         def locked(unit_id: str, fd: int, line: bytes) -> None:
             with lock:
                 on_output(unit_id, fd, line)
 
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            return list(pool.map(lambda unit: run_unit(unit, locked), units))
+        pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+        try:
+            return list(pool.map(
+                lambda unit: run_unit(unit, locked, cancelled=stopping.is_set), units))
+        finally:
+            stopping.set()  # done already, or interrupted: the runs still going stop
+            pool.shutdown(wait=True, cancel_futures=True)
