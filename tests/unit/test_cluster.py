@@ -62,6 +62,22 @@ def test_without_dask_the_engine_says_what_to_install(
     assert "pip install 'vmrun[dask]'" in capsys.readouterr().err
 
 
+def test_vmrun_test_takes_the_same_urls_with_the_same_errors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "vmrun.toml").write_text('[profile.p]\ncommand = ["true"]\n')
+    monkeypatch.chdir(tmp_path)
+    assert vmrun.cli.main(["--cluster", "kubernetes://x", "--", "true"]) == 125
+    assert vmrun.cli.main(["test", "--cluster", "kubernetes://x"]) == 125
+    run_error, test_error = [line for line in capsys.readouterr().err.splitlines()
+                             if "kubernetes" in line]
+    assert run_error == test_error and "unknown kind of cluster" in run_error
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if not installed
+    assert vmrun.cli.main(["test", "--cluster", "dask://127.0.0.1:1"]) == 125
+    assert "pip install 'vmrun[dask]'" in capsys.readouterr().err
+    assert not (tmp_path / ".vmrun" / "results").exists()  # nothing ran
+
+
 def test_local_is_the_local_engine() -> None:
     assert isinstance(engine_for(parse_cluster("local")), LocalEngine)
 
