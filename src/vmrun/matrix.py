@@ -1,39 +1,18 @@
 """One command on several architectures at once: `vmrun --arch aarch64,s390x -- CMD`.
 
-Each architecture runs in its own vmrun process (its own VM); their output is merged line
-by line with the architecture as a prefix, and a summary table closes the run.
+Each architecture is a RunUnit (its own vmrun process and VM) handed to an engine: this
+host by default, or a cluster (`--cluster dask://HOST:PORT`). Output is merged line by line
+with the architecture as a prefix, and a summary table closes the run.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import selectors
-import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
+from vmrun.cluster import Kind, RunResult, RunUnit, engine_for, parse_cluster
 from vmrun.qemu.arch import lookup_arch
-
-
-@dataclass
-class Leg:
-    arch: str
-    argv: list[str]
-    timings_file: Path
-    process: subprocess.Popen[bytes] | None = None
-    partial: dict[int, bytes] = field(default_factory=dict)
-    exit_code: int | None = None
-
-    def timings(self) -> dict[str, float]:
-        try:
-            data = json.loads(self.timings_file.read_text())
-        except (OSError, ValueError):
-            return {}
-        return {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
 
 
 def first_failure(codes: Sequence[int]) -> int:
@@ -50,64 +29,53 @@ def _start(timings: dict[str, float]) -> str:
     return "-"
 
 
-def summary(legs: Sequence[Leg]) -> str:
-    rows = [("arch", "exit", "start", "command")]
-    for leg in legs:
-        t = leg.timings()
-        rows.append((
-            leg.arch, str(leg.exit_code), _start(t),
-            f"{t['command']:.2f}s" if "command" in t else "-",
-        ))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+def table(rows: Sequence[Sequence[str]]) -> str:
+    """ROWS as left-aligned columns (the first row is the heading)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
                      .rstrip() for row in rows)
 
 
+def timing_cells(t: dict[str, float]) -> tuple[str, str]:
+    """The start and command columns of a summary row, from a run's timings."""
+    return _start(t), f"{t['command']:.2f}s" if "command" in t else "-"
+
+
+def placement_cells(result: RunResult) -> tuple[str, str]:
+    """The node and attempts columns of a summary row (runs on a cluster)."""
+    return result.node or "-", str(result.attempts)
+
+
+def summary(results: Sequence[RunResult], *, placement: bool = False) -> str:
+    """The closing table; PLACEMENT adds the node that ran each and its attempts."""
+    rows = [("arch", "exit", "start", "command", *(("node", "attempts") if placement else ()))]
+    rows += [(result.id, str(result.exit_code), *timing_cells(result.timings),
+              *(placement_cells(result) if placement else ())) for result in results]
+    return table(rows)
+
+
+def matrix_units(arches: Sequence[str], passthrough: Sequence[str], command: Sequence[str],
+                 *, memory_mib: int = 1024, kvm: bool = False, cpus: int = 1
+                 ) -> list[RunUnit]:
+    return [RunUnit(id=name, arch=name, memory_mib=memory_mib, kvm=kvm, cpus=cpus,
+                    argv=("--arch", name, *passthrough, "--", *command))
+            for name in (lookup_arch(a).name for a in arches)]
+
+
 def run_matrix(arches: Sequence[str], passthrough: Sequence[str], command: Sequence[str],
-               jobs: int, *, quiet: bool = False) -> int:
-    """Run COMMAND once per arch (at most JOBS at a time); returns the first failure.
-    QUIET (-q, also in PASSTHROUGH) leaves out the summary table."""
-    names = [lookup_arch(a).name for a in arches]
-    width = max(map(len, names))
-    with tempfile.TemporaryDirectory(prefix="vmrun-matrix-") as tmp:
-        legs = [
-            Leg(arch=name, timings_file=Path(tmp) / f"{name}.json",
-                argv=[sys.executable, "-m", "vmrun", "--arch", name,
-                      "--timings-file", str(Path(tmp) / f"{name}.json"),
-                      *passthrough, "--", *command])
-            for name in names
-        ]
-        waiting = list(legs)
-        running: list[Leg] = []
-        selector = selectors.DefaultSelector()
-        while waiting or running:
-            while waiting and len(running) < jobs:
-                leg = waiting.pop(0)
-                leg.process = subprocess.Popen(
-                    leg.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE)
-                assert leg.process.stdout is not None and leg.process.stderr is not None
-                for stream, fd in ((leg.process.stdout, 1), (leg.process.stderr, 2)):
-                    selector.register(stream, selectors.EVENT_READ, (leg, fd))
-                running.append(leg)
-            for key, _ in selector.select():
-                leg, fd = key.data
-                data = os.read(key.fd, 65536)
-                prefix = f"[{leg.arch:<{width}}] ".encode()
-                if data:
-                    lines = (leg.partial.get(fd, b"") + data).split(b"\n")
-                    leg.partial[fd] = lines.pop()
-                    if lines:
-                        os.write(fd, b"".join(prefix + line + b"\n" for line in lines))
-                    continue
-                selector.unregister(key.fileobj)
-                rest = leg.partial.pop(fd, b"")
-                if rest:
-                    os.write(fd, prefix + rest + b"\n")
-                if not any(k.data[0] is leg for k in selector.get_map().values()):
-                    assert leg.process is not None
-                    leg.exit_code = leg.process.wait()
-                    running.remove(leg)
-        if not quiet:
-            print(summary(legs), file=sys.stderr)
-        return first_failure([leg.exit_code or 0 for leg in legs])
+               jobs: int, *, quiet: bool = False, cluster: str = "local",
+               memory_mib: int = 1024, kvm: bool = False, cpus: int = 1) -> int:
+    """Run COMMAND once per arch (at most JOBS at a time) where CLUSTER says; returns the
+    first failure. QUIET (-q, also in PASSTHROUGH) leaves out the summary table."""
+    spec = parse_cluster(cluster)
+    units = matrix_units(arches, passthrough, command, memory_mib=memory_mib, kvm=kvm,
+                         cpus=cpus)
+    width = max(len(unit.id) for unit in units)
+
+    def on_output(unit_id: str, fd: int, line: bytes) -> None:
+        os.write(fd, f"[{unit_id:<{width}}] ".encode() + line + b"\n")
+
+    results = engine_for(spec).run(units, jobs, on_output)
+    if not quiet:
+        print(summary(results, placement=spec.kind is not Kind.LOCAL), file=sys.stderr)
+    return first_failure([result.exit_code for result in results])

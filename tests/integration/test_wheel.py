@@ -90,6 +90,12 @@ def test_wheel_installs_and_runs(guest: Guest, tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
     assert set(PACKAGE_DATA) <= names
+    # The pytest plugin: its module, and the entry point that has pytest load it.
+    assert "pytest_vmrun/__init__.py" in names
+    with zipfile.ZipFile(wheel) as archive:
+        points = next(archive.read(n).decode() for n in names
+                      if n.endswith(".dist-info/entry_points.txt"))
+    assert "[pytest11]\nvmrun = pytest_vmrun" in points
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
 
     venv = tmp_path / "venv"

@@ -326,7 +326,7 @@ def test_unknown_command_hint_shows_how_to_run_it(capsys: pytest.CaptureFixture[
     assert vmrun.cli.main(["ps"]) == 125
     hint = capsys.readouterr().err.splitlines()[1]
     assert hint == "hint: commands: run, info, seed, image, disk, template, doctor, " \
-        "completion; to run 'ps' in a VM: vmrun [OPTIONS] -- ps ..."
+        "completion, test, config, cluster; to run 'ps' in a VM: vmrun [OPTIONS] -- ps ..."
 
 
 # --- boot timeouts that fit the boot ---------------------------------------------------------

@@ -63,6 +63,9 @@ HANDLERS = {
     "template": ("vmrun.cli.template", "cmd_template"),
     "doctor": ("vmrun.cli.doctor", "cmd_doctor"),
     "completion": ("vmrun.cli.completion", "cmd_completion"),
+    "test": ("vmrun.cli.test", "cmd_test"),
+    "config": ("vmrun.cli.config", "cmd_config"),
+    "cluster": ("vmrun.cli.cluster", "cmd_cluster"),
 }
 
 SUBCOMMANDS = ("run", *HANDLERS)

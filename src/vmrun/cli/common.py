@@ -29,6 +29,9 @@ COMMANDS = {
     "template": "list and remove the memory templates warm starts restore from",
     "doctor": "check what runs need on this host, each problem with its fix",
     "completion": "print the shell completion script for bash, zsh or fish",
+    "test": "run the project's profiles (vmrun.toml) on their architectures and shards",
+    "config": "check the project file (vmrun.toml) and print its resolved profiles",
+    "cluster": "serve runs on a cluster: vmrun cluster worker dask://HOST:PORT",
 }
 
 

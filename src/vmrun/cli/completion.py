@@ -82,6 +82,8 @@ def node_of(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> Node:
 def command_tree() -> Node:
     """Every command path of vmrun, from the parsers each subcommand parses with."""
     from vmrun.cli.bake import bake_parser
+    from vmrun.cli.cluster import cluster_parser
+    from vmrun.cli.config import config_parser
     from vmrun.cli.disk import disk_parser
     from vmrun.cli.doctor import doctor_parser
     from vmrun.cli.image import image_parser
@@ -89,11 +91,13 @@ def command_tree() -> Node:
     from vmrun.cli.run import run_parser
     from vmrun.cli.seed import seed_parser
     from vmrun.cli.template import template_parser
+    from vmrun.cli.test import test_parser
 
     parsers: dict[str, Callable[[], argparse.ArgumentParser]] = {
         "run": run_parser, "info": info_parser, "seed": seed_parser, "image": image_parser,
         "disk": disk_parser, "template": template_parser, "doctor": doctor_parser,
-        "completion": completion_parser,
+        "completion": completion_parser, "test": test_parser, "config": config_parser,
+        "cluster": cluster_parser,
     }
     root = node_of(run_parser(), ("vmrun",))
     for name, make in parsers.items():

@@ -13,6 +13,7 @@ from vmrun import __version__, config
 from vmrun.build.debootstrap import check_suite, parse_packages
 from vmrun.cli.common import EXIT_CODES, Parser, commands_help, count, seconds
 from vmrun.cli.docker import add_docker_options, read_env_file
+from vmrun.cluster.units import TIMINGS_ENV
 from vmrun.errors import (
     UsageError,
 )
@@ -55,6 +56,9 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vmrun {__version__}")
     parser.add_argument("--arch", help="guest architecture (default: the host's); several, "
                         "comma-separated, run in parallel with prefixed output and a summary")
+    parser.add_argument("--cluster", metavar="URL",
+                        help="where a matrix runs: local (the default), dask://HOST:PORT (a "
+                        "Dask scheduler) or slurm://[PARTITION]")
     parser.add_argument("--jobs", "-j", type=count("--jobs", MAX_JOBS),
                         default=os.cpu_count() or 1,
                         help="with several architectures: how many VMs at once")
@@ -229,17 +233,23 @@ def cmd_run(argv: Sequence[str]) -> int:
         # nrpoc` or `vmrun run images` must not boot a VM.
         raise UsageError(f"unexpected {args.command[0]!r}: the command goes after '--'",
                          hint=f"vmrun [OPTIONS] -- {' '.join(args.command)}")
-    if args.arch and "," in args.arch:
+    on_cluster = args.cluster is not None and args.cluster != "local"
+    if (args.arch and "," in args.arch) or on_cluster:
         if args.tty or args.publish:
             raise UsageError(f"{'-t' if args.tty else '-p'} cannot be used with several "
                              "architectures")
         if not command_argv:
             raise UsageError("no command given", hint="usage: vmrun [OPTIONS] -- COMMAND")
-        arches = [a for a in args.arch.split(",") if a]
+        arches = [a for a in (args.arch or host_arch()).split(",") if a]
         # Every architecture gets the defaults this run resolved, before its own options.
         passthrough = [*config.as_options(defaults, leave_out=frozenset({"arch", "jobs"})),
-                       *without_options(argv, {"--arch", "--jobs", "-j", "--timings-file"})]
-        return run_matrix(arches, passthrough, command_argv, args.jobs, quiet=args.quiet)
+                       *without_options(argv, {"--arch", "--jobs", "-j", "--timings-file",
+                                               "--cluster"})]
+        if not on_cluster:
+            return run_matrix(arches, passthrough, command_argv, args.jobs, quiet=args.quiet)
+        return run_matrix(arches, passthrough, command_argv, args.jobs, quiet=args.quiet,
+                          cluster=args.cluster, memory_mib=parse_memory(args.memory),
+                          kvm=args.accel == "kvm", cpus=args.cpus)
     if args.tty and not os.isatty(0):
         raise UsageError("-t needs a terminal on stdin")
     oci_image = args.image is not None and is_image_reference(args.image)
@@ -278,8 +288,9 @@ def cmd_run(argv: Sequence[str]) -> int:
     if spec.verbose:
         phases = ", ".join(f"{k} {v:.3f}s" for k, v in machine.timings.items())
         notice_stderr(f"phases: {phases}")
-    if args.timings_file is not None:
-        args.timings_file.write_text(json.dumps(machine.timings))
+    timings_file = args.timings_file or os.environ.get(TIMINGS_ENV)
+    if timings_file:
+        Path(timings_file).write_text(json.dumps(machine.timings))
     return result.exit_code
 
 
