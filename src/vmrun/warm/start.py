@@ -34,10 +34,10 @@ Notice = Callable[[str], None]
 SAVE_TIMEOUT = 30.0  # seconds the device state may take to save: a ceiling, never a measure
 
 
-# Where a restored copy was seen to run and to reseed its generator (the suspend cycle
-# needs /sys/power/state "freeze": s390x has none; ppc64le panicked after a restore, and
-# riscv64 did not answer, under QEMU 7.2's TCG).
-WARM_ARCHES = frozenset({"x86_64", "aarch64"})
+# Where a restored copy was seen to run and to reseed its generator (vmrun-reseed, see
+# vmrun/guest/reseed.py; ppc64le panicked after a restore, and riscv64 did not answer,
+# under QEMU 7.2's TCG).
+WARM_ARCHES = frozenset({"x86_64", "aarch64", "s390x"})
 
 
 class Mode(StrEnum):
