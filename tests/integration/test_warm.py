@@ -109,6 +109,28 @@ def test_parallel_copies_differ_and_keep_the_hosts_time(guest: Guest, workdir: P
         assert before - 1 <= int(line[2]) <= after + 1
 
 
+@pytest.mark.parametrize("arch", ["s390x", "riscv64"])
+def test_foreign_copies_differ_keep_time_and_exit_codes(workdir: Path, arch: str) -> None:
+    # s390x has no suspend state: its copies are reseeded by vmrun-reseed alone. riscv64's
+    # copies need their timer restored (`sleep` returns).
+    run_cli("--arch", arch, "--", "true", cwd=workdir)
+    script = ("head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; "
+              "cat /proc/sys/kernel/random/boot_id; sleep 0.2; date +%s; exit 3")
+    before = time.time()
+    runs = [subprocess.Popen(vmrun_argv("--arch", arch, "--verbose", "--", "sh", "-c", script),
+                             cwd=workdir, env=vmrun_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    after = time.time()
+    for run, (_out, err) in zip(runs, outputs, strict=True):
+        assert run.returncode == 3, err
+        assert b"start: warm" in err, err
+    lines = [out.decode().split() for out, _ in outputs]
+    assert lines[0][0] != lines[1][0] and lines[0][1] != lines[1][1], lines
+    for line in lines:
+        assert before - 1 <= int(line[2]) <= after + 1
+
+
 def test_clock_within_a_second_of_the_hosts(guest: Guest, workdir: Path) -> None:
     spec = MachineSpec(share_dir=workdir)
     run_once(spec)

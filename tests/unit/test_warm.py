@@ -319,8 +319,12 @@ def test_why_cold() -> None:
             via: str = "auto") -> str:
         return why_cold(spec, arch=arch, custom_guest=custom, share_via=via)
 
-    assert why(MachineSpec()) == why(MachineSpec(), "aarch64") == ""
-    assert why(MachineSpec(), "s390x") != ""  # no reseed path there
+    for arch in ("x86_64", "aarch64", "s390x", "riscv64"):
+        assert why(MachineSpec(), arch) == "", arch
+    # A restored pseries copy panics and its timers stop under QEMU 7.2; no reseed helper
+    # is assembled for the 32-bit guests.
+    for arch in ("ppc64le", "armv7", "i386"):
+        assert "not verified" in why(MachineSpec(), arch), arch
     assert why(MachineSpec(), custom=True) != ""
     # Images start warm: the template is taken before the guest reads the disk.
     assert why(MachineSpec(image="x.qcow2")) == why(MachineSpec(image="docker://a/b")) == ""
