@@ -118,11 +118,7 @@ ARCHES: dict[str, Arch] = {
             # riscv64 is an official Debian architecture from trixie on.
             name="riscv64", debian_arch="riscv64", aliases=(),
             qemu_binary="qemu-system-riscv64", qemu_package="qemu-system-misc",
-            # No Sstc: QEMU 7.2 does not restore its timer (stimecmp) from a warm start's
-            # saved state, and a restored guest's timers never fire; without it the kernel
-            # sets its timer through SBI (the ACLINT's mtimecmp), which is restored.
-            machine="virt", cpu_tcg="rv64,sstc=off", console="ttyS0",
-            transport=Transport.MMIO,
+            machine="virt", cpu_tcg="rv64", console="ttyS0", transport=Transport.MMIO,
             kernel_package="linux-image-riscv64", kernel_glob="boot/vmlinu*-*",
             suite="trixie", little_endian=True, bits=64,
         ),
