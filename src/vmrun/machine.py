@@ -248,7 +248,7 @@ class Machine(Lifecycle):
         if spec.verbose and spec.name is not None:
             self.notice(f"run {spec.name}: {self.rundir}")
         why_cold = warm.why_cold(spec, arch=self.arch.name, custom_guest=self.custom_guest,
-                                 share_via=self.share_via)
+                                 share_via=self.share_via, qemu=qemu_binary)
         self.warm_capable = why_cold == "" and not spec.cold
         assert self.rundir is not None
         # Warm: 9p, which blocks saving a template only while mounted (virtiofs always).
@@ -279,7 +279,7 @@ class Machine(Lifecycle):
             cmdline=kernel_cmdline(
                 self.arch, console=spec.console, extra=self._cmdline_extra(),
                 tsc_khz=accellib.tcg_tsc_khz(self.arch, self.accel.accel),
-                warm=self.warm_capable,
+                warm=self.warm_capable, memory_mib=spec.memory_mib,
             ),
             fds=fds, share=self.shares.workdir if self.shares else None,
             net=spec.net == Net.USER, disk=self.overlay,

@@ -114,9 +114,7 @@ load_modules /etc/vmrun/modules.boot
 ip link set lo up 2>/dev/null
 if [ "${cmdline#* vmrun.warm}" != "$cmdline" ]; then
     # A boot that may become a template: what a restored copy would load after restore,
-    # where every code path is translated afresh under TCG, is loaded now. Warm starts
-    # reseed the kernel's generator by a suspend cycle that stops once tasks are frozen
-    # (random.c reseeds on PM_POST_SUSPEND; busybox cannot issue RNDRESEEDCRNG).
+    # where every code path is translated afresh under TCG, is loaded now.
     load_modules /etc/vmrun/modules.9p
     load_modules /etc/vmrun/modules.net
     # With a block device (virtio id 2): its filesystems, never its driver. virtio_blk
@@ -126,17 +124,26 @@ if [ "${cmdline#* vmrun.warm}" != "$cmdline" ]; then
         load_modules /etc/vmrun/modules.fs
         load_modules /etc/vmrun/modules.oci
     fi
-    echo 0 > /sys/module/suspend/parameters/pm_test_delay
-    echo freezer > /sys/power/pm_test
+    if [ ! -x /sbin/vmrun-reseed ]; then
+        # No reseed helper for this architecture: a suspend cycle that stops once tasks
+        # are frozen reseeds instead (random.c reseeds on PM_POST_SUSPEND).
+        echo 0 > /sys/module/suspend/parameters/pm_test_delay
+        echo freezer > /sys/power/pm_test
+    fi
 fi
 
 # seed HEX: mix the host's entropy into the input pool, then make the generator reseed
-# from it (copies of one template would otherwise read the same bytes). clock EPOCH: the
+# from it (copies of one template would otherwise read the same bytes): vmrun-reseed
+# issues RNDRESEEDCRNG, which busybox cannot (vmrun/guest/reseed.py). clock EPOCH: the
 # host's time (a template's clock stopped when it was made).
 reseed() {
     case $1 in ''|*[!0-9a-f]*) say "bad seed"; return ;; esac
     printf '%s\n' "$1" > /dev/urandom
-    echo freeze > /sys/power/state 2>/dev/null || say "cannot reseed the kernel's RNG"
+    if [ -x /sbin/vmrun-reseed ]; then
+        /sbin/vmrun-reseed < /dev/urandom || say "cannot reseed the kernel's RNG"
+    else
+        echo freeze > /sys/power/state 2>/dev/null || say "cannot reseed the kernel's RNG"
+    fi
 }
 set_clock() {
     case $1 in ''|*[!0-9]*) say "bad clock"; return ;; esac

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from vmrun import cache as cachelib
 from vmrun.debian import mirror_from_env
 from vmrun.errors import FetchError
+from vmrun.guest import reseed
 from vmrun.progress import Progress
 from vmrun.qemu.arch import Arch, Transport
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 # found without it, and every run's start-up time counts.
 
 # Bump when the layout of the initramfs changes in a way the agent depends on.
-INITRD_FORMAT = "8"
+INITRD_FORMAT = "9"
 
 # Module sets the agent loads: at boot, and when a request needs them.
 MODULE_SETS: dict[str, tuple[str, ...]] = {
@@ -204,7 +205,8 @@ def _modules_root(kernel_dir: Path) -> Path:
 
 
 def _write_initrd(out: io.BufferedWriter, *, busybox: bytes, agent: bytes, release: str,
-                  module_sets: dict[str, list[Module]], transport: str) -> None:
+                  module_sets: dict[str, list[Module]], transport: str,
+                  reseed_helper: bytes | None) -> None:
     from vmrun.guest import modules as modlib
     from vmrun.guest.cpio import CpioWriter
 
@@ -217,6 +219,8 @@ def _write_initrd(out: io.BufferedWriter, *, busybox: bytes, agent: bytes, relea
     cpio.file("bin/busybox", busybox, mode=0o755)
     cpio.symlink("bin/sh", "busybox")
     cpio.file("init", agent, mode=0o755)
+    if reseed_helper is not None:
+        cpio.file("sbin/vmrun-reseed", reseed_helper, mode=0o755)
     cpio.file("etc/fstab", FSTAB)
     cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     cpio.file("etc/group", b"root:x:0:\ntty:x:5:\n")
@@ -270,8 +274,10 @@ def cached_initrd(cache: Path, *, arch: Arch, busybox: bytes, release: str,
     """vmrun's initramfs with BUSYBOX, the agent and SETS of modules, built once per
     content."""
     agent = _agent_script()
+    helper = reseed.helper(arch.name)
     key = cachelib.key_of(
         INITRD_FORMAT, agent, busybox, release, TRANSPORT_OPTION[arch.transport],
+        helper or b"",
         *[f"{n}:{m.name}:{cachelib.sha256_file(m.path)}" for n, ms in sets.items() for m in ms],
     )
     final = cache / "initrd" / f"{key}.cpio"
@@ -279,7 +285,7 @@ def cached_initrd(cache: Path, *, arch: Arch, busybox: bytes, release: str,
         return final
     with cachelib.staged(final) as tmp, open(tmp, "wb") as out:
         _write_initrd(out, busybox=busybox, agent=agent, release=release, module_sets=sets,
-                      transport=TRANSPORT_OPTION[arch.transport])
+                      transport=TRANSPORT_OPTION[arch.transport], reseed_helper=helper)
     return final
 
 
@@ -428,7 +434,8 @@ def ensure_guest(arch: Arch, *, mirror: str | None = None, cache: Path | None = 
                "shared directory")
     pointer = _pointer(cache, arch)
     # What this vmrun's initramfs depends on besides the packages: checked on every use.
-    build_key = cachelib.key_of(INITRD_FORMAT, _agent_script(), mirror)
+    build_key = cachelib.key_of(INITRD_FORMAT, _agent_script(), mirror,
+                                reseed.helper(arch.name) or b"")
     with cachelib.locked(pointer.with_suffix(".lock")):
         recorded = {} if refresh else _read_pointer(pointer)
         # A guest from an unsigned index is used only by whoever accepts one.

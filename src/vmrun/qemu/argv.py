@@ -73,8 +73,17 @@ class RamFile:
     shared: bool
 
 
+# A pseries machine writes its device tree (FDT_MAX_SIZE, at most 2 MiB, below the top of
+# its RMA: the top of memory, up to 2 GiB) into guest RAM at every reset, a restored copy's
+# included, over what the guest keeps there (its paca and stacks: a panic). A guest that
+# may become a template is told to leave its top PSERIES_FDT_RESERVE_MIB alone (mem=).
+PSERIES_FDT_WINDOW_MIB = 2048
+PSERIES_FDT_RESERVE_MIB = 4
+
+
 def kernel_cmdline(arch: Arch, *, console: bool, probe: bool = False, extra: str = "",
-                   tsc_khz: int | None = None, warm: bool = False) -> str:
+                   tsc_khz: int | None = None, warm: bool = False,
+                   memory_mib: int = 0) -> str:
     words = [f"console={arch.console}", "panic=-1", "rdinit=/init"]
     if tsc_khz:
         # Under TCG the guest's TSC runs at the host's rate, and calibrating it against the
@@ -89,6 +98,8 @@ def kernel_cmdline(arch: Arch, *, console: bool, probe: bool = False, extra: str
         # The agent readies before "ready" what a restored copy would otherwise do after
         # restore, where TCG translates every code path afresh (see vmrun.warm).
         words.append("vmrun.warm")
+        if arch.name == "ppc64le" and memory_mib:
+            words.append(f"mem={memory_mib - PSERIES_FDT_RESERVE_MIB}M")
     if extra:
         words.append(extra)  # last, so it overrides: a debugging aid (VMRUN_KERNEL_APPEND)
     return " ".join(words)

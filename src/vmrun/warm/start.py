@@ -18,7 +18,7 @@ from vmrun.errors import QemuError
 from vmrun.guest.build import Guest
 from vmrun.qemu import process
 from vmrun.qemu.accel import tcg_tsc_khz
-from vmrun.qemu.argv import BootPlan
+from vmrun.qemu.argv import PSERIES_FDT_WINDOW_MIB, BootPlan
 from vmrun.qemu.qmp import Qmp
 from vmrun.spec import Accel, MachineSpec, Share
 from vmrun.warm import ramfile, store
@@ -34,11 +34,15 @@ Notice = Callable[[str], None]
 SAVE_TIMEOUT = 30.0  # seconds the device state may take to save: a ceiling, never a measure
 
 
-# Where a restored copy was seen to run and to reseed its generator (the suspend cycle
-# needs /sys/power/state "freeze": s390x has none; ppc64le panicked after a restore, and
-# riscv64 did not answer, under QEMU 7.2's TCG).
-WARM_ARCHES = frozenset({"x86_64", "aarch64"})
-
+# Where a restored copy was seen to run and to reseed its generator (vmrun-reseed, see
+# vmrun/guest/reseed.py). ppc64le also needs a QEMU that migrates the decrementer, and no
+# more memory than its device tree's window allows (see why_cold). Not riscv64: QEMU (7.2
+# and 10.0 alike) saves neither the ACLINT mtimer's time_delta nor the Sstc timer, so some
+# copies' timers never fire (`sleep` hangs; fixes posted upstream in September 2025).
+WARM_ARCHES = frozenset({"x86_64", "aarch64", "s390x", "ppc64le"})
+# QEMU before 8.2 does not migrate a ppc CPU's decrementer ("target/ppc: Migrate DECR
+# SPR"): a restored pseries copy's timers never fire (`sleep 1` never returns).
+PPC_DECR_MIGRATED = (8, 2)
 
 class Mode(StrEnum):
     COLD = "cold"  # boot, no template
@@ -189,10 +193,15 @@ def remake(plan: StartPlan) -> StartPlan:
     return StartPlan(Mode.MAKE, plan.key, plan.shape, why="the template could not be restored")
 
 
-def why_cold(spec: MachineSpec, *, arch: str, custom_guest: bool, share_via: str) -> str:
-    """Why a run with SPEC cannot start warm; "" when it can."""
+def why_cold(spec: MachineSpec, *, arch: str, custom_guest: bool, share_via: str,
+             qemu: str = "") -> str:
+    """Why a run with SPEC (on the QEMU binary QEMU) cannot start warm; "" when it can."""
     if arch not in WARM_ARCHES:
         return f"warm starts are not verified for {arch} guests yet"
+    if arch == "ppc64le":
+        why = _why_cold_pseries(spec, qemu)
+        if why:
+            return why
     if custom_guest:
         return "a guest other than vmrun's own"
     if spec.kernel is not None:
@@ -206,6 +215,25 @@ def why_cold(spec: MachineSpec, *, arch: str, custom_guest: bool, share_via: str
     if os.environ.get("VMRUN_COLD"):
         return "VMRUN_COLD is set"
     return ""
+
+
+def _why_cold_pseries(spec: MachineSpec, qemu: str) -> str:
+    if spec.memory_mib > PSERIES_FDT_WINDOW_MIB:
+        # Above it, pseries writes its device tree at reset into the middle of the guest's
+        # memory, where no mem= keeps the kernel away (see kernel_cmdline).
+        return f"a ppc64le guest starts warm with at most {PSERIES_FDT_WINDOW_MIB} MiB"
+    version = qemu_version_cached(qemu) if qemu else ""
+    if version_tuple(version) < PPC_DECR_MIGRATED:
+        this = version.split(" ", 1)[0] or "unknown"
+        return (f"ppc64le starts warm on QEMU 8.2 or later (QEMU {this} does not restore "
+                "the decrementer)")
+    return ""
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """(MAJOR, MINOR) of a QEMU version string ("7.2.22 (Debian ...)"); () if none."""
+    head = version.split(" ", 1)[0].split(".")[:2]
+    return tuple(int(part) for part in head) if all(p.isdigit() for p in head) else ()
 
 
 def shape_of(plan: BootPlan, qemu: str, guest: Guest, *, tty: bool) -> Shape:
