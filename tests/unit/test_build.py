@@ -409,19 +409,28 @@ def test_stop_signals_the_whole_group(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
-def test_a_work_directory_with_mounts_is_left_alone(tmp_path: Path) -> None:
+def test_what_mmdebstrap_left_mounted_is_unmounted_or_the_directory_left(
+        tmp_path: Path) -> None:
     work = tmp_path / "work"
-    (work / "proc").mkdir(parents=True)
+    (work / "chroot" / "proc").mkdir(parents=True)
     (work / "file").write_text("kept")
     assert debootstrap.mounts_under(work) == []
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(work / "chroot" / "proc")], check=True)
+    (work / "chroot" / "proc" / "inside").write_text("x")
+    assert debootstrap.mounts_under(work) == [str(work / "chroot" / "proc")]
+    debootstrap.remove_work(work)  # unmounted first, then removed
+    assert not work.exists()
+    # A mount that will not go (busy): the directory stays, nothing below it is touched.
+    (work / "proc").mkdir(parents=True)
+    (work / "file").write_text("kept")
     subprocess.run(["mount", "-t", "tmpfs", "none", str(work / "proc")], check=True)
     try:
-        assert debootstrap.mounts_under(work) == [str(work / "proc")]
-        with pytest.raises(ImageError, match="still has 1 mounts"):
-            debootstrap.remove_work(work)
-        assert (work / "file").read_text() == "kept"
+        with open(work / "proc" / "busy", "w"):
+            with pytest.raises(ImageError, match="still has 1 mounts"):
+                debootstrap.remove_work(work)
+            assert (work / "file").read_text() == "kept"
     finally:
-        subprocess.run(["umount", str(work / "proc")], check=True)
+        subprocess.run(["umount", str(work / "proc")], check=False)
     debootstrap.remove_work(work)
     assert not work.exists()
 

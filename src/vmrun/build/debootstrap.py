@@ -183,8 +183,13 @@ def mounts_under(directory: Path) -> list[str]:
 
 
 def remove_work(directory: Path) -> None:
-    """Remove a build's work DIRECTORY, unless something is still mounted in it (an
-    mmdebstrap that did not clean up): then leave it, and say so, rather than descend."""
+    """Remove a build's work DIRECTORY. What an interrupted mmdebstrap left mounted in it
+    (as root: proc, sys, dev/pts, dev/shm of its chroot, all below DIRECTORY) is unmounted
+    first, deepest first; should a mount stay, the directory is left, and said so, rather
+    than descended into."""
+    for point in sorted(mounts_under(directory), key=len, reverse=True):
+        subprocess.run(["umount", point], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       check=False)
     left = mounts_under(directory)
     if left:
         raise ImageError(f"{directory} still has {len(left)} mounts ({left[0]}, ...): left "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from vmrun.build.debootstrap import (
     check_suite,
     describe,
     finish,
+    remove_work,
     stop,
 )
 from vmrun.build.debootstrap import run as run_mmdebstrap
@@ -123,16 +125,16 @@ def _build(bootstrap: Bootstrap, state: archive.ArchiveState, root: Path, key: s
     started = time.monotonic()
     work = root / "tmp"
     work.mkdir(parents=True, exist_ok=True)
-    log = work / f"{key}.log"
     path = root_path(root, key)
     path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="vmrun-packages-", dir=work))
     with cachelib.locked(root / PRUNE_LOCK, shared=True):
         try:
             with cachelib.staged(path) as tmp:
-                _bootstrap_to_squashfs(bootstrap, tmp, log)
+                _bootstrap_to_squashfs(bootstrap, tmp, scratch / "mmdebstrap.log")
                 os.chmod(tmp, 0o444)
         finally:
-            log.unlink(missing_ok=True)
+            remove_work(scratch)
         image = RootImage(
             path=path, reference=f"packages:{bootstrap.suite}/{bootstrap.arch}:"
             f"{describe(bootstrap.packages)}",
@@ -149,7 +151,8 @@ def _build(bootstrap: Bootstrap, state: archive.ArchiveState, root: Path, key: s
 def _bootstrap_to_squashfs(bootstrap: Bootstrap, out: Path, log: Path) -> None:
     """mmdebstrap's tar, piped into tar2sqfs writing OUT; ImageError names the failed step."""
     jobs = max(1, min(os.cpu_count() or 1, 8))
-    producer = run_mmdebstrap(bootstrap, "-", stdout=subprocess.PIPE, log=log)
+    producer = run_mmdebstrap(bootstrap, "-", stdout=subprocess.PIPE, log=log,
+                              tmpdir=log.parent)
     assert producer.stdout is not None
     try:
         with open(log, "ab") as log_file:
