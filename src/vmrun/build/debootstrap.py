@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from vmrun.debian.archive import KEYRING_ENV
 from vmrun.errors import FetchError, ImageError, UsageError
 from vmrun.qemu.arch import host_arch, lookup_arch
 
@@ -65,6 +64,8 @@ class Bootstrap:
             argv.append("--include=" + ",".join(self.packages))
         if self.slim:
             argv += [f"--dpkgopt={option}" for option in SLIM_DPKG_OPTIONS]
+        from vmrun.debian.archive import KEYRING_ENV
+
         keyring = os.environ.get(KEYRING_ENV)
         if keyring:  # the archive's keys, as vmrun checks its InRelease (another distribution's)
             argv.append(f"--keyring={keyring}")

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmrun import cache as cachelib
 from vmrun.build.debootstrap import (
@@ -32,12 +33,15 @@ from vmrun.build.debootstrap import (
     stop,
 )
 from vmrun.build.debootstrap import run as run_mmdebstrap
-from vmrun.debian import archive, mirror_from_env
+from vmrun.debian import mirror_from_env
 from vmrun.errors import FetchError, ImageError
 from vmrun.oci import manifest as mf
 from vmrun.oci.pull import PRUNE_LOCK, RootImage, cached_root, oci_root, record_root, root_path
 from vmrun.oci.rootfs import TAR2SQFS, tar2sqfs_argv
 from vmrun.qemu.arch import Arch
+
+if TYPE_CHECKING:
+    from vmrun.debian import archive
 
 Notice = Callable[[str], None]
 
@@ -72,6 +76,8 @@ def ensure_packages_root(packages: Sequence[str], *, arch: Arch, suite: str | No
         known = cached_root(root, seen.key) if seen else None
         if seen and known and not refresh and time.time() - seen.checked < recheck_s:
             return known
+        from vmrun.debian import archive
+
         try:
             state = archive.archive_state(mirror=bootstrap.mirror, suite=bootstrap.suite,
                                           arch=bootstrap.arch,
