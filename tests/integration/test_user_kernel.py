@@ -32,7 +32,7 @@ def kernel_files(guest: Guest) -> tuple[Path, Path]:
 def test_debian_kernel_as_user_kernel(guest: Guest, workdir: Path) -> None:
     vmlinuz, modules = kernel_files(guest)
     marker = f"vmrun.test={secrets.token_hex(4)}"
-    done = run_cli("-v", "--kernel", str(vmlinuz), "--modules", str(modules),
+    done = run_cli("--verbose", "--kernel", str(vmlinuz), "--modules", str(modules),
                    "--append", marker, "--", "sh", "-c", "uname -r; cat /proc/cmdline",
                    cwd=workdir, timeout=RUN_CEILING, env_extra={"VMRUN_KERNEL_APPEND": ""})
     assert done.returncode == 0, done.stderr
