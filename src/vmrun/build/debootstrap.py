@@ -221,10 +221,14 @@ def failure(bootstrap: Bootstrap, status: int, log: Path) -> ImageError:
                           f"{bootstrap.mirror}", hint="check the names (apt-cache search, or "
                           "packages.debian.org); nothing was stored")
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    # mmdebstrap ends with "E: mmdebstrap failed to run"; what failed is said before it.
+    # mmdebstrap ends with "E: mmdebstrap failed to run"; what failed is said before it,
+    # on an "E:" line (a failed hook's whole script follows it: its first line is enough).
+    errors = [line for line in lines
+              if line.startswith("E: ") and not line.startswith("E: mmdebstrap failed")]
     telling = [line for line in lines if not line.startswith(("E: mmdebstrap failed",
                                                               "I: "))]
-    last = telling[-1] if telling else lines[-1] if lines else "no message"
+    last = (errors[-1] if errors else telling[-1] if telling else
+            lines[-1] if lines else "no message")[:300]
     hint = None
     if "Unable to locate package" in text or "has no installation candidate" in text:
         hint = f"check the package names for {bootstrap.suite} on {bootstrap.arch}"

@@ -114,7 +114,7 @@ initrd /initrd.img
 boot
 EOF
 for platform in "$root"/usr/lib/grub/*; do
-    [ -d "$platform" ] && cp -a "$platform" "$work/grub-${platform##*/}"
+    if [ -d "$platform" ]; then cp -a "$platform" "$work/grub-${platform##*/}"; fi
 done
 """
 # The last hook, after apt's lists are gone: $2 the UUID, $3 the image, $4 its size in KiB,
