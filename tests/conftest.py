@@ -1,3 +1,5 @@
+"""The whole suite's settings: the test cache directory, no user config."""
+
 from __future__ import annotations
 
 import os

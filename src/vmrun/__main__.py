@@ -1,3 +1,5 @@
+"""`python -m vmrun`: the command line."""
+
 from vmrun.cli import entry
 
 entry()

@@ -1,3 +1,5 @@
+"""Helpers the VM tests share: running vmrun as a user would, private runs directories."""
+
 from __future__ import annotations
 
 import os

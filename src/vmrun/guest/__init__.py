@@ -1,0 +1,1 @@
+"""vmrun's own guest: the Debian kernel, busybox, the initramfs and the agent."""

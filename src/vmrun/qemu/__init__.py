@@ -1,0 +1,1 @@
+"""QEMU: the architecture table, argv, accelerators, firmware, processes and QMP."""
