@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import json
 import os
 import selectors
 import signal
@@ -19,7 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vmrun.cluster.units import OnOutput, RunResult, RunUnit, vmrun_env
+from vmrun.cluster.units import OnOutput, RunResult, RunUnit, read_timings, vmrun_env
 
 PR_SET_PDEATHSIG = 1
 TAIL_LINES = 50
@@ -34,16 +33,6 @@ def _die_with_parent(parent: int) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
-
-
-def _timings(path: Path) -> dict[str, float]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -116,7 +105,7 @@ def run_unit(unit: RunUnit, on_output: OnOutput, *, node: str = "", attempts: in
                 if stream is not None:
                     stream.close()
         seconds = time.monotonic() - started
-        timings = _timings(timings_file)
+        timings = read_timings(timings_file)
     text = {fd: b"\n".join(lines).decode(errors="replace") for fd, lines in tails.items()}
     return RunResult(id=unit.id, exit_code=code, seconds=seconds, stdout_tail=text[1],
                      stderr_tail=text[2], node=node or socket.gethostname(),

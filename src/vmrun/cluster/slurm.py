@@ -24,6 +24,7 @@ from vmrun.cluster.units import (
     OnOutput,
     RunResult,
     RunUnit,
+    read_timings,
     vmrun_env,
 )
 from vmrun.errors import ChannelLost, UsageError, VmrunError
@@ -237,16 +238,6 @@ def _tail(path: Path) -> str:
     return b"\n".join(lines).decode(errors="replace")
 
 
-def _timings(path: Path) -> dict[str, float]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
-
-
 def run_task(job: JobDir, index: int, attempt: int, node: str) -> RunResult:
     """Run unit INDEX of JOB (this is attempt ATTEMPT) and write its result file."""
     plan = json.loads(job.units.read_text())
@@ -275,7 +266,7 @@ def run_task(job: JobDir, index: int, attempt: int, node: str) -> RunResult:
                        stdout_tail=_tail(job.output(index, attempt, 1)),
                        stderr_tail=_tail(job.output(index, attempt, 2)),
                        node=node, attempts=attempt,
-                       timings=_timings(job.timings(index, attempt)))
+                       timings=read_timings(job.timings(index, attempt)))
     temp = job.result(index, attempt).with_suffix(".tmp")
     temp.write_text(result.to_json())
     temp.rename(job.result(index, attempt))

@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Called with a unit's id, the stream (1 or 2) and one line of its output, without "\n".
@@ -86,3 +87,14 @@ class RunResult:
                    collected=tuple(data.get("collected", ())), node=data.get("node", ""),
                    attempts=int(data.get("attempts", 1)),
                    timings={k: float(v) for k, v in data.get("timings", {}).items()})
+
+
+def read_timings(path: Path) -> dict[str, float]:
+    """The phase timings a vmrun process wrote to PATH (VMRUN_TIMINGS_FILE); {} if none."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
