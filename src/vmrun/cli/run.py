@@ -54,6 +54,19 @@ def run_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"vmrun {__version__}")
+    _add_placement_options(parser)
+    _add_machine_options(parser)
+    _add_image_options(parser)
+    _add_full_boot_options(parser)
+    _add_kernel_options(parser)
+    _add_debug_options(parser)
+    add_docker_options(parser)
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
+    return parser
+
+
+def _add_placement_options(parser: argparse.ArgumentParser) -> None:
+    """Where and how many: the architecture(s), a cluster, parallel jobs."""
     parser.add_argument("--arch", help="guest architecture (default: the host's); several, "
                         "comma-separated, run in parallel with prefixed output and a summary")
     parser.add_argument("--cluster", metavar="URL",
@@ -63,6 +76,10 @@ def run_parser() -> argparse.ArgumentParser:
                         default=os.cpu_count() or 1,
                         help="with several architectures: how many VMs at once")
     parser.add_argument("--timings-file", type=Path, help=argparse.SUPPRESS)
+
+
+def _add_machine_options(parser: argparse.ArgumentParser) -> None:
+    """The machine: CPUs, memory, time limits, environment, sharing, network, accelerator."""
     parser.add_argument("--cpus", type=count("--cpus", MAX_CPUS), default=1,
                         help=f"virtual CPUs (default 1, at most {MAX_CPUS})")
     parser.add_argument("-m", "--memory", default="1G", help="guest memory, like 512M or 2G "
@@ -81,6 +98,10 @@ def run_parser() -> argparse.ArgumentParser:
                         help="user: outbound network through QEMU; none: no network")
     parser.add_argument("--accel", choices=[a.value for a in Accel], default="auto",
                         help="accelerator (auto: KVM or HVF where they work, else TCG)")
+
+
+def _add_image_options(parser: argparse.ArgumentParser) -> None:
+    """What the command runs in: a disk or OCI image, a --packages root, how it boots."""
     parser.add_argument("--image", help="attach a disk: a stored image (name or digest), an "
                         "image file or an alias like debian:12, on a fresh overlay per run; "
                         "or run an OCI image: docker://[REGISTRY/]REPO[:TAG][@DIGEST], "
@@ -107,6 +128,10 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--firmware", choices=[f.value for f in Firmware], default="auto",
                         help="--boot full: bios or uefi (auto: what the image can boot, "
                         "BIOS first on x86)")
+
+
+def _add_full_boot_options(parser: argparse.ArgumentParser) -> None:
+    """--boot full: what is copied in and back."""
     parser.add_argument("--include", action=RuleAction, dest="rules", metavar="PATTERN",
                         help="--boot full: copy what matches into the guest (rsync-style "
                         "pattern; with --exclude, the first matching rule wins)")
@@ -118,6 +143,10 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--collect", action="append", default=[], metavar="GLOB",
                         help="--boot full: copy what matches GLOB (in the guest's working "
                         "directory) back into the working directory after the command")
+
+
+def _add_kernel_options(parser: argparse.ArgumentParser) -> None:
+    """A kernel of the user's, and the guest vmrun fetches."""
     # A kernel of the user's (vmrun.guest.userkernel; README, "Your own kernel").
     parser.add_argument("--kernel", type=Path, metavar="PATH",
                         help="boot this kernel (bzImage, arm64 Image or ELF vmlinux) with "
@@ -133,6 +162,10 @@ def run_parser() -> argparse.ArgumentParser:
                         help="boot vmrun's guest without checking the Debian archive's "
                         "signature (when neither gpgv nor sqv is installed): whoever can "
                         "alter the download then runs code with your shared directory")
+
+
+def _add_debug_options(parser: argparse.ArgumentParser) -> None:
+    """Debugging and output: keep the run, cold boots, console, terminal, verbose, quiet."""
     parser.add_argument("--keep", action="store_true",
                         help="keep the run directory (serial log, QEMU log, argv)")
     parser.add_argument("--cold", action="store_true",
@@ -147,9 +180,6 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="print none of vmrun's own notices and progress (errors still "
                         "print)")
-    add_docker_options(parser)
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
-    return parser
 
 
 class RuleAction(argparse.Action):
