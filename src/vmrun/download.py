@@ -22,7 +22,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,145 @@ def _discard(*paths: Path) -> None:
             path.unlink()
 
 
+class _Restart(Exception):
+    """The bytes kept cannot be continued: start the file again at once."""
+
+
+@dataclass
+class _Transfer:
+    """One file coming in: the part written so far, its running hashes, its sidecar."""
+
+    url: str
+    expected: Expected
+    part: Path
+    sidecar: Path
+    label: str
+    size: int | None
+    progress: Progress | None
+    notice: Notice
+    state: dict[str, Any] = field(default_factory=dict)
+    hashers: dict[str, Any] = field(default_factory=dict)
+    done: int = 0
+
+    def resume(self) -> bool:
+        """Take up the part left by an earlier attempt of the same file (rehashing it);
+        whether there was anything to resume."""
+        self.state = read_sidecar(self.sidecar)
+        fresh = {"url": self.url, "algorithm": self.expected.algorithm,
+                 "expected": self.expected.hexdigest}
+        if {k: self.state.get(k) for k in fresh} != fresh or not self.part.is_file():
+            # Bytes of another URL or of another version of this one: start again.
+            self.part.write_bytes(b"")
+            self.state = dict(fresh)
+            _write_sidecar(self.sidecar, self.state)
+        self.hashers = _new_hashers(self.expected)
+        with open(self.part, "rb") as f:
+            while chunk := f.read(1 << 20):
+                self._hash(chunk)
+        if self.done:
+            self.notice(f"resuming {self.label} at byte {self.done}")
+        return self.done > 0
+
+    def _hash(self, chunk: bytes) -> None:
+        for hasher in self.hashers.values():
+            hasher.update(chunk)
+        self.done += len(chunk)
+
+    def restart(self) -> None:
+        self.hashers = _new_hashers(self.expected)
+        self.done = 0
+        os.truncate(self.part, 0)
+
+    def attempt(self) -> str | None:
+        """One request: None when the file is complete, else what went wrong (the caller
+        retries). Raises _Restart when the kept bytes cannot be continued, FetchError or
+        VerificationError when retrying cannot help."""
+        headers: dict[str, str] = {}
+        if self.done:
+            headers["Range"] = f"bytes={self.done}-"
+            if isinstance(self.state.get("etag"), str):
+                headers["If-Range"] = self.state["etag"]
+        try:
+            response = open_url(self.url, headers)
+        except urllib.error.HTTPError as err:
+            if err.code == 416 and self.done:
+                self.restart()  # the part is longer than the file is now
+                raise _Restart() from None
+            raise FetchError(f"{self.url}: HTTP {err.code} {err.reason}") from None
+        except urllib.error.URLError as err:
+            return str(err.reason)
+        except (OSError, http.client.HTTPException) as err:
+            return str(err)
+        with response:
+            total = self._accept(response)
+            problem = self._receive(response, total)
+        if self.size is not None and self.done > self.size:
+            _discard(self.part, self.sidecar)
+            raise VerificationError(f"{self.url}: longer than the expected {self.size} bytes")
+        if total is not None and self.done > total:
+            self.restart()
+            raise FetchError(f"{self.url}: the server sent more than its {total} bytes")
+        if problem is None and total is not None and self.done < total:
+            problem = f"connection closed after {self.done} of {total} bytes"
+        if problem is None and self.progress is not None and total is None:
+            self.progress(self.label, self.done, self.done)  # the end, of unknown length
+        return problem
+
+    def _accept(self, response: http.client.HTTPResponse) -> int | None:
+        """The file's total length as RESPONSE gives it, once its status and range are
+        what was asked for (_Restart when they are not); remembers a strong ETag."""
+        length = response.headers.get("Content-Length")
+        total: int | None = None
+        if response.status == 206 and self.done:
+            match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
+            if match is None or int(match.group(1)) != self.done:
+                self.restart()
+                raise _Restart()
+            if match.group(3) != "*":
+                total = int(match.group(3))
+            elif length is not None and length.isdigit():
+                total = self.done + int(length)
+        elif response.status == 200:
+            if self.done:
+                self.notice(f"{self.url}: the server ignored the range; downloading from the "
+                            "start")
+                self.restart()
+            total = int(length) if length is not None and length.isdigit() else None
+        else:
+            raise FetchError(f"{self.url}: unexpected HTTP status {response.status}")
+        etag = response.headers.get("ETag")
+        if etag and not etag.startswith("W/") and self.state.get("etag") != etag:
+            self.state["etag"] = etag
+            _write_sidecar(self.sidecar, self.state)
+        return total
+
+    def _receive(self, response: http.client.HTTPResponse, total: int | None) -> str | None:
+        """Append RESPONSE's body to the part (synced); what broke the stream, if anything."""
+        problem = None
+        with open(self.part, "r+b") as out:
+            out.seek(self.done)
+            out.truncate()
+            if self.progress is not None:
+                self.progress(self.label, self.done, total)
+            while True:
+                try:
+                    chunk = response.read(_DOWNLOAD_CHUNK)
+                except (OSError, http.client.HTTPException) as err:
+                    problem = str(err) or type(err).__name__
+                    break
+                if not chunk:
+                    break
+                out.write(chunk)
+                self._hash(chunk)
+                if self.size is not None and self.done > self.size:
+                    break
+                if self.progress is not None:
+                    self.progress(self.label, self.done, total)
+            out.flush()
+            os.fsync(out.fileno())
+        return problem
+
+
 def download(
     url: str, expected: Expected, part: Path, sidecar: Path, *,
     progress: Progress | None, notice: Notice, size: int | None = None,
@@ -99,123 +238,29 @@ def download(
     LABEL names the file in progress reports and notices (default: the URL's basename).
     """
     label = label or posixpath.basename(urllib.parse.urlsplit(url).path) or url
-    state = read_sidecar(sidecar)
-    fresh_state = {"url": url, "algorithm": expected.algorithm, "expected": expected.hexdigest}
-    if {k: state.get(k) for k in fresh_state} != fresh_state or not part.is_file():
-        # Bytes of another URL or of another version of this one: start again.
-        part.write_bytes(b"")
-        state = dict(fresh_state)
-        _write_sidecar(sidecar, state)
-
-    hashers = _new_hashers(expected)
-    done = 0
-    with open(part, "rb") as f:
-        while chunk := f.read(1 << 20):
-            for hasher in hashers.values():
-                hasher.update(chunk)
-            done += len(chunk)
-    if done:
-        notice(f"resuming {label} at byte {done}")
-    resumed = done > 0
-    high_water = done
-    failures = 0
-
-    def restart() -> None:
-        nonlocal hashers, done
-        hashers = _new_hashers(expected)
-        done = 0
-        os.truncate(part, 0)
-
+    transfer = _Transfer(url, expected, part, sidecar, label, size, progress, notice)
+    resumed = transfer.resume()
+    high_water, failures = transfer.done, 0
     while True:
-        headers: dict[str, str] = {}
-        if done:
-            headers["Range"] = f"bytes={done}-"
-            if isinstance(state.get("etag"), str):
-                headers["If-Range"] = state["etag"]
-        problem: str | None = None
         try:
-            response = open_url(url, headers)
-        except urllib.error.HTTPError as err:
-            if err.code == 416 and done:
-                restart()  # the part is longer than the file is now
-                continue
-            raise FetchError(f"{url}: HTTP {err.code} {err.reason}") from None
-        except urllib.error.URLError as err:
-            problem = str(err.reason)
-        except (OSError, http.client.HTTPException) as err:
-            problem = str(err)
-        else:
-            with response:
-                total: int | None = None
-                length = response.headers.get("Content-Length")
-                if response.status == 206 and done:
-                    match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
-                    if match is None or int(match.group(1)) != done:
-                        restart()
-                        continue
-                    if match.group(3) != "*":
-                        total = int(match.group(3))
-                    elif length is not None and length.isdigit():
-                        total = done + int(length)
-                elif response.status == 200:
-                    if done:
-                        notice(f"{url}: the server ignored the range; downloading from the "
-                               "start")
-                        restart()
-                    total = int(length) if length is not None and length.isdigit() else None
-                else:
-                    raise FetchError(f"{url}: unexpected HTTP status {response.status}")
-                etag = response.headers.get("ETag")
-                if etag and not etag.startswith("W/") and state.get("etag") != etag:
-                    state["etag"] = etag
-                    _write_sidecar(sidecar, state)
-                with open(part, "r+b") as out:
-                    out.seek(done)
-                    out.truncate()
-                    if progress is not None:
-                        progress(label, done, total)
-                    while True:
-                        try:
-                            chunk = response.read(_DOWNLOAD_CHUNK)
-                        except (OSError, http.client.HTTPException) as err:
-                            problem = str(err) or type(err).__name__
-                            break
-                        if not chunk:
-                            break
-                        out.write(chunk)
-                        for hasher in hashers.values():
-                            hasher.update(chunk)
-                        done += len(chunk)
-                        if size is not None and done > size:
-                            break
-                        if progress is not None:
-                            progress(label, done, total)
-                    out.flush()
-                    os.fsync(out.fileno())
-                if size is not None and done > size:
-                    _discard(part, sidecar)
-                    raise VerificationError(f"{url}: longer than the expected {size} bytes")
-                if total is not None and done > total:
-                    restart()
-                    raise FetchError(f"{url}: the server sent more than its {total} bytes")
-                if problem is None and total is not None and done < total:
-                    problem = f"connection closed after {done} of {total} bytes"
+            problem = transfer.attempt()
+        except _Restart:
+            continue
         if problem is None:
-            if progress is not None and total is None:
-                progress(label, done, done)  # the end of a transfer of unknown length
             break
-        if done > high_water:
-            high_water, failures = done, 0
+        if transfer.done > high_water:
+            high_water, failures = transfer.done, 0
         failures += 1
         if failures >= ATTEMPTS:
             raise FetchError(
                 f"{url}: download failed: {problem}",
-                hint="run the same command again to resume" if done else None,
+                hint="run the same command again to resume" if transfer.done else None,
             )
         notice(f"{label}: {problem}; retrying")
         time.sleep(0.2 * failures)
 
-    actual = {algorithm: h.hexdigest() for algorithm, h in hashers.items()}
+    done = transfer.done
+    actual = {algorithm: h.hexdigest() for algorithm, h in transfer.hashers.items()}
     if actual[expected.algorithm] != expected.hexdigest or (size is not None and done != size):
         _discard(part, sidecar)
         if resumed:
