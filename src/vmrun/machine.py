@@ -7,8 +7,6 @@ import os
 import select
 import shlex
 import shutil
-import socket
-import stat
 import subprocess
 import sys
 import termios
@@ -20,15 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmrun import share, warm
-from vmrun.channel import (
-    ROOT_FAILURES,
-    Request,
-    StatusReader,
-    StdinMode,
-    TokenScanner,
-    encode_request,
-    new_token,
-)
+from vmrun.channel import Request, StdinMode, encode_request, new_token
 from vmrun.console import Lifecycle, Serial
 from vmrun.errors import (
     BootTimeout,
@@ -39,6 +29,7 @@ from vmrun.errors import (
 )
 from vmrun.guest.build import Guest, ensure_guest
 from vmrun.guestroot import prepare_root
+from vmrun.ports import CAPTURE_LIMIT, Ports
 from vmrun.progress import reporter
 from vmrun.qemu import accel as accellib
 from vmrun.qemu import process
@@ -58,11 +49,6 @@ if TYPE_CHECKING:
     from vmrun.oci.run import OciRun
 
 Notice = Callable[[str], None]
-
-PENDING_LIMIT = 256 << 10
-# What run(capture=True) keeps of each of stdout and stderr; past it the rest is read and
-# dropped (the exit status still arrives) and the Result says it was truncated.
-CAPTURE_LIMIT = 64 << 20
 
 
 def notice_stderr(message: str) -> None:
@@ -86,80 +72,6 @@ class Result:
     stderr: bytes | None = None
     timings: dict[str, float] = field(default_factory=dict)
     truncated: bool = False
-
-
-# ---- output plumbing --------------------------------------------------------------------
-
-class Output:
-    """One guest output port: read, cut at the token, then captured or written to a host fd.
-
-    Between commands nothing is forwarded; with a token, bytes up to it are; a port that
-    is a terminal (tty=True commands) forwards everything while a command runs.
-    """
-
-    def __init__(self, sock: socket.socket, sink_fd: int | None) -> None:
-        self.sock = sock
-        self.sink_fd = sink_fd
-        self.active = False
-        self.scanner: TokenScanner | None = None
-        self.capture: bytearray | None = None
-        self.capture_limit = CAPTURE_LIMIT
-        self.truncated = False
-        self.received = 0  # bytes the guest sent while a command ran
-        self.pending = bytearray()
-        self.chunk = 4096
-        if sink_fd is not None and stat.S_ISREG(os.fstat(sink_fd).st_mode):
-            self.chunk = 1 << 20
-
-    def begin(self, token: bytes | None, capture: bool, limit: int = CAPTURE_LIMIT) -> None:
-        self.active = True
-        self.scanner = None if token is None else TokenScanner(token)
-        self.capture = bytearray() if capture else None
-        self.capture_limit = limit
-        self.truncated = False
-        self.received = 0
-
-    def end(self) -> None:
-        self.active = False
-
-    @property
-    def done(self) -> bool:
-        finished = not self.active or (self.scanner is not None and self.scanner.done)
-        return finished and not self.pending
-
-    def wants_read(self) -> bool:
-        if not self.active or (self.scanner is not None and self.scanner.done):
-            return True  # stray bytes between commands are read and dropped
-        return len(self.pending) < PENDING_LIMIT
-
-    def on_readable(self) -> bool:
-        """Read what is there; False when the channel closed (QEMU is going away)."""
-        try:
-            data = self.sock.recv(1 << 16)
-        except BlockingIOError:
-            return True
-        if not data:
-            return False
-        if not self.active:
-            return True
-        self.received += len(data)
-        if self.scanner is not None:
-            data = self.scanner.feed(data)
-        if self.capture is not None:
-            room = self.capture_limit - len(self.capture)
-            self.capture += data[:max(0, room)]
-            self.truncated |= len(data) > room
-        elif self.sink_fd is not None:
-            self.pending += data
-        return True
-
-    def on_writable(self) -> None:
-        assert self.sink_fd is not None
-        try:
-            written = os.write(self.sink_fd, self.pending[: self.chunk])
-        except BrokenPipeError:
-            written = len(self.pending)  # nobody reads: drop, the exit code still matters
-        del self.pending[:written]
 
 
 # ---- the machine -----------------------------------------------------------------------
@@ -198,12 +110,7 @@ class Machine(Lifecycle):
         self.overlay: Path | None = None
         self.warm_capable = False  # may start warm or make a template (share by 9p)
         self.first_warm = False  # restored: the first request refreshes the guest's identity
-        self.status = StatusReader()
-        self.events: list[str] = []
-        self.outputs: dict[str, Output] = {}
-        self.to_guest: dict[str, bytearray] = {}
-        self.stdin_fd: int | None = None
-        self.tty_mode = False
+        self.ports: Ports | None = None  # once QEMU's sockets are made
 
     # -- lifecycle
 
@@ -337,11 +244,12 @@ class Machine(Lifecycle):
         self._launch(plan, fds)
         boot_timeout = boot_timeout_for(self.spec, self.accel.accel, self.arch.name)
         try:
-            self._pump(lambda: "ready" in self.events, boot_timeout, BootTimeout(
+            self._pump(lambda: "ready" in self._ports().events, boot_timeout, BootTimeout(
                 f"the guest agent was not ready within {boot_timeout:.0f}s (--boot-timeout)",
-                hint=self._user_kernel_hint()))
+                hint=_user_kernel_hint(self.spec, self.arch)))
         except BootTimeout:
-            self._check_kernel_fit()  # a kernel that said what it lacks but cannot power off
+            # A kernel that said what it lacks but cannot power off.
+            _check_kernel_fit(self.spec, self._console())
             raise
         t = self._phase("boot", t)
         if start_plan.mode == warm.Mode.MAKE:
@@ -370,7 +278,7 @@ class Machine(Lifecycle):
             self.stack.close()
             self.stack = attempt
             self.failed = False
-            self.socks, self.outputs, self.qemu, self.qmp = {}, {}, None, None
+            self.socks, self.ports, self.qemu, self.qmp = {}, None, None, None
             raise
         attempt.push(self.stack.__exit__)
         self.stack = attempt
@@ -392,10 +300,7 @@ class Machine(Lifecycle):
     def _make_sockets(self) -> dict[str, int]:
         extra = ("tty",) if self.spec.tty else ()
         child_fds = self._socketpairs((*PORTS, *extra, "serial", "qmp"))
-        for name, fd in (("stdout", self.stdout_fd), ("stderr", self.stderr_fd)):
-            self.outputs[name] = Output(self.socks[name], fd)
-        if self.spec.tty:
-            self.outputs["tty"] = Output(self.socks["tty"], self.stdout_fd)
+        self.ports = Ports(self.socks, self.stdout_fd, self.stderr_fd, tty=self.spec.tty)
         return child_fds
 
     def _stop(self) -> None:
@@ -455,52 +360,40 @@ class Machine(Lifecycle):
         )
         self.first_warm = False
         self.first_request = False
-        self.events.clear()
-        self.to_guest["control"] = bytearray(encode_request(request))
-        for name in ("stdout", "stderr"):
-            self.outputs[name].begin(token.encode(), capture, capture_limit)
-        self.tty_mode = command.tty
-        if command.tty:
-            self.outputs["tty"].begin(None, False)
-        self.stdin_fd = 0 if stdin_mode == StdinMode.PORT or command.tty else None
+        ports = self._ports()
+        ports.begin(encode_request(request), token.encode(), capture=capture,
+                    limit=capture_limit, tty=command.tty,
+                    stdin_fd=0 if stdin_mode == StdinMode.PORT or command.tty else None)
         exit_code: int | None = None
 
         def finished() -> bool:
             nonlocal exit_code
-            if exit_code is None:
-                exit_code = next((int(e.split()[1]) for e in self.events
-                                  if e.startswith("exit ")), None)
-            if exit_code is None:
-                return False
-            tty = self.outputs.get("tty")
-            return all(self.outputs[n].done for n in ("stdout", "stderr")) and not (
-                tty is not None and tty.pending)
+            exit_code = ports.exit_code() if exit_code is None else exit_code
+            return exit_code is not None and ports.drained()
 
-        timeout = command.timeout
         with _raw_terminal(command.tty):
-            self._pump(lambda: "started" in self.events or self._root_failure() is not None,
-                       60.0, ChannelLost("the guest agent did not start the command"))
-            failure = self._root_failure()
+            self._pump(ports.started, 60.0,
+                       ChannelLost("the guest agent did not start the command"))
+            failure = ports.root_failure()
             if failure is not None:
-                for output in self.outputs.values():
-                    output.end()
+                ports.end()
                 if self.oci is not None:
                     raise ImageError(f"the root image of {self.spec.image} {failure}")
                 raise ImageError(f"partition {self.root} of image {self.spec.image} {failure}",
                                  hint="use --boot disk to attach it as a plain disk")
             t = self._phase("start", t)
-            self._pump(finished, timeout, CommandTimeout(
-                f"the command ran longer than {timeout}s (--timeout)"))
+            self._pump(finished, command.timeout, CommandTimeout(
+                f"the command ran longer than {command.timeout}s (--timeout)"))
             if command.tty:
-                self._drain_tty()
+                ports.drain_tty()
         self._phase("command", t)
-        self.stdin_fd = None
+        ports.stdin_fd = None
         result = Result(exit_code=exit_code if exit_code is not None else 255,
                         timings=dict(self.timings))
         if capture:
-            result.stdout = bytes(self.outputs["stdout"].capture or b"")
-            result.stderr = bytes(self.outputs["stderr"].capture or b"")
-            result.truncated = any(self.outputs[n].truncated for n in ("stdout", "stderr"))
+            result.stdout = bytes(ports.outputs["stdout"].capture or b"")
+            result.stderr = bytes(ports.outputs["stderr"].capture or b"")
+            result.truncated = any(ports.outputs[n].truncated for n in ("stdout", "stderr"))
         return result
 
     def _user(self, command: Command) -> tuple[int, int] | None:
@@ -510,22 +403,9 @@ class Machine(Lifecycle):
             return None
         return self.oci.identity.uid, self.oci.identity.gid
 
-    def _root_failure(self) -> str | None:
-        """Why the agent could not mount the image's root, if it said so."""
-        for event in self.events:
-            if event.startswith("fail "):
-                return ROOT_FAILURES[event.split()[1]]
-        return None
-
-    def _drain_tty(self) -> None:
-        """A terminal has no end marker: forward what arrives until it has been quiet."""
-        tty = self.outputs["tty"]
-        while select.select([tty.sock], [], [], 0.05)[0]:
-            if not tty.on_readable():
-                break
-            while tty.pending and tty.sink_fd is not None:
-                tty.on_writable()
-        tty.end()
+    def _ports(self) -> Ports:
+        assert self.ports is not None
+        return self.ports
 
     # -- the event loop
 
@@ -533,25 +413,12 @@ class Machine(Lifecycle):
               on_timeout: Exception) -> None:
         """Move bytes between host and guest until UNTIL() holds; no polling, no threads."""
         assert self.qemu is not None and self.qmp is not None
+        ports = self._ports()
         deadline = None if timeout is None else time.monotonic() + timeout
         serial = self.socks["serial"]
         while not until():
-            readers: list[int] = [self.qemu.pidfd, serial.fileno(), self.qmp.fileno(),
-                                  self.socks["status"].fileno()]
-            writers: list[int] = []
-            for name, output in self.outputs.items():
-                if name == "tty" and not self.tty_mode:
-                    continue
-                if output.wants_read():
-                    readers.append(output.sock.fileno())
-                if output.pending and output.sink_fd is not None:
-                    writers.append(output.sink_fd)
-            for name, pending in self.to_guest.items():
-                if pending:
-                    writers.append(self.socks[name].fileno())
-            if self.stdin_fd is not None and not self.to_guest.get(self._stdin_target()):
-                readers.append(self.stdin_fd)
-            readable, writable, _ = select.select(readers, writers, [],
+            readers = [self.qemu.pidfd, serial.fileno(), self.qmp.fileno(), *ports.readers()]
+            readable, writable, _ = select.select(readers, ports.writers(), [],
                                                   self._wait_until(deadline))
             self._check_pause()
             if not readable and not writable:
@@ -565,54 +432,9 @@ class Machine(Lifecycle):
                 self.qmp.read_available()
                 self._check_qmp_events()
             closed = self.qemu.pidfd in readable
-            if self.socks["status"].fileno() in readable:
-                closed |= not self._read_status()
-            for output in self.outputs.values():
-                if output.sock.fileno() in readable:
-                    closed |= not output.on_readable()
-                if output.sink_fd is not None and output.sink_fd in writable and output.pending:
-                    output.on_writable()
-            for name, pending in self.to_guest.items():
-                if pending and self.socks[name].fileno() in writable:
-                    try:
-                        sent = self.socks[name].send(pending)
-                    except BlockingIOError:
-                        sent = 0
-                    del pending[:sent]
-            if self.stdin_fd is not None and self.stdin_fd in readable:
-                self._read_host_stdin()
+            closed |= not ports.handle(readable, writable)
             if closed:
                 self._guest_gone()
-
-    def _stdin_target(self) -> str:
-        return "tty" if self.tty_mode else "stdin"
-
-    def _read_host_stdin(self) -> None:
-        assert self.stdin_fd is not None
-        data = os.read(self.stdin_fd, 1 << 16)
-        target = self._stdin_target()
-        if data:
-            self.to_guest.setdefault(target, bytearray()).extend(data)
-            return
-        self.stdin_fd = None
-        if target == "stdin":
-            # EOF: closing our end makes QEMU close the port, and the guest reads EOF.
-            with contextlib.suppress(OSError):
-                self.socks["stdin"].shutdown(socket.SHUT_WR)
-
-    def _read_status(self) -> bool:
-        try:
-            data = self.socks["status"].recv(4096)
-        except BlockingIOError:
-            return True
-        if not data:
-            return False
-        # Each message counts once: the protocol has a few hundred, so a flood of valid
-        # lines grows nothing.
-        for event in self.status.feed(data):
-            if event not in self.events:
-                self.events.append(event)
-        return True
 
     def _guest_gone(self) -> None:
         """QEMU exited while vmrun still waited for the guest: say why, never succeed."""
@@ -626,35 +448,37 @@ class Machine(Lifecycle):
             # A channel closed but QEMU lives on: nothing good can come of it.
             self.qemu.process.kill()
             code = self.qemu.process.wait()
-        self._check_kernel_fit()
+        _check_kernel_fit(self.spec, self._console())
         if self._console().panicked():
             panic = self._console().panic()
-            panic.hint = self._user_kernel_hint()
+            panic.hint = _user_kernel_hint(self.spec, self.arch)
             raise panic
         if code != 0:
             raise self.qemu.failure(f"QEMU exited with status {code}")
         tail = self._console().tail_lines(10)
         hint = "serial console tail:\n" + "\n".join(tail) if tail else None
         raise ChannelLost("the VM stopped before the command reported its exit status",
-                          hint=self._user_kernel_hint() or hint)
+                          hint=_user_kernel_hint(self.spec, self.arch) or hint)
 
-    def _check_kernel_fit(self) -> None:
-        """KernelUnfit when the agent said the kernel lacks options (a kernel of the
-        user's: vmrun's own has them all)."""
-        if self.spec.kernel is None:
-            return
-        from vmrun.guest import userkernel
 
-        missing = userkernel.missing_options(bytes(self._console().tail))
-        if missing:
-            raise userkernel.unfit(self.spec.kernel, missing, modules=self.spec.modules)
+def _check_kernel_fit(spec: MachineSpec, console: Serial) -> None:
+    """KernelUnfit when the agent said the kernel lacks options (a kernel of the user's:
+    vmrun's own has them all)."""
+    if spec.kernel is None:
+        return
+    from vmrun.guest import userkernel
 
-    def _user_kernel_hint(self) -> str | None:
-        if self.spec.kernel is None:
-            return None
-        from vmrun.guest.userkernel import guest_hint
+    missing = userkernel.missing_options(bytes(console.tail))
+    if missing:
+        raise userkernel.unfit(spec.kernel, missing, modules=spec.modules)
 
-        return guest_hint(self.arch)
+
+def _user_kernel_hint(spec: MachineSpec, arch: Arch) -> str | None:
+    if spec.kernel is None:
+        return None
+    from vmrun.guest.userkernel import guest_hint
+
+    return guest_hint(arch)
 
 
 @contextlib.contextmanager

@@ -103,10 +103,10 @@ try:
 except VmrunError as exc:
     report.update(code=exc.exit_code, message=str(exc))
 report["hwm_kib"] = status("VmHWM")
-report["received"] = {n: o.received for n, o in vm.outputs.items()}
-report["kept"] = {n: len(o.capture or b"") for n, o in vm.outputs.items()}
-report["pending"] = {n: len(o.pending) for n, o in vm.outputs.items()}
-report["events"] = vm.events
+report["received"] = {n: o.received for n, o in vm.ports.outputs.items()}
+report["kept"] = {n: len(o.capture or b"") for n, o in vm.ports.outputs.items()}
+report["pending"] = {n: len(o.pending) for n, o in vm.ports.outputs.items()}
+report["events"] = vm.ports.events
 print(json.dumps(report))
 """
 

@@ -12,16 +12,21 @@ from pathlib import Path
 import pytest
 
 from vmrun.guest import reseed
-from vmrun.qemu.arch import host_arch
+from vmrun.qemu.arch import ARCHES, host_arch
 
 ENOTTY = 25
 EPERM = 1
 
 
+# qemu-user's names where they differ from vmrun's.
+USER_NAMES = {"armv7": "arm"}
+
+
 def runner(arch: str) -> list[str]:
     if arch == host_arch():
         return []
-    user = shutil.which(f"qemu-{arch}-static") or shutil.which(f"qemu-{arch}")
+    name = USER_NAMES.get(arch, arch)
+    user = shutil.which(f"qemu-{name}-static") or shutil.which(f"qemu-{name}")
     if user is None:
         pytest.skip(f"no qemu-{arch}-static (qemu-user-static) here")
     return [user]
@@ -55,15 +60,21 @@ def test_the_helper_is_a_static_executable_of_its_architecture(arch: str) -> Non
     assert image is not None
     target = reseed.TARGETS[arch]
     end = ">" if target.big_endian else "<"
-    assert image[:4] == b"\x7fELF" and image[4] == 2  # ELF64
+    assert image[:4] == b"\x7fELF" and image[4] == (2 if target.bits == 64 else 1)
     e_type, e_machine = struct.unpack_from(end + "HH", image, 16)
-    (entry,) = struct.unpack_from(end + "Q", image, 24)
     assert (e_type, e_machine) == (2, target.machine)
+    if target.bits == 64:
+        (entry,) = struct.unpack_from(end + "Q", image, 24)
+        p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz = struct.unpack_from(
+            end + "IIQQQQ", image, 64)
+    else:
+        (entry,) = struct.unpack_from(end + "I", image, 24)
+        p_type, p_offset, p_vaddr, _paddr, p_filesz = struct.unpack_from(end + "IIIII",
+                                                                          image, 52)
     assert entry == reseed.LOAD_ADDRESS + len(image) - len(target.code)
-    p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz = struct.unpack_from(
-        end + "IIQQQQ", image, 64)
     assert (p_type, p_offset, p_vaddr, p_filesz) == (1, 0, reseed.LOAD_ADDRESS, len(image))
 
 
-def test_no_helper_where_none_is_assembled() -> None:
-    assert reseed.helper("armv7") is None
+def test_every_architecture_has_a_helper() -> None:
+    assert set(reseed.TARGETS) == set(ARCHES)
+    assert reseed.helper("sparc64") is None

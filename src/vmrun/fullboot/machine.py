@@ -39,7 +39,8 @@ from vmrun.fullboot.remote import REMOTE_WRAPPER, RemoteRun
 from vmrun.fullboot.sshlink import SshLink
 from vmrun.images.attach import Base, attach, prepare
 from vmrun.images.partitions import read_head
-from vmrun.machine import CAPTURE_LIMIT, Result, notice_stderr, silent
+from vmrun.machine import Result, notice_stderr, silent
+from vmrun.ports import CAPTURE_LIMIT
 from vmrun.progress import reporter
 from vmrun.qemu import accel as accellib
 from vmrun.qemu import firmware as fwlib

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 # RNDRESEEDCRNG is _IO('R', 0x07): 0x5207, but 0x20005207 on powerpc, whose _IO has a
 # direction field of 1 (_IOC_NONE). System call numbers: ioctl 16, 29 or 54; exit 60, 93, 1.
 LOAD_ADDRESS = 0x400000
-ELF_HEADER = 64
-PROGRAM_HEADER = 56
 
 
 @dataclass(frozen=True)
@@ -28,6 +26,12 @@ class Target:
     big_endian: bool
     flags: int  # e_flags (ppc64le: ELF ABI v2, so the entry is code, not a descriptor)
     code: bytes
+    bits: int = 64  # ELFCLASS64, or 32 for i386 and armv7
+
+    @property
+    def headers(self) -> int:
+        """Bytes before the code: the ELF header and one program header."""
+        return 64 + 56 if self.bits == 64 else 52 + 32
 
 
 def _words(fmt: str, *words: int) -> bytes:
@@ -46,6 +50,28 @@ TARGETS: dict[str, Target] = {
         "b83c000000"    # mov eax, 60 (exit)
         "0f05"          # syscall
     )),
+    "i386": Target(3, False, 0, bytes.fromhex(
+        "31db"          # xor ebx, ebx
+        "b907520000"    # mov ecx, 0x5207
+        "31d2"          # xor edx, edx
+        "b836000000"    # mov eax, 54 (ioctl)
+        "cd80"          # int 0x80
+        "f7d8"          # neg eax
+        "89c3"          # mov ebx, eax
+        "b801000000"    # mov eax, 1 (exit)
+        "cd80"          # int 0x80
+    ), bits=32),
+    "armv7": Target(40, False, 0x05000000, _words(  # e_flags: EABI version 5
+        "<I",
+        0xE3A00000,  # mov r0, #0
+        0xE3051207,  # movw r1, #0x5207
+        0xE3A02000,  # mov r2, #0
+        0xE3A07036,  # mov r7, #54 (ioctl)
+        0xEF000000,  # svc #0
+        0xE2600000,  # rsb r0, r0, #0
+        0xE3A07001,  # mov r7, #1 (exit)
+        0xEF000000,  # svc #0
+    ), bits=32),
     "aarch64": Target(183, False, 0, _words(
         "<I",
         0xD2800000,  # movz x0, #0
@@ -98,18 +124,20 @@ def helper(arch: str) -> bytes | None:
 
 
 def elf(target: Target) -> bytes:
-    """A static ELF64 executable: one loadable segment holding the headers and the code."""
+    """A static ELF executable: one loadable segment holding the headers and the code."""
     end = ">" if target.big_endian else "<"
-    code_at = ELF_HEADER + PROGRAM_HEADER
-    size = code_at + len(target.code)
-    ident = b"\x7fELF" + bytes([2, 2 if target.big_endian else 1, 1, 0]) + bytes(8)
-    header = ident + struct.pack(
-        end + "HHIQQQIHHHHHH",
-        2, target.machine, 1,  # ET_EXEC, e_machine, EV_CURRENT
-        LOAD_ADDRESS + code_at, ELF_HEADER, 0,  # e_entry, e_phoff, e_shoff
-        target.flags, ELF_HEADER, PROGRAM_HEADER, 1, 0, 0, 0)
-    program = struct.pack(
-        end + "IIQQQQQQ",
-        1, 5,  # PT_LOAD, PF_R | PF_X
-        0, LOAD_ADDRESS, LOAD_ADDRESS, size, size, 0x10000)
-    return header + program + target.code
+    size = target.headers + len(target.code)
+    entry = LOAD_ADDRESS + target.headers
+    ident = bytes([0x7F, *b"ELF", 2 if target.bits == 64 else 1,
+                   2 if target.big_endian else 1, 1, 0]) + bytes(8)
+    if target.bits == 64:
+        header = struct.pack(end + "HHIQQQIHHHHHH", 2, target.machine, 1,  # ET_EXEC
+                             entry, 64, 0, target.flags, 64, 56, 1, 0, 0, 0)
+        program = struct.pack(end + "IIQQQQQQ", 1, 5,  # PT_LOAD, PF_R | PF_X
+                              0, LOAD_ADDRESS, LOAD_ADDRESS, size, size, 0x10000)
+    else:  # ELF32: the same fields, narrower, and p_flags after p_memsz
+        header = struct.pack(end + "HHIIIIIHHHHHH", 2, target.machine, 1,
+                             entry, 52, 0, target.flags, 52, 32, 1, 0, 0, 0)
+        program = struct.pack(end + "IIIIIIII", 1, 0, LOAD_ADDRESS, LOAD_ADDRESS,
+                              size, size, 5, 0x10000)
+    return ident + header + program + target.code
