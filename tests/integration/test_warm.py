@@ -112,10 +112,11 @@ def test_parallel_copies_differ_and_keep_the_hosts_time(guest: Guest, workdir: P
         assert before - 1 <= int(line[2]) <= after + 1
 
 
-@pytest.mark.parametrize("arch", ["s390x", "ppc64le"])
+@pytest.mark.parametrize("arch", ["s390x", "ppc64le", "i386", "armv7"])
 def test_foreign_copies_differ_keep_time_and_exit_codes(workdir: Path, arch: str) -> None:
-    # s390x has no suspend state: its copies are reseeded by vmrun-reseed alone. ppc64le's
-    # copies need their decrementer restored (`sleep` returns).
+    # s390x has no suspend state: its copies are reseeded by vmrun-reseed alone, as the
+    # 32-bit guests' are (its ELF32 builds). ppc64le's copies need their decrementer
+    # restored (`sleep` returns).
     if arch == "ppc64le":
         qemu = shutil.which("qemu-system-ppc64")
         if qemu is None or version_tuple(qemu_version(qemu)) < PPC_DECR_MIGRATED:
