@@ -174,7 +174,7 @@ def parse_status_line(raw: bytes) -> str:
         line = raw.decode("ascii")
     except UnicodeDecodeError:
         raise ChannelLost("the guest sent a malformed status message (not ASCII)") from None
-    if line in ("ready", "started"):
+    if line in ("ready", "started", "synced"):
         return line
     word, _, number = line.partition(" ")
     if word == "exit" and number.isdigit() and 0 <= int(number) <= 255:

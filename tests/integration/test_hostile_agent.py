@@ -164,7 +164,7 @@ def test_a_flooding_guest_that_powers_off_mid_command(hostile_initrd: Path, tmp_
         # and still ends the run when the guest powers off.
         pending = report["pending"]
         assert isinstance(pending, dict)
-        from vmrun.machine import PENDING_LIMIT
+        from vmrun.ports import PENDING_LIMIT
 
         assert 0 < pending["stdout"] <= PENDING_LIMIT + (1 << 16)
     assert report["events"] == ["started"]

@@ -9,6 +9,7 @@ import pytest
 
 import vmrun.cli
 import vmrun.cli.run
+import vmrun.matrix
 from tests.unit.test_spec_cli import FakeMachine
 from vmrun import config
 from vmrun.errors import UsageError
@@ -253,7 +254,7 @@ def test_a_matrix_run_hands_its_defaults_to_every_architecture(
         calls.append((args, kwargs))
         return 0
 
-    monkeypatch.setattr(vmrun.cli.run, "run_matrix", fake_matrix)
+    monkeypatch.setattr(vmrun.matrix, "run_matrix", fake_matrix)
     assert vmrun.cli.main(["-q", "--cpus", "3", "--", "uname", "-m"]) == 0
     [((arches, passthrough, command, jobs), kwargs)] = calls
     assert (arches, command, jobs, kwargs) == (["aarch64", "s390x"], ["uname", "-m"], 1,

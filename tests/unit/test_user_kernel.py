@@ -12,6 +12,7 @@ import pytest
 
 import vmrun.cli.run
 from tests.unit.test_kernel import PVH_NOTES, bzimage, fake_kernel
+from vmrun import machine
 from vmrun.console import Serial
 from vmrun.errors import KernelUnfit, UsageError
 from vmrun.guest import userkernel
@@ -283,19 +284,19 @@ def test_user_kernel_boots_cold(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_machine_turns_the_agents_line_into_kernel_unfit(tmp_path: Path) -> None:
     line = b"\r\nvmrun-agent: missing CONFIG_VIRTIO_CONSOLE\r\n"
-    user = Machine(MachineSpec(kernel=Path("/k")), notice=lambda _: None)
-    user.serial = Serial(tmp_path / "serial.log")
-    user.serial.feed(b"[ 0.1] booting\n")
-    user._check_kernel_fit()  # nothing said yet: nothing raised
-    user.serial.feed(line)
+    user = MachineSpec(kernel=Path("/k"))
+    serial = Serial(tmp_path / "serial.log")
+    serial.feed(b"[ 0.1] booting\n")
+    machine._check_kernel_fit(user, serial)  # nothing said yet: nothing raised
+    serial.feed(line)
     with pytest.raises(KernelUnfit, match="lacks CONFIG_VIRTIO_CONSOLE") as info:
-        user._check_kernel_fit()
+        machine._check_kernel_fit(user, serial)
     assert info.value.missing == ("CONFIG_VIRTIO_CONSOLE",)
-    hint = user._user_kernel_hint()
+    hint = machine._user_kernel_hint(user, lookup_arch("x86_64"))
     assert hint is not None and "CONFIG_VIRTIO_MMIO" in hint and "--console" in hint
     # vmrun's own kernel: the line means nothing, and no kernel hint is given.
-    own = Machine(MachineSpec(), notice=lambda _: None)
-    own.serial = Serial(tmp_path / "own.log")
-    own.serial.feed(line)
-    own._check_kernel_fit()
-    assert own._user_kernel_hint() is None
+    own = MachineSpec()
+    serial = Serial(tmp_path / "own.log")
+    serial.feed(line)
+    machine._check_kernel_fit(own, serial)
+    assert machine._user_kernel_hint(own, lookup_arch("x86_64")) is None

@@ -10,15 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmrun import __version__, config
-from vmrun.build.debootstrap import check_suite, parse_packages
 from vmrun.cli.common import EXIT_CODES, Parser, commands_help, count, seconds
 from vmrun.cli.docker import add_docker_options, read_env_file
-from vmrun.cluster.units import TIMINGS_ENV
 from vmrun.errors import (
     UsageError,
 )
 from vmrun.machine import Machine, Notice, notice_stderr, silent
-from vmrun.matrix import run_matrix
 from vmrun.oci.reference import insecure_registries, is_image_reference
 from vmrun.progress import reporter
 from vmrun.qemu.arch import host_arch, lookup_arch
@@ -209,6 +206,9 @@ def full_options(args: argparse.Namespace) -> FullOptions:
 
 
 def machine_spec(args: argparse.Namespace) -> MachineSpec:
+    # Imported where used: a plain run's start-up pays for what it needs only.
+    from vmrun.build.debootstrap import check_suite, parse_packages
+
     return MachineSpec(
         arch=args.arch, cpus=args.cpus, memory_mib=parse_memory(args.memory),
         boot_timeout=args.boot_timeout, share=Share(args.share), net=Net(args.net),
@@ -275,6 +275,8 @@ def cmd_run(argv: Sequence[str]) -> int:
         passthrough = [*config.as_options(defaults, leave_out=frozenset({"arch", "jobs"})),
                        *without_options(argv, {"--arch", "--jobs", "-j", "--timings-file",
                                                "--cluster"})]
+        from vmrun.matrix import run_matrix
+
         if not on_cluster:
             return run_matrix(arches, passthrough, command_argv, args.jobs, quiet=args.quiet)
         return run_matrix(arches, passthrough, command_argv, args.jobs, quiet=args.quiet,
@@ -318,6 +320,8 @@ def cmd_run(argv: Sequence[str]) -> int:
     if spec.verbose:
         phases = ", ".join(f"{k} {v:.3f}s" for k, v in machine.timings.items())
         notice_stderr(f"phases: {phases}")
+    from vmrun.cluster.units import TIMINGS_ENV
+
     timings_file = args.timings_file or os.environ.get(TIMINGS_ENV)
     if timings_file:
         Path(timings_file).write_text(json.dumps(machine.timings))

@@ -103,6 +103,17 @@ check_kernel() {
     die "missing $missing"
 }
 
+# eth0 up with QEMU's user-mode network's address and route, once.
+link_up() {
+    [ -n "$link_ready" ] && return 0
+    load_modules /etc/vmrun/modules.net
+    for i in 1 2 3 4 5 6 7 8 9 10; do
+        [ -e /sys/class/net/eth0 ] && break
+        usleep 10000
+    done
+    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 &&
+        ip route add default via 10.0.2.2 && link_ready=1
+}
 read -r cmdline < /proc/cmdline
 if [ "${cmdline#* vmrun.probe}" != "$cmdline" ]; then
     echo vmrun-probe-ok > /dev/console
@@ -124,6 +135,10 @@ if [ "${cmdline#* vmrun.warm}" != "$cmdline" ]; then
         load_modules /etc/vmrun/modules.fs
         load_modules /etc/vmrun/modules.oci
     fi
+    # With a network device (virtio id 1): its address and route now, the same in every
+    # copy (each copy's QEMU has a user-mode network of its own), so that a copy's first
+    # request does not translate `ip` and netlink afresh.
+    grep -qx 0x0001 /sys/bus/virtio/devices/*/device 2>/dev/null && link_up
     if [ ! -x /sbin/vmrun-reseed ]; then
         # No reseed helper for this architecture: a suspend cycle that stops once tasks
         # are frozen reseeds instead (random.c reseeds on PM_POST_SUSPEND).
@@ -151,12 +166,7 @@ set_clock() {
 }
 
 start_net() {
-    load_modules /etc/vmrun/modules.net
-    for i in 1 2 3 4 5 6 7 8 9 10; do
-        [ -e /sys/class/net/eth0 ] && break
-        usleep 10000
-    done
-    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+    link_up
     echo "nameserver 10.0.2.3" > /etc/resolv.conf
     if [ -n "$root" ] && inroot /etc/resolv.conf; then
         # Through the image's symlink, if it has one (into our fresh /run, on Ubuntu).
@@ -194,7 +204,6 @@ while :; do
 done
 
 exec 3< "$ctl" 4> "$status" 5> "$out" 6> "$err"
-echo ready >&4
 
 unescape() {
     v=$(printf '%bx' "$1")
@@ -407,9 +416,14 @@ run_command() {
 }
 
 mkdir -p /root
+said_ready=
 while :; do
     : > /run/vmrun-request
     token= stdin_mode=null stdin_len=0 tty=
+    # "ready" only here, with the whole script read and nothing left to run but the read
+    # below: a template is taken when the host sees it, so that its copies start at that
+    # read instead of running (and, under TCG, translating) the rest of the boot afresh.
+    [ -n "$said_ready" ] || { said_ready=1; echo ready >&4; }
     while IFS= read -r line <&3; do
         key=${line%% *}
         val=${line#* }
@@ -418,6 +432,11 @@ while :; do
                 # Read-only first, so the root's journal is clean on the overlay.
                 [ -n "$root" ] && mount -o remount,ro "$root" 2>/dev/null
                 sync; poweroff -f; sleep 5 ;;
+            sync)
+                # The run is over: what the guest wrote reaches its disk and shares, then
+                # the host ends QEMU (whose quit flushes the disk's image).
+                [ -n "$root" ] && mount -o remount,ro "$root" 2>/dev/null
+                sync; echo synced >&4 ;;
             run) break ;;
             seed) reseed "$val" ;;
             clock) set_clock "$val" ;;

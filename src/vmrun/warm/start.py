@@ -35,10 +35,11 @@ SAVE_TIMEOUT = 30.0  # seconds the device state may take to save: a ceiling, nev
 
 
 # Where a restored copy was seen to run and to reseed its generator (vmrun-reseed, see
-# vmrun/guest/reseed.py): every architecture but riscv64. ppc64le also needs a QEMU that migrates the decrementer, and no
-# more memory than its device tree's window allows (see why_cold). Not riscv64: QEMU (7.2
-# and 10.0 alike) saves neither the ACLINT mtimer's time_delta nor the Sstc timer, so some
+# vmrun/guest/reseed.py): every architecture but riscv64, whose copies QEMU (7.2 and 10.0
+# alike) restores without the ACLINT mtimer's time_delta or the Sstc timer, so some
 # copies' timers never fire (`sleep` hangs; fixes posted upstream in September 2025).
+# ppc64le also needs a QEMU that migrates the decrementer, and no more memory than its
+# device tree's window allows (see why_cold).
 WARM_ARCHES = frozenset({"x86_64", "i386", "aarch64", "armv7", "s390x", "ppc64le"})
 # QEMU before 8.2 does not migrate a ppc CPU's decrementer ("target/ppc: Migrate DECR
 # SPR"): a restored pseries copy's timers never fire (`sleep 1` never returns).
