@@ -7,7 +7,8 @@
 #   env K=V   arg A   user UID GID   token HEX   stdin port|null|file N   tty ROWS COLS   run
 # and, first after a warm start (restored from a memory template, see vmrun/warm):
 #   seed HEX   clock EPOCH
-# then either another request or "poweroff". Guest -> host on port vmrun.status:
+# then either another request, "sync" (answered "synced" once the guest's filesystems
+# are synced; the host then ends QEMU) or "poweroff". Guest -> host on port vmrun.status:
 #   "ready" once, then per command "started" and "exit N". After the command, the
 # agent writes TOKEN to the stdout and stderr ports so the host knows it has every byte.
 # "root N" (first request only, before the mounts) mounts /dev/vdaN at /mnt/root; from
