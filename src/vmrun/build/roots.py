@@ -69,7 +69,8 @@ def ensure_packages_root(packages: Sequence[str], *, arch: Arch, suite: str | No
                           mirror=(mirror or mirror_from_env()).rstrip("/"),
                           arch=arch.debian_arch, packages=tuple(packages))
     root = oci_root(cache)
-    pointer = root / "packages" / f"{cachelib.key_of(RECIPE, repr(bootstrap))}.json"
+    # The pointer names the recipe too: a root made another way is never taken for it.
+    pointer = root / "packages" / f"{cachelib.key_of(*_recipe(), repr(bootstrap))}.json"
     pointer.parent.mkdir(parents=True, exist_ok=True)
     with cachelib.locked(pointer.with_suffix(".lock")):
         seen = _read_pointer(pointer)
@@ -103,8 +104,12 @@ def ensure_packages_root(packages: Sequence[str], *, arch: Arch, suite: str | No
 
 def root_key(bootstrap: Bootstrap, state: archive.ArchiveState) -> str:
     """The store key of BOOTSTRAP's root made from the archive in STATE."""
-    return cachelib.key_of(RECIPE, repr(bootstrap), state.packages_sha256, TAR2SQFS,
-                           repr(tar2sqfs_argv(Path("out"), 1)))
+    return cachelib.key_of(*_recipe(), repr(bootstrap), state.packages_sha256)
+
+
+def _recipe() -> tuple[str, ...]:
+    """How a root is made: vmrun's recipe, and the squashfs it is written as."""
+    return RECIPE, TAR2SQFS, repr(tar2sqfs_argv(Path("out"), 1))
 
 
 @dataclass(frozen=True)
