@@ -132,9 +132,17 @@ if [ "${cmdline#* vmrun.warm}" != "$cmdline" ]; then
     # With a block device (virtio id 2): its filesystems, never its driver. virtio_blk
     # would read this run's partition table into the template, and each copy attaches a
     # disk of its own: a copy binds the driver at its first request and reads its own.
+    # Its driver is loaded with the bus's autoprobe off, so that it stays unbound until a
+    # copy's first request binds it (start_disk) without loading a module afresh. The
+    # directories the root mounts need are made now too.
     if grep -qx 0x0002 /sys/bus/virtio/devices/*/device 2>/dev/null; then
         load_modules /etc/vmrun/modules.fs
         load_modules /etc/vmrun/modules.oci
+        if echo 0 > /sys/bus/virtio/drivers_autoprobe; then
+            load_modules /etc/vmrun/modules.blk
+            echo 1 > /sys/bus/virtio/drivers_autoprobe
+        fi
+        mkdir -p /mnt/lower /mnt/root /run/vmrun-rw/upper /run/vmrun-rw/work
     fi
     # With a network device (virtio id 1): its address and route now, the same in every
     # copy (each copy's QEMU has a user-mode network of its own), so that a copy's first
@@ -224,7 +232,15 @@ mount_share() {
 
 
 start_disk() {
+    local d id
     [ -b /dev/vda ] && return 0
+    if [ -d /sys/bus/virtio/drivers/virtio_blk ]; then
+        # Loaded but unbound (a template's boot): bind it to the block device, no exec.
+        for d in /sys/bus/virtio/devices/*; do
+            read -r id < "$d/device" && [ "$id" = 0x0002 ] && [ ! -e "$d/driver" ] &&
+                echo "${d##*/}" > /sys/bus/virtio/drivers/virtio_blk/bind
+        done
+    fi
     load_modules /etc/vmrun/modules.blk
     for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
         [ -b /dev/vda ] && return 0
@@ -294,12 +310,14 @@ start_squashfs_root() {
     start_disk
     [ -b /dev/vda ] || { root_failure=root-absent; return; }
     load_modules /etc/vmrun/modules.oci
-    mkdir -p /mnt/lower /mnt/rw /mnt/root
-    if ! { mount -t squashfs -o ro /dev/vda /mnt/lower 2>/dev/console &&
-           mount -t tmpfs -o mode=755 rw /mnt/rw &&
-           mkdir /mnt/rw/upper /mnt/rw/work &&
-           mount -t overlay -o lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work \
-               root /mnt/root 2>/dev/console; }; then
+    # The overlay's upper layer lives in /run's tmpfs. One mount -a for both mounts (in
+    # order), and no mkdir when a template's boot made the directories already.
+    [ -d /run/vmrun-rw/work ] ||
+        mkdir -p /mnt/lower /mnt/root /run/vmrun-rw/upper /run/vmrun-rw/work
+    printf '%s\n' "/dev/vda /mnt/lower squashfs ro 0 0" \
+        "root /mnt/root overlay lowerdir=/mnt/lower,upperdir=/run/vmrun-rw/upper,workdir=/run/vmrun-rw/work 0 0" \
+        > /run/vmrun-squashfs.fstab
+    if ! mount -a -T /run/vmrun-squashfs.fstab 2>/dev/console; then
         say "cannot mount /dev/vda as a squashfs root with an overlay"
         root_failure=root-squashfs
         return
