@@ -310,38 +310,14 @@ class Machine(Lifecycle):
         if self.qemu is None:
             return
         t = time.monotonic()
-        if not self.failed and not self.qemu.exited() and not self._synced():
+        if not self.failed and not self.qemu.exited() and not self._ports().sync(
+                self.qemu.pidfd, SYNC_TIMEOUT):
             with contextlib.suppress(OSError):  # an agent that cannot sync: the old way
                 self.socks["control"].sendall(b"poweroff\n")
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.qemu.process.wait(timeout=5)
         process.stop(self.qemu, self.qmp)
         self._phase("shutdown", t)
-
-    def _synced(self) -> bool:
-        """Whether the agent synced the guest's filesystems when asked (in SYNC_TIMEOUT)."""
-        assert self.qemu is not None
-        ports, control = self._ports(), self.socks["control"]
-        try:
-            control.setblocking(True)
-            control.settimeout(1)
-            control.sendall(b"sync\n")
-        except OSError:
-            return False
-        ports.events.clear()
-        deadline = time.monotonic() + SYNC_TIMEOUT
-        status = self.socks["status"].fileno()
-        while "synced" not in ports.events:
-            left = deadline - time.monotonic()
-            readable = select.select([status, self.qemu.pidfd], [], [], max(0.0, left))[0]
-            if self.qemu.pidfd in readable or not readable:
-                return False
-            try:
-                if not ports.handle(readable, []):
-                    return False
-            except ChannelLost:
-                return False
-        return True
 
     # -- running commands
 

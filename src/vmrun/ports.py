@@ -7,8 +7,10 @@ import os
 import select
 import socket
 import stat
+import time
 
 from vmrun.channel import ROOT_FAILURES, StatusReader, TokenScanner
+from vmrun.errors import ChannelLost
 
 PENDING_LIMIT = 256 << 10
 # What run(capture=True) keeps of each of stdout and stderr; past it the rest is read and
@@ -145,6 +147,31 @@ class Ports:
         for output in self.outputs.values():
             output.end()
         self.stdin_fd = None
+
+    def sync(self, qemu_pidfd: int, timeout: float) -> bool:
+        """Ask the agent to sync the guest's filesystems; whether it said it did within
+        TIMEOUT (False too when QEMU exits or the channel breaks meanwhile)."""
+        control = self.socks["control"]
+        try:
+            control.setblocking(True)
+            control.settimeout(1)
+            control.sendall(b"sync\n")
+        except OSError:
+            return False
+        self.events.clear()
+        deadline = time.monotonic() + timeout
+        status = self.socks["status"].fileno()
+        while "synced" not in self.events:
+            left = deadline - time.monotonic()
+            readable = select.select([status, qemu_pidfd], [], [], max(0.0, left))[0]
+            if qemu_pidfd in readable or not readable:
+                return False
+            try:
+                if not self.handle(readable, []):
+                    return False
+            except ChannelLost:
+                return False
+        return True
 
     def drain_tty(self) -> None:
         """A terminal has no end marker: forward what arrives until it has been quiet."""

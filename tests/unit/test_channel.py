@@ -578,3 +578,41 @@ def test_capture_limit_must_not_be_negative() -> None:
     machine.qemu = object()  # type: ignore[assignment]  # the check comes before any I/O
     with pytest.raises(UsageError, match="capture_limit must not be negative"):
         machine.run(Command(("true",)), capture=True, capture_limit=-1)
+
+
+def _sync_ports() -> tuple[Ports, dict[str, socket.socket]]:
+    """Ports over fresh socketpairs, and the guest's ends by name."""
+    ours: dict[str, socket.socket] = {}
+    guest: dict[str, socket.socket] = {}
+    for name in ("control", "status", "stdout", "stderr"):
+        ours[name], guest[name] = socket.socketpair()
+        ours[name].setblocking(False)
+    return Ports(ours, None, None, tty=False), guest
+
+
+@pytest.mark.parametrize("answer", [b"synced\n", b"syn", b"", b"bogus\n"])
+def test_sync_waits_for_the_agents_word(answer: bytes) -> None:
+    ports, guest = _sync_ports()
+    qemu_r, qemu_w = os.pipe()  # QEMU's pidfd stand-in: readable once QEMU "exits"
+    try:
+        if answer:
+            guest["status"].sendall(answer)
+        else:
+            guest["status"].close()  # the channel breaks
+        synced = ports.sync(qemu_r, timeout=0.3)
+        assert synced == (answer == b"synced\n")
+        assert guest["control"].recv(64) == b"sync\n"
+    finally:
+        os.close(qemu_r)
+        os.close(qemu_w)
+
+
+def test_sync_gives_up_when_qemu_exits() -> None:
+    ports, _guest = _sync_ports()
+    qemu_r, qemu_w = os.pipe()
+    os.write(qemu_w, b"x")
+    try:
+        assert not ports.sync(qemu_r, timeout=30)  # at once: QEMU is gone
+    finally:
+        os.close(qemu_r)
+        os.close(qemu_w)
