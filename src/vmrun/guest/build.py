@@ -49,7 +49,7 @@ MODULE_SETS: dict[str, tuple[str, ...]] = {
     # 4 MB take most of a second to load, ext4's a quarter.
     "fs": ("crc32c_generic", "ext4"),
     "xfs": ("xfs",),
-    # OCI images: the squashfs root (zstd is built into Debian's kernels) under an overlay
+    # OCI images: the squashfs root (lz4 is built into Debian's kernels) under an overlay
     # whose upper layer is a tmpfs.
     "oci": ("squashfs", "overlay"),
 }

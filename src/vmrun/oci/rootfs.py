@@ -17,6 +17,10 @@ from vmrun.errors import ImageError
 from vmrun.oci.layers import Layer, merge, write_tar
 
 TAR2SQFS = "tar2sqfs"
+# lz4, not zstd: the guest decompresses every block it reads, under TCG in emulated code.
+# Measured here with a python3 root: `python3 -c pass` took 0.89 s from an lz4 squashfs
+# against 1.28 s from a zstd (level 3) one, medians of 4 alternated runs, for an image 40%
+# larger (67 MB against 47 MB). Debian's kernels have squashfs lz4 built in.
 COMPRESSOR = "lz4"
 COMPRESSOR_OPTIONS: tuple[str, ...] = ()
 FORMAT = "squashfs"
