@@ -61,7 +61,12 @@ def test_ls_rm_and_prune(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert oci_store.prune(in_use=lambda: {str(new.path)}) and new.path.exists()
     assert newest.path.exists()
 
-    assert cmd_image(["rm", new.digest[:19]]) == 0
+    # The form `image ls` shows names one image of several with one reference.
+    assert cmd_image(["ls"]) == 0
+    assert f"oci:{layout}:v1@{new.digest}" in capsys.readouterr().out
+    with pytest.raises(ImageError, match="no OCI image"):
+        cmd_image(["rm", f"oci:{layout}:v2@{new.digest}"])  # the digest, another name
+    assert cmd_image(["rm", f"oci:{layout}:v1@{new.digest}"]) == 0
     assert not new.path.exists() and newest.path.exists()
     assert cmd_image(["rm", f"oci:{layout}:v1"]) == 0
     assert not newest.path.exists() and other.path.exists()

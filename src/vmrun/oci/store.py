@@ -93,9 +93,13 @@ def list_roots(cache: Path | None = None) -> list[OciStored]:
 
 
 def matches(root: OciStored | OciDisk, ref: str) -> bool:
-    """Whether REF names ROOT: its reference, or a digest (prefix of 12+ hex digits)."""
+    """Whether REF names ROOT: its reference, a digest (prefix of 12+ hex digits), or the
+    two as `image ls` shows them (REFERENCE@DIGEST: that one image of several)."""
     if ref == root.reference:
         return True
+    name, at, digest = ref.rpartition("@")
+    if at and name == root.reference:
+        return matches(root, digest)
     prefix = ref.removeprefix("sha256:")
     return len(prefix) >= 12 and any(
         digest.removeprefix("sha256:").startswith(prefix)
