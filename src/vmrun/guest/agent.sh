@@ -129,12 +129,10 @@ if [ "${cmdline#* vmrun.warm}" != "$cmdline" ]; then
     # where every code path is translated afresh under TCG, is loaded now.
     load_modules /etc/vmrun/modules.9p
     load_modules /etc/vmrun/modules.net
-    # With a block device (virtio id 2): its filesystems, never its driver. virtio_blk
-    # would read this run's partition table into the template, and each copy attaches a
-    # disk of its own: a copy binds the driver at its first request and reads its own.
-    # Its driver is loaded with the bus's autoprobe off, so that it stays unbound until a
-    # copy's first request binds it (start_disk) without loading a module afresh. The
-    # directories the root mounts need are made now too.
+    # With a block device (virtio id 2): its filesystems, and its driver loaded but never
+    # bound (the bus's autoprobe off meanwhile). A bound virtio_blk would read this run's
+    # partition table into the template, and each copy attaches a disk of its own: a copy
+    # binds the driver at its first request (start_disk) and reads its own.
     if grep -qx 0x0002 /sys/bus/virtio/devices/*/device 2>/dev/null; then
         load_modules /etc/vmrun/modules.fs
         load_modules /etc/vmrun/modules.oci
@@ -142,7 +140,6 @@ if [ "${cmdline#* vmrun.warm}" != "$cmdline" ]; then
             load_modules /etc/vmrun/modules.blk
             echo 1 > /sys/bus/virtio/drivers_autoprobe
         fi
-        mkdir -p /mnt/lower /mnt/root /run/vmrun-rw/upper /run/vmrun-rw/work
     fi
     # With a network device (virtio id 1): its address and route now, the same in every
     # copy (each copy's QEMU has a user-mode network of its own), so that a copy's first
@@ -311,9 +308,8 @@ start_squashfs_root() {
     [ -b /dev/vda ] || { root_failure=root-absent; return; }
     load_modules /etc/vmrun/modules.oci
     # The overlay's upper layer lives in /run's tmpfs. One mount -a for both mounts (in
-    # order), and no mkdir when a template's boot made the directories already.
-    [ -d /run/vmrun-rw/work ] ||
-        mkdir -p /mnt/lower /mnt/root /run/vmrun-rw/upper /run/vmrun-rw/work
+    # order).
+    mkdir -p /mnt/lower /mnt/root /run/vmrun-rw/upper /run/vmrun-rw/work
     printf '%s\n' "/dev/vda /mnt/lower squashfs ro 0 0" \
         "root /mnt/root overlay lowerdir=/mnt/lower,upperdir=/run/vmrun-rw/upper,workdir=/run/vmrun-rw/work 0 0" \
         > /run/vmrun-squashfs.fstab
@@ -434,6 +430,13 @@ run_command() {
     )
 }
 
+# What the guest wrote reaches its disk and shares; the root read-only first, so that its
+# journal is clean on the overlay.
+settle() {
+    [ -n "$root" ] && mount -o remount,ro "$root" 2>/dev/null
+    sync
+}
+
 mkdir -p /root
 said_ready=
 while :; do
@@ -447,15 +450,8 @@ while :; do
         key=${line%% *}
         val=${line#* }
         case $key in
-            poweroff)
-                # Read-only first, so the root's journal is clean on the overlay.
-                [ -n "$root" ] && mount -o remount,ro "$root" 2>/dev/null
-                sync; poweroff -f; sleep 5 ;;
-            sync)
-                # The run is over: what the guest wrote reaches its disk and shares, then
-                # the host ends QEMU (whose quit flushes the disk's image).
-                [ -n "$root" ] && mount -o remount,ro "$root" 2>/dev/null
-                sync; echo synced >&4 ;;
+            poweroff) settle; poweroff -f; sleep 5 ;;
+            sync) settle; echo synced >&4 ;;  # the host then quits QEMU, which flushes the disk
             run) break ;;
             seed) reseed "$val" ;;
             clock) set_clock "$val" ;;
